@@ -1,0 +1,354 @@
+"""Reading the ini file into typed, validated settings, before any connection is made."""
+
+import configparser
+import difflib
+import logging.config
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import runners
+from .errors import ConfigError
+
+#: Keys of ``[rbit]`` and their defaults; ``None`` means required or unset.
+RBIT_DEFAULTS = {
+    "name": None,
+    "polling_time": "60",
+    "distribution": "",
+    "architecture": "",
+    "format": "",
+    "suites": "",
+    "blocked_delay": "60",
+    "rejected_queue": "rbit.rejected",
+    "concurrency": "1",
+    "shutdown_grace": "300",
+    "state_dir": "",
+    "http": "",
+}
+
+#: Keys of ``[amqp]`` and their defaults.
+AMQP_DEFAULTS = {
+    "host": "localhost",
+    "port": "5672",
+    "user": "guest",
+    "password": "guest",
+    "password_file": "",
+    "virtual_host": "/",
+    "heartbeat": "60",
+    "ssl": "false",
+    "ca_file": "",
+    "cert_file": "",
+    "key_file": "",
+    "verify": "true",
+}
+
+#: Keys of ``[pybit]`` and their defaults.
+PYBIT_DEFAULTS = {
+    "url": "",
+    "user": "",
+    "password": "",
+    "password_file": "",
+    "timeout": "10",
+}
+
+#: Keys of a ``[runner:QUEUE]`` section that rbit keeps; every other key goes to the runner.
+RUNNER_OWN_KEYS = ("runner", "timeout", "routing_key")
+
+#: Environment variables that override passwords, by section.
+PASSWORD_ENV = {"amqp": "RBIT_AMQP_PASSWORD", "pybit": "RBIT_PYBIT_PASSWORD"}
+
+RUNNER_PREFIX = "runner:"
+LOGGING_SECTIONS = ("loggers", "handlers", "formatters")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The ``[rbit]`` section: who this worker is and how it paces itself."""
+
+    name: str
+    polling_time: float = 60.0
+    distribution: str = ""
+    architecture: str = ""
+    format: str = ""
+    suites: tuple = ()
+    blocked_delay: float = 60.0
+    rejected_queue: str = "rbit.rejected"
+    concurrency: int = 1
+    shutdown_grace: float = 300.0
+    state_dir: Path | None = None
+    http: tuple | None = None
+
+
+@dataclass(frozen=True)
+class AmqpSettings:
+    """The ``[amqp]`` section: where the broker is."""
+
+    hosts: tuple = ("localhost",)
+    port: int = 5672
+    user: str = "guest"
+    password: str = field(default="guest", repr=False)
+    virtual_host: str = "/"
+    heartbeat: float = 60.0
+    ssl: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class PybitSettings:
+    """The ``[pybit]`` section: where statuses go."""
+
+    url: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class RunnerSection:
+    """One ``[runner:QUEUE]`` section: the queue served and the runner that does its jobs."""
+
+    queue: str
+    routing_key: str
+    runner: object
+    timeout: float | None = None
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the worker needs, parsed once and passed explicitly."""
+
+    path: Path
+    worker: WorkerSettings
+    amqp: AmqpSettings
+    pybit: PybitSettings | None
+    runners: tuple
+    parser: configparser.RawConfigParser = field(repr=False, compare=False)
+
+    @property
+    def has_logging(self):
+        """True when the file carries ``logging.config.fileConfig`` sections."""
+        return self.parser.has_section("loggers")
+
+    def runner_for(self, queue):
+        """The :class:`RunnerSection` serving *queue*."""
+        for section in self.runners:
+            if section.queue == queue:
+                return section
+        raise KeyError(queue)
+
+    def configure_logging(self):
+        """Apply the file's logging sections, when it has them."""
+        if not self.has_logging:
+            return
+        try:
+            logging.config.fileConfig(self.parser, disable_existing_loggers=False)
+        except (KeyError, ValueError, configparser.Error, ImportError) as exc:
+            raise ConfigError(f"bad logging configuration: {exc}", self.path, "loggers") from exc
+
+
+class _Section:
+    """Typed reads of one section, each error naming file, section and key."""
+
+    def __init__(self, path, parser, name, defaults=None):
+        self.path = path
+        self.name = name
+        self.values = dict(parser.items(name)) if parser.has_section(name) else {}
+        if defaults is not None:
+            self._check_known(defaults)
+            self.values = {**defaults, **self.values}
+
+    def _check_known(self, defaults):
+        for key in self.values:
+            if key not in defaults:
+                close = difflib.get_close_matches(key, defaults, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(defaults)}"
+                raise self.error(key, f"unknown key{hint}")
+
+    def error(self, key, message):
+        return ConfigError(message, self.path, self.name, key)
+
+    def text(self, key, required=False):
+        value = (self.values.get(key) or "").strip()
+        if required and not value:
+            raise self.error(key, "is required")
+        return value
+
+    def number(self, key, *, minimum=0.0, integer=False, allow_empty=False):
+        raw = self.text(key)
+        if not raw and allow_empty:
+            return None
+        try:
+            value = int(raw) if integer else float(raw)
+        except ValueError:
+            kind = "a whole number" if integer else "a number of seconds"
+            raise self.error(key, f"must be {kind}, not {raw!r}") from None
+        if not math.isfinite(value) or value < minimum:
+            raise self.error(key, f"must be at least {minimum:g}, not {raw!r}")
+        return value
+
+    def flag(self, key):
+        raw = self.text(key).lower()
+        if raw in ("1", "yes", "true", "on"):
+            return True
+        if raw in ("0", "no", "false", "off"):
+            return False
+        raise self.error(key, f"must be true or false, not {raw!r}")
+
+    def secret(self, key, env_name, environ):
+        """A password: from the environment, else a file named by ``KEY_file``, else the key."""
+        if environ.get(env_name):
+            return environ[env_name]
+        file_key = f"{key}_file"
+        path = self.text(file_key)
+        if path:
+            try:
+                return Path(path).read_text().strip()
+            except OSError as exc:
+                raise self.error(file_key, f"cannot read {path}: {exc.strerror}") from None
+        return self.values.get(key)
+
+
+def read_parser(path):
+    """Read *path* without ``%`` interpolation; a missing or broken file is a ConfigError."""
+    parser = configparser.RawConfigParser(
+        interpolation=None, inline_comment_prefixes=("#", ";"), strict=True
+    )
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except FileNotFoundError:
+        raise ConfigError("no such file", path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", path) from None
+    except configparser.Error as exc:
+        raise ConfigError(f"not a valid ini file: {exc.message.splitlines()[0]}", path) from None
+    return parser
+
+
+def load(path, environ=None):
+    """Parse and check the file at *path*, importing every runner; raise ConfigError on a mistake."""
+    environ = os.environ if environ is None else environ
+    path = Path(path)
+    parser = read_parser(path)
+    for required in ("rbit", "amqp"):
+        if not parser.has_section(required):
+            raise ConfigError("required section is missing", path, required)
+    known = {"rbit", "amqp", "pybit", *LOGGING_SECTIONS}
+    for name in parser.sections():
+        if name not in known and not name.startswith(RUNNER_PREFIX) and not _is_logging_part(name):
+            raise ConfigError(
+                f"unknown section; runner sections are named [{RUNNER_PREFIX}QUEUE]", path, name
+            )
+    worker = _worker(_Section(path, parser, "rbit", RBIT_DEFAULTS))
+    amqp = _amqp(_Section(path, parser, "amqp", AMQP_DEFAULTS), environ)
+    pybit = None
+    if parser.has_section("pybit"):
+        pybit = _pybit(_Section(path, parser, "pybit", PYBIT_DEFAULTS), environ)
+    sections = tuple(
+        _runner(_Section(path, parser, name), worker)
+        for name in parser.sections()
+        if name.startswith(RUNNER_PREFIX)
+    )
+    if not sections:
+        raise ConfigError(
+            f"no [{RUNNER_PREFIX}QUEUE] section: the worker would serve no queue", path
+        )
+    return Config(path, worker, amqp, pybit, sections, parser)
+
+
+def _is_logging_part(name):
+    return name.startswith(("logger_", "handler_", "formatter_"))
+
+
+def _worker(section):
+    name = section.text("name", required=True)
+    suites = tuple(s.strip() for s in section.text("suites").split(",") if s.strip())
+    http = None
+    if section.text("http"):
+        host, sep, port = section.text("http").rpartition(":")
+        if not sep or not port.isdigit():
+            raise section.error("http", "must be HOST:PORT, like 127.0.0.1:9090")
+        http = (host or "127.0.0.1", int(port))
+    return WorkerSettings(
+        name=name,
+        polling_time=section.number("polling_time", minimum=0.1),
+        distribution=section.text("distribution"),
+        architecture=section.text("architecture"),
+        format=section.text("format"),
+        suites=suites,
+        blocked_delay=section.number("blocked_delay", minimum=0.001),
+        rejected_queue=section.text("rejected_queue", required=True),
+        concurrency=section.number("concurrency", minimum=1, integer=True),
+        shutdown_grace=section.number("shutdown_grace"),
+        state_dir=Path(section.text("state_dir")) if section.text("state_dir") else None,
+        http=http,
+    )
+
+
+def _amqp(section, environ):
+    hosts = tuple(h.strip() for h in section.text("host", required=True).split(",") if h.strip())
+    return AmqpSettings(
+        hosts=hosts,
+        port=section.number("port", minimum=1, integer=True),
+        user=section.text("user"),
+        password=section.secret("password", PASSWORD_ENV["amqp"], environ) or "",
+        virtual_host=section.text("virtual_host") or "/",
+        heartbeat=section.number("heartbeat"),
+        ssl=section.flag("ssl"),
+        ca_file=section.text("ca_file") or None,
+        cert_file=section.text("cert_file") or None,
+        key_file=section.text("key_file") or None,
+        verify=section.flag("verify"),
+    )
+
+
+def _pybit(section, environ):
+    url = section.text("url").rstrip("/") or None
+    if url and not url.startswith(("http://", "https://")):
+        raise section.error("url", f"must start with http:// or https://, not {url!r}")
+    return PybitSettings(
+        url=url,
+        user=section.text("user") or None,
+        password=section.secret("password", PASSWORD_ENV["pybit"], environ) or None,
+        timeout=section.number("timeout", minimum=0.1),
+    )
+
+
+def _runner(section, worker):
+    queue = section.name[len(RUNNER_PREFIX):].strip()
+    if not queue:
+        raise section.error(None, f"names no queue: write [{RUNNER_PREFIX}QUEUE]")
+    line = section.text("runner", required=True)
+    settings = {k: v for k, v in section.values.items() if k not in RUNNER_OWN_KEYS}
+    try:
+        runner = runners.load(line, settings)
+    except ConfigError as exc:
+        raise section.error("runner", exc.reason) from exc
+    return RunnerSection(
+        queue=queue,
+        routing_key=section.text("routing_key") or _routing_key(section, queue, worker),
+        runner=runner,
+        timeout=section.number("timeout", minimum=0.001, allow_empty=True),
+        settings=settings,
+    )
+
+
+def _routing_key(section, queue, worker):
+    """PyBit binds ``dist_arch_suite_format`` with the key ``dist.arch.suite.format``."""
+    for suite in worker.suites:
+        parts = (worker.distribution, worker.architecture, suite, worker.format)
+        if all(parts) and "_".join(parts) == queue:
+            return ".".join(parts)
+    parts = queue.split("_")
+    if len(parts) != 4 or not all(parts):
+        raise section.error(
+            "routing_key",
+            f"cannot tell PyBit's routing key from the queue name {queue!r} "
+            "(expected DIST_ARCH_SUITE_FORMAT); set routing_key = DIST.ARCH.SUITE.FORMAT",
+        )
+    return ".".join(parts)

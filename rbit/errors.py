@@ -1,0 +1,71 @@
+"""All of rbit's exceptions, under one base class."""
+
+
+class RbitError(Exception):
+    """Base class of every error rbit raises on purpose."""
+
+
+class ConfigError(RbitError):
+    """The configuration file is wrong; the message names file, section and key."""
+
+    def __init__(self, message, path=None, section=None, key=None):
+        self.path = path
+        self.section = section
+        self.key = key
+        self.reason = message
+        where = ", ".join(
+            part
+            for part in (
+                str(path) if path else None,
+                f"section [{section}]" if section else None,
+                f"key {key!r}" if key else None,
+            )
+            if part
+        )
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class BadMessage(RbitError):
+    """A message body that is not a valid PyBit request; never handed to a runner."""
+
+    def __init__(self, reason):
+        self.reason = reason
+        super().__init__(reason)
+
+
+class UnknownStatus(RbitError, ValueError):
+    """A runner reported a status that PyBit does not know."""
+
+
+class BrokerError(RbitError):
+    """The broker refused or lost something rbit cannot go on without."""
+
+
+class NameInUse(BrokerError):
+    """Another worker with the same name is connected to the broker."""
+
+
+# -- The runner author's words for an outcome -------------------------------
+
+
+class JobOutcome(RbitError):
+    """Raised by a runner to end its job with a given status."""
+
+    #: The PyBit status this outcome is reported as.
+    status = None
+
+    def __init__(self, message=None):
+        self.message = message
+        super().__init__(*([message] if message is not None else []))
+
+
+class Blocked(JobOutcome):
+    """The job cannot run yet (missing build dependencies, say): offered again later."""
+
+    status = "Blocked"
+
+
+class Failed(JobOutcome):
+    """The job failed; the message is reported with the ``Failed`` status."""
+
+    status = "Failed"

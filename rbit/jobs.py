@@ -1,0 +1,257 @@
+"""Each job in its own process and process group, talking to the worker over a pipe.
+
+Job processes are forked by a fork server (``multiprocessing``'s
+``forkserver``): a small single-threaded process started once, so that a job
+never inherits the worker's threads, sockets or broker connection. A job
+process makes itself a session and process-group leader, so the worker can
+stop everything it started with one ``killpg``. It watches its pipe to the
+worker: if the worker dies, the pipe closes and the job kills its own group,
+so that a restarted worker never finds the old build still running beside the
+new one.
+
+Messages from the job process to the worker, each a tuple:
+
+``("status", status, text)``
+    the runner reported a status;
+``("log", levelno, logger_name, text)``
+    a log record or a line of output;
+``("result", status, text)``
+    how the runner ended: ``None`` (it returned), ``Failed``, ``Blocked``,
+    or :data:`DROPPED` (PyBit says the job was cancelled before it started).
+"""
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import traceback
+
+from . import statuses
+from .errors import JobOutcome
+from .reporting import is_cancelled
+
+#: Result of a job that PyBit had cancelled before it started: dropped, not run.
+DROPPED = "Dropped"
+
+#: Seconds between SIGTERM and SIGKILL when a job's process group is stopped.
+KILL_GRACE = 5.0
+
+#: Modules every job needs; the fork server imports them once.
+PRELOAD = ["rbit.jobs", "rbit.runners.python", "rbit.runners.shell"]
+
+log = logging.getLogger(__name__)
+
+
+def fork_context(preload=()):
+    """The multiprocessing context that starts job processes, with *preload* imported once."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD + [m for m in preload if m not in PRELOAD])
+    return context
+
+
+class JobProcess:
+    """The worker's handle on one job's process."""
+
+    def __init__(self, context, runner, message, pybit=None, log_level=logging.INFO):
+        self.context = context
+        self.runner = runner
+        self.message = message
+        self.pybit = pybit
+        self.log_level = log_level
+        self.process = None
+        self.conn = None
+        self.kill_at = None
+        self.closed = False
+
+    def start(self):
+        """Start the job's process (not the job's clock: the caller keeps that)."""
+        parent_end, child_end = self.context.Pipe(duplex=True)
+        self.process = self.context.Process(
+            target=child_main,
+            args=(child_end, self.runner, self.message, self.pybit, self.log_level),
+            name=f"rbit job {self.message.job_id}",
+        )
+        try:
+            self.process.start()
+        finally:
+            child_end.close()
+        self.conn = parent_end
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def fds(self):
+        """The file descriptors that become readable when the job has news."""
+        return [] if self.closed else [self.conn.fileno(), self.process.sentinel]
+
+    def receive(self):
+        """Everything the job has sent so far, without blocking."""
+        events = []
+        try:
+            while not self.closed and self.conn.poll():
+                events.append(self.conn.recv())
+        except (EOFError, OSError):
+            pass
+        return events
+
+    def exited(self):
+        """True once the job's process has ended (the rest of its group is killed then)."""
+        if self.process.exitcode is None:
+            return False
+        self.signal_group(signal.SIGKILL)
+        return True
+
+    @property
+    def exitcode(self):
+        return self.process.exitcode
+
+    def stop(self, now, grace=KILL_GRACE):
+        """Ask the whole group to stop (SIGTERM); :meth:`tick` sends SIGKILL after *grace*."""
+        if self.kill_at is None:
+            self.kill_at = now + grace
+            self.signal_group(signal.SIGTERM)
+
+    def kill(self):
+        """Kill the whole group at once."""
+        self.signal_group(signal.SIGKILL)
+
+    def tick(self, now):
+        """Escalate a stop that the group has ignored for its grace period."""
+        if self.kill_at is not None and now >= self.kill_at:
+            self.kill()
+
+    def signal_group(self, signum):
+        try:
+            os.killpg(self.process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self):
+        """Release the pipe and reap the process."""
+        if not self.closed and self.conn is not None:
+            self.closed = True
+            self.receive()
+            self.conn.close()
+            self.process.join(timeout=1)
+
+    def describe_exit(self):
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            return f"the job's process was killed by {signal.Signals(-code).name}"
+        return f"the job's process exited with status {code} before reporting a result"
+
+
+# -- In the job's own process ------------------------------------------------
+
+
+class _Channel:
+    """The job's end of the pipe; sends from several threads, one at a time."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, *event):
+        with self.lock:
+            self.conn.send(event)
+
+
+class _ForwardHandler(logging.Handler):
+    """Sends the job's log records to the worker, which logs them with the job's id."""
+
+    def __init__(self, channel):
+        super().__init__()
+        self.channel = channel
+
+    def emit(self, record):
+        try:
+            self.channel.send("log", record.levelno, record.name, self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+def child_main(conn, runner, message, pybit, log_level):
+    """Run one job in this process; the entry point of every job process."""
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    channel = _Channel(conn)
+    threading.Thread(target=_lifeline, args=(conn,), daemon=True).start()
+    output = _capture_output(channel)
+    root = logging.getLogger()
+    root.handlers[:] = [_ForwardHandler(channel)]
+    root.setLevel(log_level)
+
+    def set_status(status, text=None):
+        statuses.check(status)
+        channel.send("status", status, text)
+
+    try:
+        result = _run(runner, message, pybit, set_status)
+    finally:
+        _finish_output(output)
+    channel.send("result", *result)
+
+
+def _run(runner, message, pybit, set_status):
+    job_id = message.job_id
+    if pybit is not None and is_cancelled(pybit, message.request.web_host, job_id):
+        return (DROPPED, "PyBit says the job is Cancelled")
+    try:
+        set_status(statuses.BUILDING)
+        runner.run(message, set_status)
+    except JobOutcome as outcome:
+        return (outcome.status, outcome.message)
+    except BaseException as exc:
+        logging.getLogger("rbit.runner").error(
+            "runner %r raised:\n%s", runner, traceback.format_exc().rstrip()
+        )
+        return (statuses.FAILED, f"{type(exc).__name__}: {exc}")
+    return (None, None)
+
+
+def _lifeline(conn):
+    """If the worker goes away, take the whole job with it."""
+    try:
+        while True:
+            conn.recv()
+    except (EOFError, OSError):
+        os.killpg(0, signal.SIGKILL)
+
+
+def _capture_output(channel):
+    """Send what the job writes to stdout and stderr to the worker's log, line by line."""
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+    def forward():
+        with open(read_end, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                channel.send("log", logging.INFO, "rbit.output", line.rstrip("\n"))
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    return thread
+
+
+def _finish_output(thread):
+    """Close our own stdout and stderr and let the forwarder send what is left."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    # Background processes the job left may still hold the pipe: do not wait for them.
+    thread.join(timeout=1)

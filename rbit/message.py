@@ -1,0 +1,23 @@
+"""What a runner is handed: the message as received, and its request decoded safely."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Message:
+    """One build request taken off a queue.
+
+    ``body`` is the text exactly as received; ``request`` is the same request
+    decoded by :mod:`rbit.pybit` (a BuildRequest with PyBit's accessors).
+    """
+
+    body: str
+    request: object
+    queue: str
+    redelivered: bool = False
+    headers: dict = field(default_factory=dict)
+
+    @property
+    def job_id(self):
+        """The PyBit job id."""
+        return self.request.get_job_id()

@@ -1,0 +1,1 @@
+"""Runners that ship with rbit, as examples and for real use."""

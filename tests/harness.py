@@ -1,0 +1,95 @@
+"""Test helpers: writing configurations and running the real ``rbit`` command."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .broker import AMQP_HOST, AMQP_PORT
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(path, *, name, vhost, runners, rbit=None, pybit=None, amqp=None, extra=""):
+    """Write an rbit ini file; *runners* maps queue -> dict of the section's keys."""
+    rbit = {"name": name, "polling_time": "60", "blocked_delay": "2",
+            "rejected_queue": f"rbit.rejected.{name}", "shutdown_grace": "10", **(rbit or {})}
+    amqp = {"host": AMQP_HOST, "port": str(AMQP_PORT), "user": "guest", "password": "guest",
+            "virtual_host": vhost.name if vhost is not None else "/", **(amqp or {})}
+    lines = ["[rbit]", *(f"{k} = {v}" for k, v in rbit.items()), "", "[amqp]",
+             *(f"{k} = {v}" for k, v in amqp.items()), ""]
+    if pybit is not None:
+        lines += ["[pybit]", *(f"{k} = {v}" for k, v in pybit.items()), ""]
+    for queue, keys in runners.items():
+        lines += [f"[runner:{queue}]", *(f"{k} = {v}" for k, v in keys.items()), ""]
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+class WorkerProcess:
+    """``python -m rbit CONFIG`` in a subprocess, its output in a file the test can read."""
+
+    def __init__(self, config_path, *args, env=None, log_path=None):
+        self.config_path = Path(config_path)
+        self.args = args
+        self.log_path = Path(log_path or self.config_path.with_suffix(".log"))
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **(env or {})}
+        self.process = None
+        self._offset = 0
+
+    def start(self):
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "rbit", str(self.config_path), *self.args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=str(self.config_path.parent),
+        )
+        return self
+
+    @property
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_log(self, pattern, timeout=30, count=1):
+        """Wait until *pattern* (a regex) appears *count* times in the log; return the last match."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            matches = list(re.finditer(pattern, self.log))
+            if len(matches) >= count:
+                return matches[-1]
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not seen {count} time(s) in the worker's log:\n{self.log[-4000:]}")
+
+    def wait_ready(self, timeout=30, count=1):
+        return self.wait_log(r"serving .* as ", timeout, count)
+
+    def signal(self, signum=signal.SIGTERM):
+        self.process.send_signal(signum)
+
+    def wait(self, timeout=60):
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if self.process:
+            self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,431 @@
+"""Status reporting to PyBit's web front end (contract sections 1, 5 and 6), against FakePyBit."""
+
+import json
+import logging
+import time
+from types import SimpleNamespace
+
+import pytest
+import requests
+
+from rbit.errors import UnknownStatus
+from rbit.reporting import StatusReporter, fetch_history, is_cancelled, job_url
+from rbit.statuses import ALL
+from tests.pybit_web import FakePyBit, Report, pybit_web  # noqa: F401 - the fixture
+
+CLIENT = "bob-villa"
+FAST = {"retry_initial": 0.02, "retry_max": 0.1}
+
+
+def settings(fake, **overrides):
+    values = {"url": fake.url, "user": "admin", "password": "secret", "timeout": 2.0}
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+@pytest.fixture
+def make_reporter():
+    """StatusReporters that are stopped after the test, whatever happens."""
+    made = []
+
+    def make(pybit, **kwargs):
+        reporter = StatusReporter(pybit, CLIENT, **{**FAST, **kwargs})
+        made.append(reporter)
+        return reporter
+
+    yield make
+    for reporter in made:
+        reporter.stop(timeout=0.2)
+
+
+def no_secret_logged(caplog, password="secret"):
+    """The password, in clear or inside a basic-auth header, is in no log record."""
+    header = "YWRtaW46c2VjcmV0"  # base64("admin:secret")
+    for record in caplog.records:
+        text = record.getMessage() + (record.exc_text or "")
+        if record.exc_info:
+            text += logging.Formatter().formatException(record.exc_info)
+        assert password not in text, record
+        assert header not in text, record
+
+
+# -- job_url ------------------------------------------------------------------
+
+
+def test_job_url_uses_configured_url_or_web_host():
+    """Section 3: [pybit] url is the base when set (trailing slash ignored), else the request's web_host."""
+    configured = SimpleNamespace(url="http://pybit.example:8080/", user=None, password=None, timeout=1)
+    unset = SimpleNamespace(url=None, user=None, password=None, timeout=1)
+    assert job_url(configured, "other:80", 42) == "http://pybit.example:8080/job/42"
+    assert job_url(unset, "web.example:8080", 42) == "http://web.example:8080/job/42"
+    assert job_url(None, "web.example:8080", 42) == "http://web.example:8080/job/42"
+
+
+# -- the fake itself ----------------------------------------------------------
+
+
+def test_fake_pybit_checks_auth_and_status_names(pybit_web):
+    """Section 1: the fake refuses bad credentials (401) and unknown statuses (500) like PyBit."""
+    url = f"{pybit_web.url}/job/3"
+    form = {"status": "Building", "client": CLIENT}
+    unauthorized = requests.put(url, data=form, timeout=2)
+    assert unauthorized.status_code == 401
+    assert "Basic" in unauthorized.headers["WWW-Authenticate"]
+    assert requests.put(url, data=form, auth=("admin", "wrong"), timeout=2).status_code == 401
+    bogus = requests.put(url, data={**form, "status": "Finished"}, auth=("admin", "secret"), timeout=2)
+    assert bogus.status_code == 500
+    assert requests.post(url, data=form, auth=("admin", "secret"), timeout=2).status_code == 200
+    assert pybit_web.reports == [(3, "Building", CLIENT)]
+    history = requests.get(url + "/status", timeout=2)
+    assert [entry["status"] for entry in history.json()] == ["Building"]
+    assert requests.get(f"{pybit_web.url}/job/4/status", timeout=2).status_code == 404
+
+
+def test_fake_pybit_stop_refuses_connections_and_start_reuses_port(pybit_web):
+    """Test support: stop() really closes the port, start() listens on the same one again."""
+    port = pybit_web.port
+    pybit_web.stop()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{pybit_web.url}/job/1/status", timeout=2)
+    pybit_web.start()
+    assert pybit_web.port == port
+    assert requests.get(f"{pybit_web.url}/job/1/status", timeout=2).status_code == 404
+
+
+# -- delivery -----------------------------------------------------------------
+
+
+def test_statuses_arrive_in_order_with_client_name_and_auth(pybit_web, make_reporter, caplog):
+    """Sections 1, 5.3-5.5: each status is PUT, in order, with the client's name and basic auth."""
+    caplog.set_level(logging.DEBUG)
+    reporter = make_reporter(settings(pybit_web))
+    reporter.start()
+    reporter.report(1, pybit_web.web_host, "Building", queue="cnx_any_latex_pdf")
+    reporter.report(1, pybit_web.web_host, "Uploaded", "pdf ready", queue="cnx_any_latex_pdf")
+    reporter.report(2, pybit_web.web_host, "Building", queue="cnx_any_latex_pdf")
+    reporter.report(1, pybit_web.web_host, "Done", queue="cnx_any_latex_pdf")
+    assert reporter.flush(5)
+    assert pybit_web.reports == [
+        (1, "Building", CLIENT), (1, "Uploaded", CLIENT), (2, "Building", CLIENT), (1, "Done", CLIENT),
+    ]
+    assert pybit_web.statuses(1) == ["Building", "Uploaded", "Done"]
+    assert all(method == "PUT" and code == 200 for method, _, code in pybit_web.attempts)
+    assert reporter.backlog == 0
+    no_secret_logged(caplog)
+
+
+def test_statuses_go_to_the_requests_web_host_when_no_url(pybit_web, make_reporter):
+    """Section 3: without [pybit] url, the status goes to the BuildRequest's web_host."""
+    reporter = make_reporter(settings(pybit_web, url=None))
+    reporter.start()
+    reporter.report(9, pybit_web.web_host, "Building")
+    assert reporter.flush(5)
+    assert pybit_web.reports == [(9, "Building", CLIENT)]
+
+
+def test_each_report_is_logged_with_job_queue_status_and_text(pybit_web, make_reporter, caplog):
+    """Style 7 / section 5: every status is logged on rbit.status with job id, queue, status and text."""
+    caplog.set_level(logging.INFO, logger="rbit.status")
+    reporter = make_reporter(settings(pybit_web))
+    reporter.report(5, pybit_web.web_host, "Failed", "make: *** [all] Error 2", queue="cnx_any_latex_pdf")
+    [record] = [r for r in caplog.records if r.name == "rbit.status"]
+    assert record.levelno == logging.INFO
+    message = record.getMessage()
+    for part in ("5", "cnx_any_latex_pdf", "Failed", "make: *** [all] Error 2"):
+        assert part in message
+    assert record.args  # lazy %-style arguments
+
+
+def test_unknown_status_raises_and_nothing_is_sent(pybit_web, make_reporter):
+    """Sections 1 and 4: an unknown status raises UnknownStatus naming the allowed ones; PyBit gets nothing."""
+    reporter = make_reporter(settings(pybit_web))
+    reporter.start()
+    with pytest.raises(UnknownStatus) as raised:
+        reporter.report(1, pybit_web.web_host, "Finished")
+    for name in ALL:
+        assert name in str(raised.value)
+    assert reporter.backlog == 0
+    assert reporter.flush(1)
+    time.sleep(0.1)
+    assert pybit_web.attempts == []
+
+
+def test_pybit_down_then_back_delivers_everything_in_order(pybit_web, make_reporter, caplog):
+    """Section 6: PyBit going away: statuses are retried in order, report() never blocks or raises."""
+    caplog.set_level(logging.WARNING, logger="rbit.reporting")
+    reporter = make_reporter(settings(pybit_web))
+    reporter.start()
+    pybit_web.stop()
+    began = time.monotonic()
+    for status in ("Building", "Uploaded", "Done"):
+        reporter.report(7, pybit_web.web_host, status, queue="q")
+    assert time.monotonic() - began < 0.5  # never waits for the network
+    assert not reporter.flush(0.3)
+    assert reporter.backlog == 3
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings
+    assert all("7" in r.getMessage() and "Building" in r.getMessage() for r in warnings)
+    pybit_web.start()
+    assert reporter.flush(5)
+    assert pybit_web.reports == [(7, "Building", CLIENT), (7, "Uploaded", CLIENT), (7, "Done", CLIENT)]
+    assert reporter.backlog == 0
+    no_secret_logged(caplog)
+
+
+def test_server_errors_are_retried_once_logged_per_attempt(pybit_web, make_reporter, caplog):
+    """Section 6: a 5xx is retried (the queue waits behind it); each failed attempt is one WARNING."""
+    caplog.set_level(logging.WARNING, logger="rbit.reporting")
+    pybit_web.fail_next(2, 503)
+    reporter = make_reporter(settings(pybit_web))
+    reporter.start()
+    reporter.report(4, pybit_web.web_host, "Building", queue="q")
+    reporter.report(4, pybit_web.web_host, "Done", queue="q")
+    assert reporter.flush(5)
+    assert pybit_web.reports == [(4, "Building", CLIENT), (4, "Done", CLIENT)]
+    assert [code for _, _, code in pybit_web.attempts] == [503, 503, 200, 200]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert all("4" in text and "Building" in text and "503" in text for text in warnings)
+
+
+@pytest.mark.parametrize("code", [408, 429])
+def test_timeout_and_too_many_requests_are_retried(pybit_web, make_reporter, code):
+    """Section 6: 408 and 429 mean "try later", so they are retried, not dropped."""
+    pybit_web.fail_next(1, code)
+    reporter = make_reporter(settings(pybit_web))
+    reporter.start()
+    reporter.report(4, pybit_web.web_host, "Building")
+    assert reporter.flush(5)
+    assert pybit_web.reports == [(4, "Building", CLIENT)]
+
+
+def test_client_error_is_dropped_and_the_queue_goes_on(pybit_web, make_reporter, caplog):
+    """Section 6: a 4xx cannot be fixed by retrying: logged at ERROR, dropped, the next ones still go."""
+    caplog.set_level(logging.WARNING, logger="rbit.reporting")
+    pybit_web.fail_next(1, 404)
+    reporter = make_reporter(settings(pybit_web))
+    reporter.start()
+    reporter.report(11, pybit_web.web_host, "Building", queue="q")
+    reporter.report(12, pybit_web.web_host, "Building", queue="q")
+    assert reporter.flush(5)
+    assert pybit_web.reports == [(12, "Building", CLIENT)]
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "11" in error.getMessage() and "404" in error.getMessage()
+    assert reporter.backlog == 0
+
+
+def test_wrong_password_is_dropped_and_never_logged(pybit_web, make_reporter, caplog):
+    """Sections 6 and 7: a 401 is dropped, the job goes on; the password appears in no log record."""
+    caplog.set_level(logging.DEBUG)
+    reporter = make_reporter(settings(pybit_web, password="wrong-secret"))
+    reporter.start()
+    reporter.report(1, pybit_web.web_host, "Building")
+    assert reporter.flush(5)
+    assert pybit_web.reports == []
+    assert any(r.levelno == logging.ERROR and "401" in r.getMessage() for r in caplog.records)
+    no_secret_logged(caplog, password="wrong-secret")
+
+
+def test_password_never_logged_on_errors(pybit_web, make_reporter, caplog):
+    """Section 7: passwords never appear in logs, whatever goes wrong while reporting."""
+    caplog.set_level(logging.DEBUG)
+    reporter = make_reporter(settings(pybit_web))
+    reporter.start()
+    pybit_web.fail_next(1, 500)
+    pybit_web.fail_next(1, 403)
+    reporter.report(1, pybit_web.web_host, "Building", "a runner's text")
+    reporter.report(2, pybit_web.web_host, "Building")
+    assert reporter.flush(5)
+    pybit_web.stop()
+    reporter.report(3, pybit_web.web_host, "Building")
+    assert not reporter.flush(0.2)
+    assert fetch_history(settings(pybit_web), pybit_web.web_host, 3) is None
+    pybit_web.start()
+    assert reporter.flush(5)
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING]
+    no_secret_logged(caplog)
+
+
+def test_password_in_url_or_in_an_error_is_never_logged(pybit_web, make_reporter, caplog):
+    """Section 7: a password written into [pybit] url, or turning up in an error text, is not logged."""
+    caplog.set_level(logging.DEBUG, logger="rbit")
+    in_url = settings(pybit_web, url=f"http://admin:secret@{pybit_web.web_host}", user=None, password=None)
+    reporter = make_reporter(in_url)
+    reporter.start()
+    reporter.report(1, pybit_web.web_host, "Building")
+    assert reporter.flush(5)
+    assert pybit_web.reports == [(1, "Building", CLIENT)]
+    pybit_web.stop()
+    reporter.report(1, pybit_web.web_host, "Done")
+    assert not reporter.flush(0.2)
+    assert fetch_history(in_url, pybit_web.web_host, 1) is None
+    reporter.stop(timeout=0)
+    no_secret_logged(caplog)
+
+    caplog.clear()
+    odd = make_reporter(settings(pybit_web, password="refused"))  # in "Connection refused"
+    odd.start()
+    odd.report(2, pybit_web.web_host, "Building")
+    assert not odd.flush(0.1)
+    assert caplog.records
+    for record in caplog.records:
+        assert "refused" not in record.getMessage()
+
+
+def test_no_pybit_section_only_logs(pybit_web, make_reporter, caplog):
+    """Section 3: without [pybit], statuses are logged and never sent."""
+    caplog.set_level(logging.INFO, logger="rbit.status")
+    reporter = make_reporter(None)
+    reporter.start()
+    reporter.report(1, pybit_web.web_host, "Building", queue="q")
+    reporter.report(1, pybit_web.web_host, "Done", queue="q")
+    assert reporter.flush(1)
+    assert reporter.backlog == 0
+    time.sleep(0.1)
+    assert pybit_web.attempts == []
+    messages = [r.getMessage() for r in caplog.records if r.name == "rbit.status"]
+    assert len(messages) == 2 and "Building" in messages[0] and "Done" in messages[1]
+    with pytest.raises(UnknownStatus):
+        reporter.report(1, pybit_web.web_host, "Finished")
+
+
+def test_stop_delivers_what_is_queued(pybit_web, make_reporter):
+    """Section 6 (SIGTERM): stop() delivers what is queued before ending the thread."""
+    reporter = make_reporter(settings(pybit_web))
+    reporter.start()
+    for job in range(1, 6):
+        reporter.report(job, pybit_web.web_host, "Waiting")
+    reporter.stop(timeout=5)
+    assert [r.job_id for r in pybit_web.reports] == [1, 2, 3, 4, 5]
+
+
+def test_stop_returns_in_time_when_pybit_is_down(pybit_web, make_reporter):
+    """Section 6: a PyBit that is down never holds up the worker's stop beyond its timeout."""
+    reporter = make_reporter(settings(pybit_web), retry_initial=0.5, retry_max=5)
+    reporter.start()
+    pybit_web.stop()
+    reporter.report(1, pybit_web.web_host, "Waiting")
+    began = time.monotonic()
+    reporter.stop(timeout=0.3)
+    assert time.monotonic() - began < 1.5
+    assert reporter.backlog == 1
+
+
+# -- the spool ----------------------------------------------------------------
+
+
+def test_spool_survives_a_restart_in_order(pybit_web, make_reporter, tmp_path):
+    """Section 6: statuses PyBit could not take are kept across a worker restart, then sent first, in order."""
+    spool = tmp_path / "state" / "statuses.jsonl"  # parent made on demand
+    first = make_reporter(settings(pybit_web), spool_path=spool)
+    first.start()
+    pybit_web.stop()
+    first.report(1, pybit_web.web_host, "Building", queue="q")
+    first.report(1, pybit_web.web_host, "Done", queue="q")
+    first.report(2, pybit_web.web_host, "Building", queue="q")
+    first.stop(timeout=0.2)
+    assert len(spool.read_text().splitlines()) == 3
+
+    pybit_web.start()
+    second = make_reporter(settings(pybit_web), spool_path=spool)
+    second.report(2, pybit_web.web_host, "Done", queue="q")  # before start: still after the spooled ones
+    assert second.backlog == 4
+    second.start()
+    assert second.flush(5)
+    assert pybit_web.reports == [
+        (1, "Building", CLIENT), (1, "Done", CLIENT), (2, "Building", CLIENT), (2, "Done", CLIENT),
+    ]
+    assert spool.read_text() == ""
+
+
+def test_spool_skips_corrupt_lines(pybit_web, make_reporter, tmp_path, caplog):
+    """Section 6: a damaged spool line (a crash mid-write, say) is logged and skipped; the rest is sent."""
+    caplog.set_level(logging.ERROR, logger="rbit.reporting")
+    spool = tmp_path / "statuses.jsonl"
+    good = {"job_id": 1, "web_host": pybit_web.web_host, "text": None, "queue": "q"}
+    spool.write_text(
+        json.dumps({**good, "status": "Building"}) + "\n"
+        + "{not json\n"
+        + json.dumps({**good, "status": "Finished"}) + "\n"
+        + json.dumps({**good, "status": "Done"}) + "\n"
+        + '{"job_id": 1, "stat'
+    )
+    reporter = make_reporter(settings(pybit_web), spool_path=spool)
+    reporter.start()
+    assert reporter.flush(5)
+    assert pybit_web.reports == [(1, "Building", CLIENT), (1, "Done", CLIENT)]
+    assert len([r for r in caplog.records if "spool" in r.getMessage()]) == 3
+
+
+def test_spool_is_emptied_once_delivered(pybit_web, make_reporter, tmp_path):
+    """Section 6: delivered statuses leave the spool, so a restart does not send them again."""
+    spool = tmp_path / "statuses.jsonl"
+    reporter = make_reporter(settings(pybit_web), spool_path=spool)
+    reporter.start()
+    reporter.report(1, pybit_web.web_host, "Building")
+    assert reporter.flush(5)
+    reporter.stop()
+    again = make_reporter(settings(pybit_web), spool_path=spool)
+    again.start()
+    assert again.flush(1)
+    assert pybit_web.reports == [(1, "Building", CLIENT)]
+
+
+# -- history and cancellation -------------------------------------------------
+
+
+def test_fetch_history_and_is_cancelled(pybit_web):
+    """Sections 1 and 5.2: the job's history is read oldest first; Cancelled as the last entry cancels it."""
+    pybit = settings(pybit_web)
+    pybit_web.set_history(8, ["Waiting", "Building", "Cancelled"])
+    pybit_web.set_history(9, ["Cancelled", "Waiting"])
+    pybit_web.set_history(10, [])
+    assert fetch_history(pybit, pybit_web.web_host, 8) == ["Waiting", "Building", "Cancelled"]
+    assert is_cancelled(pybit, pybit_web.web_host, 8)
+    assert not is_cancelled(pybit, pybit_web.web_host, 9)
+    assert fetch_history(pybit, pybit_web.web_host, 10) == []
+    assert not is_cancelled(pybit, pybit_web.web_host, 10)
+    no_url = settings(pybit_web, url=None)
+    assert fetch_history(no_url, pybit_web.web_host, 8) == ["Waiting", "Building", "Cancelled"]
+
+
+def test_fetch_history_unknown_job_is_none(pybit_web):
+    """Section 1: PyBit answers 404 for a job it does not know: no history, not cancelled."""
+    pybit = settings(pybit_web)
+    assert fetch_history(pybit, pybit_web.web_host, 404) is None
+    assert not is_cancelled(pybit, pybit_web.web_host, 404)
+
+
+def test_fetch_history_unreachable_or_unexpected_is_none(pybit_web, caplog):
+    """Section 6: PyBit down or answering nonsense never fails the job: no history, logged at WARNING."""
+    caplog.set_level(logging.WARNING, logger="rbit.reporting")
+    pybit = settings(pybit_web)
+    pybit_web.set_history(8, ["Cancelled"])
+    pybit_web.fail_next(1, 500, methods=("GET",))
+    assert fetch_history(pybit, pybit_web.web_host, 8) is None
+    assert len(caplog.records) == 1 and "500" in caplog.records[0].getMessage()
+    pybit_web.stop()
+    assert fetch_history(pybit, pybit_web.web_host, 8) is None
+    assert not is_cancelled(pybit, pybit_web.web_host, 8)
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+    no_secret_logged(caplog)
+
+
+def test_fetch_history_rejects_malformed_answers(pybit_web, monkeypatch, caplog):
+    """Section 1: an answer that is not a list of objects with a status field gives no history."""
+    caplog.set_level(logging.WARNING, logger="rbit.reporting")
+    pybit = settings(pybit_web)
+    pybit_web.set_history(8, ["Cancelled"])
+    for bad in ({"status": "Cancelled"}, [{"state": "Cancelled"}], [{"status": 3}], "nope"):
+        monkeypatch.setattr(pybit_web, "_history_of", lambda job_id, bad=bad: bad)
+        assert fetch_history(pybit, pybit_web.web_host, 8) is None, bad
+    assert len(caplog.records) == 4
+
+
+def test_fetch_history_without_pybit_is_none(pybit_web):
+    """Section 3: without [pybit], history is not consulted."""
+    pybit_web.set_history(8, ["Cancelled"])
+    assert fetch_history(None, pybit_web.web_host, 8) is None
+    assert not is_cancelled(None, pybit_web.web_host, 8)
+    assert pybit_web.attempts == []
+
