@@ -141,3 +141,37 @@ def serve(config):
         log.exception("rbit stopped on an unexpected error")
         return RET_ERROR
     return RET_OK
+
+
+@main.command("recover")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--worker", "worker_name", metavar="NAME",
+              help="The worker whose unfinished jobs to put back (default: [rbit] name of CONFIG).")
+def recover_command(config_path, worker_name):
+    """Put back on their queues the jobs a worker left unfinished.
+
+    A worker does this itself when it starts again; use this command for a
+    worker that will not come back. It refuses while that worker is connected.
+    """
+    from .broker import Broker, cancel_queue
+    from .worker import recover
+
+    config = load_config(config_path)
+    setup_logging(False, False)
+    name = worker_name or config.worker.name
+    broker = Broker(config.amqp)
+    try:
+        broker.connect(should_stop=lambda: True)
+        try:
+            # Holding the worker's exclusive name queue proves it is not running.
+            cancel_queue(name)(broker.channel).declare()
+        except broker.errors as exc:
+            fail(f"worker {name!r} seems to be connected ({exc}); it recovers its own jobs", RET_ERROR)
+        count = recover(broker, name, 0, config.worker.rejected_queue)
+    except RbitError as exc:
+        fail(str(exc), RET_ERROR)
+    except Exception as exc:
+        fail(f"cannot reach the broker: {exc}", RET_ERROR)
+    finally:
+        broker.close()
+    click.echo(f"put back {count} unfinished job(s) of worker {name!r}")

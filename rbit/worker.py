@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import broker as amqp_side
-from . import jobs, statuses
+from . import jobs, statuses, systemd
 from .errors import BadMessage, NameInUse
 from .message import Message
 from .pybit import decode_build_request, decode_cancel_request
@@ -94,7 +94,6 @@ class Worker:
         self.stopping = False
         self.stop_deadline = None
         self.hurry = False
-        self.ready_callbacks = []
         self.selector = None
         self._wake_r = self._wake_w = None
         self._registered_fds = set()
@@ -110,8 +109,7 @@ class Worker:
             self.context = self.context or jobs.fork_context(self._runner_modules())
             if not self._connect(first=True):
                 return
-            for callback in self.ready_callbacks:
-                callback()
+            systemd.notify("READY=1\nSTATUS=serving " + ", ".join(s.queue for s in self.config.runners))
             while not self._done():
                 self.loop()
         finally:
@@ -380,6 +378,7 @@ class Worker:
         if not self.stopping:
             return
         if self.stop_deadline is None:
+            systemd.notify("STOPPING=1")
             self.stop_deadline = now + self.settings.shutdown_grace
             log.info(
                 "stopping: no new jobs; %d running job(s) get %g s to finish",
