@@ -24,6 +24,8 @@ setup(
         "jsonpickle>=3.0",
         # HTTP status reports to PyBit: retries, auth and connection pooling we need not write.
         "requests>=2.28",
+        # /metrics in Prometheus's format, with its histogram and exposition rules.
+        "prometheus-client>=0.16",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],

@@ -107,6 +107,8 @@ def run_command(config_path, poll_time, check, check_connections, daemon, pidfil
     if check or check_connections:
         from .checks import run_checks
 
+        for warning in config.warnings:
+            click.echo(f"warning: {warning}", err=True)
         sys.exit(run_checks(config, connections=check_connections))
     try:
         umask_value = int(umask, 8)
@@ -117,6 +119,8 @@ def run_command(config_path, poll_time, check, check_connections, daemon, pidfil
         config.configure_logging()
     except ConfigError as exc:
         fail(f"configuration error: {exc}", RET_USAGE)
+    for warning in config.warnings:
+        log.warning("%s", warning)
     if daemon:
         from .daemon import daemonize
 
@@ -175,3 +179,176 @@ def recover_command(config_path, worker_name):
     finally:
         broker.close()
     click.echo(f"put back {count} unfinished job(s) of worker {name!r}")
+
+
+def request_options(command):
+    """The fields of a build request, as options (shared by ``publish`` and ``try``)."""
+    options = [
+        click.option("--queue", help="Take dist, arch, suite and format from this runner section's queue "
+                                     "(default: the first runner section)."),
+        click.option("--job-id", type=int, default=1, show_default=True, help="PyBit job id."),
+        click.option("--package", default="hello", show_default=True),
+        click.option("--version", "version", default="1.0", show_default=True),
+        click.option("--dist", help="Distribution (default: from the queue)."),
+        click.option("--arch", help="Architecture (default: from the queue)."),
+        click.option("--suite", help="Suite (default: from the queue)."),
+        click.option("--format", "format_", help="Format (default: from the queue)."),
+        click.option("--method", default="git", show_default=True, help="Transport method (git, svn, ...)."),
+        click.option("--uri", default="", help="Transport URI of the source."),
+        click.option("--vcs-id", default=None, help="Revision to build."),
+        click.option("--web-host", default="localhost:8080", show_default=True,
+                     help="PyBit web front end (host:port) the statuses go to."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def build_request_from(config, queue, fields):
+    """The routing key and BuildRequest that the command line's fields describe."""
+    from .errors import BadMessage
+    from .publish import request_from_fields
+
+    try:
+        section = config.runner_for(queue) if queue else config.runners[0]
+    except KeyError:
+        raise click.BadParameter(f"no [runner:{queue}] section in {config.path}", param_hint="--queue")
+    parts = section.routing_key.split(".")
+    if len(parts) != 4:
+        parts = [None] * 4
+    for index, key in enumerate(("dist", "arch", "suite", "format")):
+        fields[key] = fields.get(key) or parts[index]
+        if not fields[key]:
+            raise click.BadParameter(f"give --{key}: the queue {section.queue} does not say it")
+    try:
+        request = request_from_fields(fields)
+    except BadMessage as exc:
+        raise click.BadParameter(exc.reason)
+    return ".".join(fields[k] for k in ("dist", "arch", "suite", "format")), section, request
+
+
+@main.command("publish")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@request_options
+@click.option("--print-body", is_flag=True, help="Also print the JSON body sent.")
+def publish_command(config_path, queue, print_body, format_, **fields):
+    """Put a build request on the broker of CONFIG, exactly as PyBit's web front end does."""
+    from .publish import publish_request
+
+    config = load_config(config_path)
+    fields["format"] = format_
+    routing_key, _, request = build_request_from(config, queue, fields)
+    try:
+        body = publish_request(config.amqp, routing_key, request)
+    except RbitError as exc:
+        fail(str(exc), RET_ERROR)
+    except Exception as exc:
+        fail(f"cannot publish: {type(exc).__name__}: {exc}", RET_ERROR)
+    click.echo(f"published job {request.get_job_id()} ({request.get_package()} {request.get_version()}) "
+               f"with routing key {routing_key}")
+    if print_body:
+        click.echo(body)
+
+
+def connected_broker(config):
+    """A Broker connected once (no waiting): the tools report a broker that is down and exit."""
+    from .broker import Broker
+
+    broker = Broker(config.amqp)
+    try:
+        broker.connect(should_stop=lambda: True)
+    except Exception as exc:
+        fail(f"cannot reach the broker: {type(exc).__name__}: {exc}", RET_ERROR)
+    return broker
+
+
+@main.command("status")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+def status_command(config_path):
+    """Show the queues CONFIG serves, the jobs in progress and the rejected messages."""
+    from .overview import format_rows, queue_rows
+
+    config = load_config(config_path)
+    broker = connected_broker(config)
+    try:
+        click.echo(f"worker {config.worker.name} on {config.amqp.hosts[0]}:{config.amqp.port} "
+                   f"vhost {config.amqp.virtual_host}")
+        click.echo(format_rows(queue_rows(broker, config)))
+    finally:
+        broker.close()
+
+
+@main.command("try")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@request_options
+@click.option("--body-file", type=click.File("rb"), help="Read the request from this file (a PyBit JSON body) "
+                                                         "instead of the fields.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debugging detail.")
+def try_command(config_path, queue, body_file, verbose, format_, **fields):
+    """Run one runner section on one request here, with no broker, printing its statuses.
+
+    Exit status 0 when the job ends Done, 1 otherwise.
+    """
+    from .errors import BadMessage
+    from .pybit import decode_build_request, encode
+    from .trial import try_runner
+
+    config = load_config(config_path)
+    setup_logging(verbose, False)
+    config.configure_logging()
+    fields["format"] = format_
+    if body_file is not None:
+        raw = body_file.read()
+        try:
+            request = decode_build_request(raw)
+        except BadMessage as exc:
+            fail(f"{body_file.name}: not a build request rbit would run: {exc.reason}", RET_USAGE)
+        try:
+            section = config.runner_for(queue) if queue else config.runners[0]
+        except KeyError:
+            raise click.BadParameter(f"no [runner:{queue}] section in {config.path}", param_hint="--queue")
+        body = raw.decode("utf-8")
+    else:
+        _, section, request = build_request_from(config, queue, fields)
+        body = encode(request)
+    status = try_runner(section, body, request)
+    sys.exit(RET_OK if status == "Done" else RET_ERROR)
+
+
+@main.command("rejected")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Look at no more than this many messages.")
+@click.option("--requeue", "requeue", multiple=True, type=int, metavar="N",
+              help="Put message N (as numbered in the listing) back on the queue it came from. Repeatable.")
+@click.option("--requeue-all", is_flag=True, help="Put every listed message back on the queue it came from.")
+@click.option("--bodies", is_flag=True, help="Print whole bodies, not a preview.")
+def rejected_command(config_path, limit, requeue, requeue_all, bodies):
+    """List the messages in the rejected queue, and put chosen ones back.
+
+    Messages not put back stay in the rejected queue, in their order.
+    """
+    from .rejected import headers_of, preview, put_back, take
+
+    config = load_config(config_path)
+    broker = connected_broker(config)
+    queue_name = config.worker.rejected_queue
+    try:
+        channel, messages = take(broker, queue_name, limit)
+        if not messages:
+            click.echo(f"{queue_name}: empty")
+        for number, message in enumerate(messages, 1):
+            headers = headers_of(message)
+            click.echo(f"[{number}] from {headers.get('x-rbit-queue', '?')}: {headers.get('x-rbit-reason', '?')}")
+            text = message.body if isinstance(message.body, str) else message.body.decode("utf-8", "replace")
+            click.echo(f"    {text if bodies else preview(message.body)}")
+            if requeue_all or number in requeue:
+                queue = put_back(broker, message)
+                if queue is None:
+                    click.echo("    cannot put back: the message does not say where it came from", err=True)
+                    continue
+                channel.basic_ack(message.delivery_tag)
+                click.echo(f"    put back on {queue}")
+        channel.close()
+    finally:
+        broker.close()

@@ -128,6 +128,8 @@ class Config:
     pybit: PybitSettings | None
     runners: tuple
     parser: configparser.RawConfigParser = field(repr=False, compare=False)
+    #: Things worth an operator's attention that do not stop the worker.
+    warnings: tuple = ()
 
     @property
     def has_logging(self):
@@ -158,6 +160,7 @@ class _Section:
         self.path = path
         self.name = name
         self.values = dict(parser.items(name)) if parser.has_section(name) else {}
+        self.explicit = frozenset(self.values)
         if defaults is not None:
             self._check_known(defaults)
             self.values = {**defaults, **self.values}
@@ -199,17 +202,24 @@ class _Section:
             return False
         raise self.error(key, f"must be true or false, not {raw!r}")
 
-    def secret(self, key, env_name, environ):
-        """A password: from the environment, else a file named by ``KEY_file``, else the key."""
+    def secret(self, key, env_name, environ, warnings):
+        """A password: from the environment, else a file named by ``KEY_file``, else the key.
+
+        A password kept in a file that other users can read adds a warning.
+        """
         if environ.get(env_name):
             return environ[env_name]
         file_key = f"{key}_file"
         path = self.text(file_key)
         if path:
             try:
-                return Path(path).read_text().strip()
+                secret = Path(path).read_text().strip()
             except OSError as exc:
                 raise self.error(file_key, f"cannot read {path}: {exc.strerror}") from None
+            _warn_if_readable(Path(path), f"[{self.name}] {file_key}", warnings)
+            return secret
+        if key in self.explicit:
+            _warn_if_readable(self.path, f"[{self.name}] {key}", warnings)
         return self.values.get(key)
 
 
@@ -244,11 +254,12 @@ def load(path, environ=None):
             raise ConfigError(
                 f"unknown section; runner sections are named [{RUNNER_PREFIX}QUEUE]", path, name
             )
+    warnings = []
     worker = _worker(_Section(path, parser, "rbit", RBIT_DEFAULTS))
-    amqp = _amqp(_Section(path, parser, "amqp", AMQP_DEFAULTS), environ)
+    amqp = _amqp(_Section(path, parser, "amqp", AMQP_DEFAULTS), environ, warnings)
     pybit = None
     if parser.has_section("pybit"):
-        pybit = _pybit(_Section(path, parser, "pybit", PYBIT_DEFAULTS), environ)
+        pybit = _pybit(_Section(path, parser, "pybit", PYBIT_DEFAULTS), environ, warnings)
     sections = tuple(
         _runner(_Section(path, parser, name), worker)
         for name in parser.sections()
@@ -258,7 +269,7 @@ def load(path, environ=None):
         raise ConfigError(
             f"no [{RUNNER_PREFIX}QUEUE] section: the worker would serve no queue", path
         )
-    return Config(path, worker, amqp, pybit, sections, parser)
+    return Config(path, worker, amqp, pybit, sections, parser, tuple(warnings))
 
 
 def _is_logging_part(name):
@@ -290,13 +301,25 @@ def _worker(section):
     )
 
 
-def _amqp(section, environ):
+def _warn_if_readable(path, what, warnings):
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o004:
+        warnings.append(
+            f"{path} holds a password ({what}) and every user can read it: "
+            f"chmod o-r {path}, or give the password through the environment"
+        )
+
+
+def _amqp(section, environ, warnings):
     hosts = tuple(h.strip() for h in section.text("host", required=True).split(",") if h.strip())
     return AmqpSettings(
         hosts=hosts,
         port=section.number("port", minimum=1, integer=True),
         user=section.text("user"),
-        password=section.secret("password", PASSWORD_ENV["amqp"], environ) or "",
+        password=section.secret("password", PASSWORD_ENV["amqp"], environ, warnings) or "",
         virtual_host=section.text("virtual_host") or "/",
         heartbeat=section.number("heartbeat"),
         ssl=section.flag("ssl"),
@@ -307,14 +330,14 @@ def _amqp(section, environ):
     )
 
 
-def _pybit(section, environ):
+def _pybit(section, environ, warnings):
     url = section.text("url").rstrip("/") or None
     if url and not url.startswith(("http://", "https://")):
         raise section.error("url", f"must start with http:// or https://, not {url!r}")
     return PybitSettings(
         url=url,
         user=section.text("user") or None,
-        password=section.secret("password", PASSWORD_ENV["pybit"], environ) or None,
+        password=section.secret("password", PASSWORD_ENV["pybit"], environ, warnings) or None,
         timeout=section.number("timeout", minimum=0.1),
     )
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from . import broker as amqp_side
 from . import jobs, statuses, systemd
+from .metrics import HealthServer, Metrics
 from .errors import BadMessage, NameInUse
 from .message import Message
 from .pybit import decode_build_request, decode_cancel_request
@@ -89,6 +90,10 @@ class Worker:
             config.pybit, self.settings.name, spool_path=self._spool_path()
         )
         self.context = context
+        self.metrics = Metrics()
+        self.metrics.backlog.set_function(lambda: self.reporter.backlog)
+        self.metrics.running.set_function(lambda: len(self.running()))
+        self.http = HealthServer(self.settings.http, self.metrics, self.health) if self.settings.http else None
         self.slots = {}
         self.finishing = []
         self.stopping = False
@@ -105,6 +110,8 @@ class Worker:
         self._open_wakeup()
         restore = self._install_signals()
         self.reporter.start()
+        if self.http is not None:
+            self.http.start()
         try:
             self.context = self.context or jobs.fork_context(self._runner_modules())
             if not self._connect(first=True):
@@ -177,6 +184,7 @@ class Worker:
         """Connect again after *exc*, keeping the jobs serviced while the broker is away."""
         if exc is not None:
             log.warning("lost the broker connection (%s); reconnecting", exc)
+            self.metrics.reconnects.inc()
         while True:
             self._unwatch("broker")
             self.broker.close()
@@ -228,6 +236,7 @@ class Worker:
             request = decode_build_request(raw.body)
         except BadMessage as exc:
             reject(self.broker, raw, queue, exc.reason, self.settings.rejected_queue)
+            self.metrics.rejected.labels(queue=queue).inc()
             return
         headers = dict(raw.headers or {})
         message = Message(
@@ -320,6 +329,7 @@ class Worker:
         if status is not None and status != job.last_final and status != jobs.DROPPED:
             self._report(job, status, text)
         duration = time.monotonic() - job.started
+        self.metrics.job_ended(job.queue, status or jobs.DROPPED, duration)
         request = job.message.request
         log.info(
             LOG_JOB_END, job.job_id, request.get_package(), request.get_version(), job.queue,
@@ -395,8 +405,19 @@ class Worker:
                     job.stop_reason = "shutdown"
                     job.process.stop(now, grace=0 if self.hurry else jobs.KILL_GRACE)
 
+    def health(self):
+        """What ``/healthz`` says: healthy while connected to the broker and not stopping."""
+        connected = self.broker.connected
+        return {
+            "healthy": connected and not self.stopping,
+            "broker": "connected" if connected else "disconnected",
+            "queues": [section.queue for section in self.config.runners],
+            "running": len(self.running()),
+            "stopping": self.stopping,
+        }
+
     def running(self):
-        return [job for job in self.slots.values() if job.outcome is None]
+        return [job for job in list(self.slots.values()) if job.outcome is None]
 
     def _done(self):
         if not self.stopping:
@@ -429,6 +450,8 @@ class Worker:
                 log.warning("could not put back every message (%s); the next start recovers them", exc)
         self.broker.close()
         self.reporter.stop(REPORT_FLUSH_TIMEOUT)
+        if self.http is not None:
+            self.http.stop()
         if self.selector is not None:
             self.selector.close()
         for fd in (self._wake_r, self._wake_w):
