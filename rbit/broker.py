@@ -109,7 +109,10 @@ def connection_for(settings):
             ssl_options["certfile"] = settings.cert_file
         if settings.key_file:
             ssl_options["keyfile"] = settings.key_file
-        if settings.verify:
+        if settings.verify and len(settings.hosts) == 1:
+            # The name is checked against the certificate. kombu keeps one set
+            # of TLS options for all failover hosts, so with several hosts only
+            # the certificate chain is verified (the README says so).
             ssl_options["server_hostname"] = settings.hosts[0]
     return Connection(
         urls,

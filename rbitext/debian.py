@@ -1,0 +1,455 @@
+"""The ``deb`` runner: builds a Debian source package as PyBit's Debian build client does.
+
+Configure it on a ``deb`` queue::
+
+    [runner:Debian_amd64_unstable_deb]
+    runner = python!rbitext.debian:build
+    build-root = /var/cache/rbit/debian
+    dput-dest = my-repository
+
+For each request it
+
+1. fetches the source named by the request's transport into a fresh work
+   directory under ``build-root``: ``git`` (clone, then check out ``vcs_id``
+   when set) or ``svn`` (export at ``vcs_id``, else HEAD);
+2. checks the build dependencies with ``dpkg-checkbuilddeps``: unmet ones
+   raise :class:`rbit.Blocked`, so the job is offered again later;
+3. builds with ``dpkg-buildpackage -us -uc -d`` (unsigned; source and all
+   binaries for PyBit's master build of a package, ``-B`` (architecture
+   dependent binaries only) for the other architectures), or with the
+   ``builder`` command;
+4. copies the results (every file the build left in the work directory) to
+   ``output-dir/JOB``; when ``dput-dest`` is set and ``dry-run`` is not,
+   uploads each ``.changes`` with ``dput`` and reports ``Uploaded``;
+5. removes the work directory, which ``keep-failed = true`` keeps after a
+   failure.
+
+Every command and its output go to ``build-root/logs/JOB.log`` (appended to,
+so a job that was Blocked keeps the log of each attempt). A failure raises
+:class:`rbit.Failed` with the last lines of that log.
+
+Settings (all strings; flags are ``true`` or ``false``):
+
+================  ==========================  =========================================
+key               default                     meaning
+================  ==========================  =========================================
+build-root        ``$TMPDIR/rbit-debian``     absolute path; ``work/``, ``logs/`` and
+                                              (by default) ``output/`` go there
+output-dir        ``BUILD-ROOT/output``       absolute path; results go to ``JOB/`` in it
+builder           dpkg-buildpackage (above)   the build command, split like a shell
+                                              line; placeholders below
+check-build-deps  ``true``                    run ``dpkg-checkbuilddeps`` first (turn it
+                                              off for chroot builders such as sbuild)
+dput-dest         (none: no upload)           the dput host (a section of dput.cf)
+dput-options      (none)                      more dput arguments, e.g. ``-U``
+dry-run           ``false``                   build, but do not upload
+keep-failed       ``false``                   keep the work directory after a failure
+================  ==========================  =========================================
+
+The ``builder`` command runs in the unpacked source tree and must leave its
+results in the work directory (dpkg-buildpackage writes to ``..``, which is
+it). Each placeholder is replaced inside its own argument, so a value never
+adds an argument: ``%DIR`` the source tree, ``%WORK`` the work directory,
+``%DSC`` the ``.dsc`` (built first with ``dpkg-source --build`` when the
+command names it), the request's ``%ID``, ``%PACKAGE``, ``%VERSION``,
+``%DIST``, ``%ARCH``, ``%SUITE``, ``%FORMAT``, ... (as for ``shell!``), and
+``%%``. Put request values after an ``=`` (``--dist=%SUITE``) so that none can
+be read as an option. For example::
+
+    builder = sbuild --dist=%SUITE --arch-all --source --build-dir=%WORK %DSC
+    check-build-deps = false
+
+Nothing from a message reaches a shell: commands are argument lists, and
+``--`` separates options from a URI.
+"""
+
+import difflib
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rbit import statuses
+from rbit.errors import Blocked, Failed
+from rbit.runners.shell import PLACEHOLDERS as REQUEST_PLACEHOLDERS
+from rbit.runners.shell import job_environment
+
+log = logging.getLogger(__name__)
+
+#: Every setting this runner reads, with its default as written in an ini file.
+DEFAULTS = {
+    "build-root": "",
+    "output-dir": "",
+    "builder": "",
+    "check-build-deps": "true",
+    "dput-dest": "",
+    "dput-options": "",
+    "dry-run": "false",
+    "keep-failed": "false",
+}
+
+#: The build root when ``build-root`` is not set.
+DEFAULT_BUILD_ROOT = Path(tempfile.gettempdir()) / "rbit-debian"
+
+#: The build command for PyBit's master build of a package: source and every binary.
+MASTER_BUILDER = ("dpkg-buildpackage", "-us", "-uc", "-d")
+
+#: The build command for the other architectures: architecture-dependent binaries only.
+ARCH_BUILDER = MASTER_BUILDER + ("-B",)
+
+#: Placeholders of ``builder`` that name a path of the job; the request's come from ``shell!``.
+PATH_PLACEHOLDERS = ("DIR", "WORK", "DSC")
+
+#: Every placeholder of ``builder``, longest first so that ``%VCS_ID`` is not ``%VCS`` + ``_ID``.
+_PLACEHOLDER = re.compile(
+    "%(%|"
+    + "|".join(sorted(PATH_PLACEHOLDERS + REQUEST_PLACEHOLDERS, key=len, reverse=True))
+    + ")"
+)
+
+#: Name of the source tree inside a job's work directory.
+SOURCE_DIR = "source"
+
+#: Lines of the build log quoted in a Failed message.
+TAIL_LINES = 20
+
+#: Words of a true and a false flag.
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+
+#: What ``dpkg-checkbuilddeps`` says (in the C locale) before the dependencies it misses.
+_UNMET = re.compile(r"(Unmet build dependencies|Build conflicts): (.*)")
+
+#: Environment of every command: the C locale (for reading dpkg's words), no prompts.
+QUIET_ENV = {"LC_ALL": "C.UTF-8", "GIT_TERMINAL_PROMPT": "0"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The runner's settings, checked and typed."""
+
+    build_root: Path
+    output_dir: Path
+    builder: tuple | None
+    check_build_deps: bool
+    dput_dest: str | None
+    dput_options: tuple
+    dry_run: bool
+    keep_failed: bool
+
+
+def build(message, set_status, settings):
+    """Fetch, check, build and upload the package *message* asks for (contract §4)."""
+    options = parse_settings(settings)
+    job_id = message.job_id
+    work = make_work_dir(options.build_root, job_id)
+    with BuildLog(log_path(options.build_root, job_id), job_id) as build_log:
+        build_log.note(f"{time.strftime('%Y-%m-%d %H:%M:%S')} job {job_id}: "
+                       f"{message.request.get_package()} {message.request.get_version()} "
+                       f"from {message.queue}")
+        try:
+            _build_in(work, message, set_status, options, build_log)
+        except Blocked:
+            clean(work, job_id)
+            raise
+        except BaseException:
+            if options.keep_failed:
+                log.info("job %s: keeping the work directory %s", job_id, work)
+            else:
+                clean(work, job_id)
+            raise
+        clean(work, job_id)
+
+
+def _build_in(work, message, set_status, options, build_log):
+    """The phases of one job, in *work*."""
+    request = message.request
+    fields = {**request.fields(), "QUEUE": message.queue}
+    env = {**job_environment(fields, {}), **QUIET_ENV}
+    source = fetch(request.transport, work / SOURCE_DIR, build_log, env)
+    if options.check_build_deps:
+        check_build_deps(source, build_log, env)
+    builder = options.builder or (MASTER_BUILDER if request.job.packageinstance.master else ARCH_BUILDER)
+    run_builder(builder, source, fields, build_log, env)
+    results = collect(work, options.output_dir / str(request.get_job_id()), build_log.job_id)
+    if options.dput_dest is None:
+        return
+    if options.dry_run:
+        log.info("job %s: upload: dry run, not uploading to %s", build_log.job_id, options.dput_dest)
+        return
+    upload(results, options, build_log, env)
+    set_status(statuses.UPLOADED)
+
+
+# -- settings -------------------------------------------------------------------
+
+
+def parse_settings(settings):
+    """The :class:`Options` in *settings* (a dict of str); :class:`rbit.Failed` names a mistake."""
+    for key in settings:
+        if key not in DEFAULTS:
+            close = difflib.get_close_matches(key, DEFAULTS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(DEFAULTS)}"
+            raise Failed(f"rbitext.debian: unknown setting {key!r}{hint}")
+    values = {key: (settings.get(key) or default).strip() for key, default in DEFAULTS.items()}
+    build_root = _path(values, "build-root") or DEFAULT_BUILD_ROOT
+    return Options(
+        build_root=build_root,
+        output_dir=_path(values, "output-dir") or build_root / "output",
+        builder=_builder(values["builder"]),
+        check_build_deps=_flag(values, "check-build-deps"),
+        dput_dest=values["dput-dest"] or None,
+        dput_options=tuple(_split(values, "dput-options")),
+        dry_run=_flag(values, "dry-run"),
+        keep_failed=_flag(values, "keep-failed"),
+    )
+
+
+def _flag(values, key):
+    word = values[key].lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise Failed(f"rbitext.debian: setting {key!r} must be true or false, not {values[key]!r}")
+
+
+def _path(values, key):
+    if not values[key]:
+        return None
+    path = Path(values[key])
+    if not path.is_absolute():
+        raise Failed(f"rbitext.debian: setting {key!r} must be an absolute path, not {values[key]!r}")
+    return path
+
+
+def _split(values, key):
+    try:
+        return shlex.split(values[key])
+    except ValueError as exc:
+        raise Failed(f"rbitext.debian: cannot split setting {key!r}: {exc}") from None
+
+
+def _builder(line):
+    """The ``builder`` line as an argument template, or None for the default."""
+    if not line:
+        return None
+    argv = _split({"builder": line}, "builder")
+    for arg in argv:
+        leftover = _PLACEHOLDER.sub("", arg)
+        if "%" in leftover:
+            known = ", ".join("%" + name for name in PATH_PLACEHOLDERS + REQUEST_PLACEHOLDERS)
+            raise Failed(f"rbitext.debian: unknown placeholder in builder argument {arg!r}; "
+                         f"known: {known}, %%")
+    return tuple(argv)
+
+
+# -- the job's files ----------------------------------------------------------------
+
+
+def log_path(build_root, job_id):
+    """Where the build log of job *job_id* goes."""
+    return build_root / "logs" / f"{job_id}.log"
+
+
+def make_work_dir(build_root, job_id):
+    """A fresh, empty work directory for the job under *build_root*."""
+    parent = build_root / "work"
+    try:
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=parent))
+    except OSError as exc:
+        raise Failed(f"cannot make a work directory in {parent}: {exc.strerror}") from None
+
+
+def clean(work, job_id):
+    """Remove the work directory."""
+    log.info("job %s: clean: removing %s", job_id, work)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+class BuildLog:
+    """The job's log file: each command, and its output, appended."""
+
+    def __init__(self, path, job_id):
+        self.path = Path(path)
+        self.job_id = job_id
+        self.handle = None
+        self.start = 0
+
+    def __enter__(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "ab")
+        except OSError as exc:
+            raise Failed(f"cannot write the build log {self.path}: {exc.strerror}") from None
+        self.start = self.handle.tell()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.handle.close()
+
+    def note(self, text):
+        """Write a line of rbit's own."""
+        self.handle.write(f"== {text}\n".encode("utf-8", "replace"))
+        self.handle.flush()
+
+    def run(self, argv, cwd=None, env=None, capture=False):
+        """Run *argv* (a list, never a shell line), its output going to the log.
+
+        Returns the exit status, or ``(status, output)`` with *capture*.
+        """
+        self.note("$ " + shlex.join(argv))
+        stdout = subprocess.PIPE if capture else self.handle
+        try:
+            done = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=stdout, stderr=subprocess.STDOUT, check=False)
+        except FileNotFoundError:
+            self.note(f"{argv[0]}: not found")
+            raise Failed(f"{argv[0]} is not installed on this build client") from None
+        except OSError as exc:
+            self.note(f"{argv[0]}: {exc.strerror}")
+            raise Failed(f"cannot run {argv[0]}: {exc.strerror}") from None
+        if not capture:
+            return done.returncode
+        self.handle.write(done.stdout)
+        self.handle.flush()
+        return done.returncode, done.stdout.decode("utf-8", "replace")
+
+    def tail(self, lines=TAIL_LINES):
+        """The last *lines* lines written by this attempt."""
+        self.handle.flush()
+        with open(self.path, "rb") as handle:
+            handle.seek(self.start)
+            text = handle.read().decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def failed(self, what, code=None):
+        """The :class:`rbit.Failed` for *what*, a command that exited with status *code*."""
+        status = "" if code is None else f" (exit status {code})"
+        return Failed(f"{what} failed{status}; build log {self.path} ends:\n{self.tail()}")
+
+
+# -- fetch ----------------------------------------------------------------------------
+
+
+def fetch(transport, dest, build_log, env=None):
+    """Put the source named by *transport* in *dest* (which must not exist yet); return *dest*."""
+    method = transport.method
+    fetcher = FETCHERS.get(method)
+    if fetcher is None:
+        raise Failed(f"cannot fetch the source: unknown transport method {method!r} "
+                     f"(this build client knows {', '.join(sorted(FETCHERS))})")
+    log.info("job %s: fetch: %s %s at %s", build_log.job_id, method, transport.uri,
+             transport.vcs_id or "its head")
+    fetcher(transport.uri, transport.vcs_id, dest, build_log, env)
+    return dest
+
+
+def fetch_git(uri, vcs_id, dest, build_log, env=None):
+    """Clone *uri* into *dest* and check out *vcs_id* when it is set."""
+    if vcs_id and vcs_id.startswith("-"):
+        raise Failed(f"cannot fetch the source: {vcs_id!r} is not a git revision")
+    code = build_log.run(["git", "-c", "protocol.ext.allow=never", "clone", "--quiet",
+                          "--", uri, str(dest)], env=env)
+    if code:
+        raise build_log.failed(f"git clone of {uri}", code)
+    if vcs_id:
+        code = build_log.run(["git", "-c", "advice.detachedHead=false", "checkout",
+                              "--quiet", "--detach", vcs_id], cwd=dest, env=env)
+        if code:
+            raise build_log.failed(f"git checkout of {vcs_id}", code)
+
+
+def fetch_svn(uri, vcs_id, dest, build_log, env=None):
+    """Export *uri* at revision *vcs_id* (HEAD when not set) into *dest*."""
+    revision = vcs_id or "HEAD"
+    code = build_log.run(["svn", "export", "--non-interactive", "--quiet",
+                          f"--revision={revision}", "--", uri, str(dest)], env=env)
+    if code:
+        raise build_log.failed(f"svn export of {uri}@{revision}", code)
+
+
+#: The fetcher of each transport method.
+FETCHERS = {"git": fetch_git, "svn": fetch_svn}
+
+
+# -- check, build, collect, upload -----------------------------------------------------------
+
+
+def check_build_deps(source, build_log, env=None):
+    """Raise :class:`rbit.Blocked` naming the build dependencies this host lacks."""
+    log.info("job %s: checkbuilddeps", build_log.job_id)
+    code, output = build_log.run(["dpkg-checkbuilddeps"], cwd=source, env=env, capture=True)
+    if not code:
+        return
+    unmet = "; ".join(f"{kind}: {deps.strip()}" for kind, deps in _UNMET.findall(output))
+    if unmet:
+        log.info("job %s: checkbuilddeps: %s", build_log.job_id, unmet)
+        raise Blocked(unmet)
+    raise build_log.failed("dpkg-checkbuilddeps", code)
+
+
+def substitute(template, values):
+    """*template*'s arguments with each placeholder replaced inside its own argument."""
+
+    def value(match):
+        name = match.group(1)
+        return "%" if name == "%" else values.get(name, "")
+
+    return [_PLACEHOLDER.sub(value, arg) for arg in template]
+
+
+def run_builder(template, source, fields, build_log, env=None):
+    """Build the package in *source* with the command *template*."""
+    work = source.parent
+    values = {**fields, "DIR": str(source), "WORK": str(work)}
+    if any("%DSC" in arg for arg in template):
+        values["DSC"] = str(build_source_package(source, build_log, env))
+    argv = substitute(template, values)
+    log.info("job %s: build: %s", build_log.job_id, shlex.join(argv))
+    code = build_log.run(argv, cwd=source, env=env)
+    if code:
+        raise build_log.failed(f"the build ({argv[0]})", code)
+
+
+def build_source_package(source, build_log, env=None):
+    """Build the ``.dsc`` of *source* next to it, and return its path."""
+    log.info("job %s: build: dpkg-source --build", build_log.job_id)
+    code = build_log.run(["dpkg-source", "--build", str(source)], cwd=source.parent, env=env)
+    if code:
+        raise build_log.failed("dpkg-source --build", code)
+    dscs = sorted(source.parent.glob("*.dsc"))
+    if len(dscs) != 1:
+        raise build_log.failed(f"dpkg-source --build (made {len(dscs)} .dsc files, not one)")
+    return dscs[0]
+
+
+def collect(work, output, job_id):
+    """Copy the files the build left in *work* to *output*; return their new paths."""
+    output.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in sorted(work.iterdir()):
+        if path.is_file() and not path.is_symlink():
+            results.append(Path(shutil.copy2(path, output / path.name)))
+    log.info("job %s: build: %d files in %s", job_id, len(results), output)
+    return results
+
+
+def upload(results, options, build_log, env=None):
+    """Upload each ``.changes`` in *results* to ``dput-dest``."""
+    changes = [path for path in results if path.suffix == ".changes"]
+    if not changes:
+        raise build_log.failed("the upload (the build made no .changes file)")
+    for path in changes:
+        log.info("job %s: upload: %s to %s", build_log.job_id, path.name, options.dput_dest)
+        code = build_log.run(["dput", *options.dput_options, options.dput_dest, str(path)],
+                             cwd=path.parent, env=env)
+        if code:
+            raise build_log.failed(f"dput of {path.name} to {options.dput_dest}", code)
