@@ -22,6 +22,7 @@ Messages from the job process to the worker, each a tuple:
 
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import sys
@@ -45,9 +46,14 @@ log = logging.getLogger(__name__)
 
 
 def fork_context(preload=()):
-    """The multiprocessing context that starts job processes, with *preload* imported once."""
+    """The context that starts job processes; its fork server starts now, with *preload* imported.
+
+    Starting it here, not at the first job, keeps its start-up (a fresh
+    interpreter importing the runners) out of the first job's pickup time.
+    """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD + [m for m in preload if m not in PRELOAD])
+    multiprocessing.forkserver.ensure_running()
     return context
 
 

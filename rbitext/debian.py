@@ -14,10 +14,12 @@ For each request it
    when set) or ``svn`` (export at ``vcs_id``, else HEAD);
 2. checks the build dependencies with ``dpkg-checkbuilddeps``: unmet ones
    raise :class:`rbit.Blocked`, so the job is offered again later;
-3. builds with ``dpkg-buildpackage -us -uc -d`` (unsigned; source and all
-   binaries for PyBit's master build of a package, ``-B`` (architecture
-   dependent binaries only) for the other architectures), or with the
-   ``builder`` command;
+3. builds with ``dpkg-buildpackage -us -uc -d`` (unsigned; dependencies are
+   checked in step 2), or with the ``builder`` command. As in PyBit, the
+   master request of a package builds the source and every binary package;
+   the requests for the other architectures build with ``-B``
+   (architecture-dependent binaries only), and do nothing when every binary
+   package is ``Architecture: all``;
 4. copies the results (every file the build left in the work directory) to
    ``output-dir/JOB``; when ``dput-dest`` is set and ``dry-run`` is not,
    uploads each ``.changes`` with ``dput`` and reports ``Uploaded``;
@@ -63,9 +65,9 @@ Nothing from a message reaches a shell: commands are argument lists, and
 ``--`` separates options from a URI.
 """
 
+import collections
 import difflib
 import logging
-import os
 import re
 import shlex
 import shutil
@@ -126,6 +128,9 @@ FALSE_WORDS = ("false", "no", "off", "0")
 #: What ``dpkg-checkbuilddeps`` says (in the C locale) before the dependencies it misses.
 _UNMET = re.compile(r"(Unmet build dependencies|Build conflicts): (.*)")
 
+#: The ``Architecture`` field of a paragraph of ``debian/control``.
+_ARCHITECTURE = re.compile(r"^Architecture:[ \t]*(.*)$", re.IGNORECASE | re.MULTILINE)
+
 #: Environment of every command: the C locale (for reading dpkg's words), no prompts.
 QUIET_ENV = {"LC_ALL": "C.UTF-8", "GIT_TERMINAL_PROMPT": "0"}
 
@@ -148,23 +153,23 @@ def build(message, set_status, settings):
     """Fetch, check, build and upload the package *message* asks for (contract §4)."""
     options = parse_settings(settings)
     job_id = message.job_id
-    work = make_work_dir(options.build_root, job_id)
-    with BuildLog(log_path(options.build_root, job_id), job_id) as build_log:
+    with BuildLog(log_path(options.build_root, job_id)) as build_log:
         build_log.note(f"{time.strftime('%Y-%m-%d %H:%M:%S')} job {job_id}: "
                        f"{message.request.get_package()} {message.request.get_version()} "
                        f"from {message.queue}")
+        work = make_work_dir(options.build_root, job_id)
         try:
             _build_in(work, message, set_status, options, build_log)
         except Blocked:
-            clean(work, job_id)
+            clean(work)
             raise
         except BaseException:
             if options.keep_failed:
-                log.info("job %s: keeping the work directory %s", job_id, work)
+                log.info("clean: keeping the work directory %s", work)
             else:
-                clean(work, job_id)
+                clean(work)
             raise
-        clean(work, job_id)
+        clean(work)
 
 
 def _build_in(work, message, set_status, options, build_log):
@@ -173,18 +178,39 @@ def _build_in(work, message, set_status, options, build_log):
     fields = {**request.fields(), "QUEUE": message.queue}
     env = {**job_environment(fields, {}), **QUIET_ENV}
     source = fetch(request.transport, work / SOURCE_DIR, build_log, env)
+    builder = choose_builder(options, request.job.packageinstance.master, source)
+    if builder is None:
+        return
     if options.check_build_deps:
-        check_build_deps(source, build_log, env)
-    builder = options.builder or (MASTER_BUILDER if request.job.packageinstance.master else ARCH_BUILDER)
+        check_build_deps(source, build_log, env, arch_only=builder == ARCH_BUILDER)
     run_builder(builder, source, fields, build_log, env)
-    results = collect(work, options.output_dir / str(request.get_job_id()), build_log.job_id)
+    results = collect(work, options.output_dir / str(request.get_job_id()))
+    if upload_wanted(options):
+        upload(results, options, build_log, env)
+        set_status(statuses.UPLOADED)
+
+
+def choose_builder(options, master, source):
+    """The build command template for the request; None when it has nothing to build."""
+    if options.builder:
+        return options.builder
+    if master:
+        return MASTER_BUILDER
+    if has_arch_binaries(source):
+        return ARCH_BUILDER
+    log.info("build: nothing to build: every binary package is Architecture: all, "
+             "which the master request builds")
+    return None
+
+
+def upload_wanted(options):
+    """True when the results go to ``dput-dest``."""
     if options.dput_dest is None:
-        return
+        return False
     if options.dry_run:
-        log.info("job %s: upload: dry run, not uploading to %s", build_log.job_id, options.dput_dest)
-        return
-    upload(results, options, build_log, env)
-    set_status(statuses.UPLOADED)
+        log.info("upload: dry run, not uploading to %s", options.dput_dest)
+        return False
+    return True
 
 
 # -- settings -------------------------------------------------------------------
@@ -268,18 +294,17 @@ def make_work_dir(build_root, job_id):
         raise Failed(f"cannot make a work directory in {parent}: {exc.strerror}") from None
 
 
-def clean(work, job_id):
+def clean(work):
     """Remove the work directory."""
-    log.info("job %s: clean: removing %s", job_id, work)
+    log.info("clean: removing %s", work)
     shutil.rmtree(work, ignore_errors=True)
 
 
 class BuildLog:
     """The job's log file: each command, and its output, appended."""
 
-    def __init__(self, path, job_id):
+    def __init__(self, path):
         self.path = Path(path)
-        self.job_id = job_id
         self.handle = None
         self.start = 0
 
@@ -327,8 +352,8 @@ class BuildLog:
         self.handle.flush()
         with open(self.path, "rb") as handle:
             handle.seek(self.start)
-            text = handle.read().decode("utf-8", "replace")
-        return "\n".join(text.splitlines()[-lines:])
+            last = collections.deque(handle, maxlen=lines)
+        return "\n".join(line.decode("utf-8", "replace").rstrip("\r\n") for line in last)
 
     def failed(self, what, code=None):
         """The :class:`rbit.Failed` for *what*, a command that exited with status *code*."""
@@ -340,14 +365,13 @@ class BuildLog:
 
 
 def fetch(transport, dest, build_log, env=None):
-    """Put the source named by *transport* in *dest* (which must not exist yet); return *dest*."""
+    """Put the source named by *transport* in *dest* (new, in an existing directory); return *dest*."""
     method = transport.method
     fetcher = FETCHERS.get(method)
     if fetcher is None:
         raise Failed(f"cannot fetch the source: unknown transport method {method!r} "
                      f"(this build client knows {', '.join(sorted(FETCHERS))})")
-    log.info("job %s: fetch: %s %s at %s", build_log.job_id, method, transport.uri,
-             transport.vcs_id or "its head")
+    log.info("fetch: %s %s at %s", method, transport.uri, transport.vcs_id or "its head")
     fetcher(transport.uri, transport.vcs_id, dest, build_log, env)
     return dest
 
@@ -357,7 +381,7 @@ def fetch_git(uri, vcs_id, dest, build_log, env=None):
     if vcs_id and vcs_id.startswith("-"):
         raise Failed(f"cannot fetch the source: {vcs_id!r} is not a git revision")
     code = build_log.run(["git", "-c", "protocol.ext.allow=never", "clone", "--quiet",
-                          "--", uri, str(dest)], env=env)
+                          "--", uri, str(dest)], cwd=dest.parent, env=env)
     if code:
         raise build_log.failed(f"git clone of {uri}", code)
     if vcs_id:
@@ -371,7 +395,7 @@ def fetch_svn(uri, vcs_id, dest, build_log, env=None):
     """Export *uri* at revision *vcs_id* (HEAD when not set) into *dest*."""
     revision = vcs_id or "HEAD"
     code = build_log.run(["svn", "export", "--non-interactive", "--quiet",
-                          f"--revision={revision}", "--", uri, str(dest)], env=env)
+                          f"--revision={revision}", "--", uri, str(dest)], cwd=dest.parent, env=env)
     if code:
         raise build_log.failed(f"svn export of {uri}@{revision}", code)
 
@@ -383,17 +407,35 @@ FETCHERS = {"git": fetch_git, "svn": fetch_svn}
 # -- check, build, collect, upload -----------------------------------------------------------
 
 
-def check_build_deps(source, build_log, env=None):
-    """Raise :class:`rbit.Blocked` naming the build dependencies this host lacks."""
-    log.info("job %s: checkbuilddeps", build_log.job_id)
-    code, output = build_log.run(["dpkg-checkbuilddeps"], cwd=source, env=env, capture=True)
+def check_build_deps(source, build_log, env=None, arch_only=False):
+    """Raise :class:`rbit.Blocked` naming the build dependencies this host lacks.
+
+    *arch_only* leaves out ``Build-Depends-Indep``, as for a ``-B`` build.
+    """
+    log.info("checkbuilddeps: %s", source)
+    argv = ["dpkg-checkbuilddeps", *(["-B"] if arch_only else [])]
+    code, output = build_log.run(argv, cwd=source, env=env, capture=True)
     if not code:
         return
     unmet = "; ".join(f"{kind}: {deps.strip()}" for kind, deps in _UNMET.findall(output))
     if unmet:
-        log.info("job %s: checkbuilddeps: %s", build_log.job_id, unmet)
+        log.info("checkbuilddeps: %s", unmet)
         raise Blocked(unmet)
     raise build_log.failed("dpkg-checkbuilddeps", code)
+
+
+def has_arch_binaries(source):
+    """True when ``debian/control`` in *source* has a binary package not ``Architecture: all``."""
+    try:
+        text = (source / "debian" / "control").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True  # let the build say what is wrong
+    paragraphs = re.split(r"\n\s*\n", text.strip())
+    for paragraph in paragraphs[1:]:
+        match = _ARCHITECTURE.search(paragraph)
+        if match is None or match.group(1).split() != ["all"]:
+            return True
+    return False
 
 
 def substitute(template, values):
@@ -413,7 +455,7 @@ def run_builder(template, source, fields, build_log, env=None):
     if any("%DSC" in arg for arg in template):
         values["DSC"] = str(build_source_package(source, build_log, env))
     argv = substitute(template, values)
-    log.info("job %s: build: %s", build_log.job_id, shlex.join(argv))
+    log.info("build: %s", shlex.join(argv))
     code = build_log.run(argv, cwd=source, env=env)
     if code:
         raise build_log.failed(f"the build ({argv[0]})", code)
@@ -421,7 +463,7 @@ def run_builder(template, source, fields, build_log, env=None):
 
 def build_source_package(source, build_log, env=None):
     """Build the ``.dsc`` of *source* next to it, and return its path."""
-    log.info("job %s: build: dpkg-source --build", build_log.job_id)
+    log.info("build: dpkg-source --build %s", source)
     code = build_log.run(["dpkg-source", "--build", str(source)], cwd=source.parent, env=env)
     if code:
         raise build_log.failed("dpkg-source --build", code)
@@ -431,14 +473,14 @@ def build_source_package(source, build_log, env=None):
     return dscs[0]
 
 
-def collect(work, output, job_id):
+def collect(work, output):
     """Copy the files the build left in *work* to *output*; return their new paths."""
     output.mkdir(parents=True, exist_ok=True)
     results = []
     for path in sorted(work.iterdir()):
         if path.is_file() and not path.is_symlink():
             results.append(Path(shutil.copy2(path, output / path.name)))
-    log.info("job %s: build: %d files in %s", job_id, len(results), output)
+    log.info("build: %d files copied to %s", len(results), output)
     return results
 
 
@@ -448,7 +490,7 @@ def upload(results, options, build_log, env=None):
     if not changes:
         raise build_log.failed("the upload (the build made no .changes file)")
     for path in changes:
-        log.info("job %s: upload: %s to %s", build_log.job_id, path.name, options.dput_dest)
+        log.info("upload: %s to %s", path.name, options.dput_dest)
         code = build_log.run(["dput", *options.dput_options, options.dput_dest, str(path)],
                              cwd=path.parent, env=env)
         if code:

@@ -33,7 +33,7 @@ CONTROL = """\
     Rules-Requires-Root: no
 
     Package: {name}
-    Architecture: all
+    Architecture: {architecture}
     Description: tiny package built by rbit's tests
      It installs one text file.
     """
@@ -64,12 +64,14 @@ def git(repo, *args):
     return done.stdout.strip()
 
 
-def write_package(tree, *, name=PACKAGE, version="1.0", build_depends="debhelper-compat (= 13)"):
-    """Write a native Debian source package into the directory *tree*."""
+def write_package(tree, *, name=PACKAGE, version="1.0", build_depends="debhelper-compat (= 13)",
+                  architecture="all"):
+    """Write a native Debian source package of one binary package into the directory *tree*."""
     tree = Path(tree)
     (tree / "debian" / "source").mkdir(parents=True, exist_ok=True)
     files = {
-        "debian/control": textwrap.dedent(CONTROL).format(name=name, build_depends=build_depends),
+        "debian/control": textwrap.dedent(CONTROL).format(
+            name=name, build_depends=build_depends, architecture=architecture),
         "debian/changelog": textwrap.dedent(CHANGELOG).format(name=name, version=version),
         "debian/source/format": "3.0 (native)\n",
         "debian/install": "hello.txt usr/share/rbit-hello/\n",

@@ -143,8 +143,8 @@ def build_request(job_id, package="hello", version="1.0-1", dist="cnx", arch="an
 
 
 def encode(obj):
-    """``jsonpickle.encode(obj)`` with jsonpickle's defaults, as PyBit calls it."""
-    return jsonpickle.encode(obj)
+    """``jsonpickle.encode(obj)`` as PyBit calls it: jsonpickle's defaults (refs on, keys off)."""
+    return jsonpickle.encode(obj, context=jsonpickle.Pickler(make_refs=True, keys=False))
 
 
 def request_body(job_id, package="hello", version="1.0-1", dist="cnx", arch="any", suite="latex",

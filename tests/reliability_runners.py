@@ -21,10 +21,15 @@ import time
 
 
 def record(settings, event, message, extra=""):
-    """Append one event line to ``settings['record']`` (when set), flushed to disk at once."""
+    """Append one event line to ``settings['record']`` (when set), flushed to disk at once.
+
+    A ``start`` line says whether the message is a redelivery: ``redelivered=True``.
+    """
     path = settings.get("record")
     if not path:
         return
+    if event == "start" and not extra:
+        extra = f"redelivered={message.redelivered}"
     line = f"{event} {message.job_id} {os.getpid()} {time.time():.3f} {extra}".rstrip() + "\n"
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(line)
@@ -140,8 +145,13 @@ def hang(message, set_status, settings):
 
 
 def stubborn(message, set_status, settings):
-    """Ignores SIGTERM and sleeps ``seconds`` (default 1000): only SIGKILL stops it."""
+    """Ignores SIGTERM and sleeps ``seconds`` (default 1000): only SIGKILL stops it.
+
+    With ``child = yes`` it first starts a ``sleep 1000`` in its group.
+    """
     record(settings, "start", message)
+    if settings.get("child") == "yes":
+        _spawn_sleeper(settings, message)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     time.sleep(float(settings.get("seconds", "1000")))
     record(settings, "end", message)
