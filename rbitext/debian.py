@@ -68,6 +68,7 @@ Nothing from a message reaches a shell: commands are argument lists, and
 import collections
 import difflib
 import logging
+import os
 import re
 import shlex
 import shutil
@@ -153,6 +154,7 @@ def build(message, set_status, settings):
     """Fetch, check, build and upload the package *message* asks for (contract §4)."""
     options = parse_settings(settings)
     job_id = message.job_id
+    prepare_build_root(options.build_root)
     with BuildLog(log_path(options.build_root, job_id)) as build_log:
         build_log.note(f"{time.strftime('%Y-%m-%d %H:%M:%S')} job {job_id}: "
                        f"{message.request.get_package()} {message.request.get_version()} "
@@ -277,6 +279,18 @@ def _builder(line):
 
 
 # -- the job's files ----------------------------------------------------------------
+
+
+def prepare_build_root(build_root):
+    """Make *build_root* (private to this user) if needed; refuse one another user owns."""
+    try:
+        build_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner = build_root.stat().st_uid
+    except OSError as exc:
+        raise Failed(f"cannot make the build root {build_root}: {exc.strerror}") from None
+    if owner != os.getuid():
+        raise Failed(f"the build root {build_root} belongs to another user (uid {owner}); "
+                     "set build-root to a directory of this user's")
 
 
 def log_path(build_root, job_id):
