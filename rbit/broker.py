@@ -165,27 +165,56 @@ class Broker:
         """Connect, retrying with a capped backoff; each failed attempt is logged.
 
         *idle* is called about once a second while waiting; *should_stop* is
-        asked then too, and ends the wait with :class:`StopWaiting`.
+        asked then too, and ends the wait with :class:`StopWaiting`. A broker
+        that refuses the login is not waited for: :class:`BrokerError`.
         """
         self.close()
         connection = connection_for(self.settings)
+        last_error = []
 
         def on_error(exc, interval):
+            last_error[:] = [exc]
             log.warning(LOG_CONNECT_FAILED, _short(exc), interval)
 
         def on_tick():
             idle()
             if should_stop():
-                raise StopWaiting()
+                reason = f": {_short(last_error[0])}" if last_error else ""
+                raise StopWaiting(f"gave up waiting for the broker at {describe(connection)}{reason}")
 
-        connection.ensure_connection(
-            errback=on_error,
-            max_retries=None,
-            interval_start=RECONNECT_START,
-            interval_step=RECONNECT_STEP,
-            interval_max=RECONNECT_MAX,
-            callback=on_tick,
-        )
+        try:
+            connection.ensure_connection(
+                errback=on_error,
+                max_retries=None,
+                interval_start=RECONNECT_START,
+                interval_step=RECONNECT_STEP,
+                interval_max=RECONNECT_MAX,
+                callback=on_tick,
+            )
+        except amqp.exceptions.AccessRefused as exc:
+            raise BrokerError(
+                f"the broker at {describe(connection)} refused the login of user "
+                f"{self.settings.user!r} on vhost {self.settings.virtual_host!r} (ACCESS_REFUSED): "
+                "check [amqp] user and password"
+            ) from exc
+        self._opened(connection)
+
+    def connect_once(self):
+        """One attempt, for the command-line tools: BrokerError says why it failed."""
+        self.close()
+        connection = connection_for(self.settings)
+        try:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=10)
+        except amqp.exceptions.AccessRefused as exc:
+            raise BrokerError(
+                f"the broker at {describe(connection)} refused the login of user "
+                f"{self.settings.user!r} (ACCESS_REFUSED)"
+            ) from exc
+        except Exception as exc:
+            raise BrokerError(f"cannot reach the broker at {describe(connection)}: {_short(exc)}") from exc
+        self._opened(connection)
+
+    def _opened(self, connection):
         self.connection = connection
         self.channel = connection.channel()
         log.info("connected to the broker at %s", describe(connection))

@@ -2,7 +2,8 @@
 
 import click
 
-from .broker import Broker, connection_for, describe
+from .broker import Broker, describe
+from .errors import BrokerError
 
 
 def run_checks(config, connections=False):
@@ -19,16 +20,13 @@ def run_checks(config, connections=False):
 
 def _check_broker(config):
     broker = Broker(config.amqp)
-    connection = connection_for(config.amqp)
     try:
-        connection.ensure_connection(max_retries=1)
-    except Exception as exc:
-        click.echo(f"  broker {describe(connection)}: cannot connect: {type(exc).__name__}: {exc}", err=True)
+        broker.connect_once()
+    except BrokerError as exc:
+        click.echo(f"  {exc}", err=True)
         return False
-    finally:
-        connection.release()
+    click.echo(f"  broker {describe(broker.connection)}: connected")
     broker.close()
-    click.echo(f"  broker {describe(connection)}: connected")
     return True
 
 
@@ -41,10 +39,13 @@ def _check_pybit(config):
         return True
     import requests
 
+    from .reporting import safe_url
+
+    shown = safe_url(config.pybit.url)
     try:
         requests.get(config.pybit.url, timeout=config.pybit.timeout)
     except requests.RequestException as exc:
-        click.echo(f"  PyBit {config.pybit.url}: cannot connect: {type(exc).__name__}", err=True)
+        click.echo(f"  PyBit {shown}: cannot connect: {type(exc).__name__}", err=True)
         return False
-    click.echo(f"  PyBit {config.pybit.url}: reachable")
+    click.echo(f"  PyBit {shown}: reachable")
     return True

@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 import logging.handlers
+import os
 import sys
 
 import click
@@ -135,6 +136,9 @@ def serve(config):
     """Run a worker on *config* until it stops; return the exit status."""
     from .worker import Worker
 
+    # Job processes must not inherit the passwords (the configuration holds them now).
+    for variable in config_module.PASSWORD_ENV.values():
+        os.environ.pop(variable, None)
     worker = Worker(config)
     try:
         worker.run()
@@ -165,7 +169,7 @@ def recover_command(config_path, worker_name):
     name = worker_name or config.worker.name
     broker = Broker(config.amqp)
     try:
-        broker.connect(should_stop=lambda: True)
+        broker.connect_once()
         try:
             # Holding the worker's exclusive name queue proves it is not running.
             cancel_queue(name)(broker.channel).declare()
@@ -174,8 +178,6 @@ def recover_command(config_path, worker_name):
         count = recover(broker, name, 0, config.worker.rejected_queue)
     except RbitError as exc:
         fail(str(exc), RET_ERROR)
-    except Exception as exc:
-        fail(f"cannot reach the broker: {exc}", RET_ERROR)
     finally:
         broker.close()
     click.echo(f"put back {count} unfinished job(s) of worker {name!r}")
@@ -256,9 +258,9 @@ def connected_broker(config):
 
     broker = Broker(config.amqp)
     try:
-        broker.connect(should_stop=lambda: True)
-    except Exception as exc:
-        fail(f"cannot reach the broker: {type(exc).__name__}: {exc}", RET_ERROR)
+        broker.connect_once()
+    except RbitError as exc:
+        fail(str(exc), RET_ERROR)
     return broker
 
 

@@ -333,7 +333,8 @@ def _amqp(section, environ, warnings):
 def _pybit(section, environ, warnings):
     url = section.text("url").rstrip("/") or None
     if url and not url.startswith(("http://", "https://")):
-        raise section.error("url", f"must start with http:// or https://, not {url!r}")
+        # The url may hold credentials: do not repeat it.
+        raise section.error("url", "must start with http:// or https://")
     return PybitSettings(
         url=url,
         user=section.text("user") or None,

@@ -17,7 +17,7 @@ def publish_request(amqp_settings, routing_key, request):
     broker = Broker(amqp_settings)
     returned = []
     try:
-        broker.connect(should_stop=lambda: True)
+        broker.connect_once()
         PYBIT_EXCHANGE(broker.channel).declare()
         broker.channel.events["basic_return"].add(lambda *args: returned.append(args))
         broker.channel.basic_publish(

@@ -65,7 +65,7 @@ def fetch_history(pybit: PybitSettings | None, web_host: str | None, job_id) -> 
     if pybit is None:
         return None
     url = job_url(pybit, web_host, job_id) + "/status"
-    shown = _safe_url(url)
+    shown = safe_url(url)
     try:
         response = requests.get(
             url,
@@ -275,7 +275,7 @@ class StatusReporter:
         """Send one report once; log what went wrong; return what to do with it."""
         pybit = self._pybit
         url = job_url(pybit, item.web_host, item.job_id)
-        shown = _safe_url(url)
+        shown = safe_url(url)
         try:
             response = session.put(
                 url,
@@ -367,7 +367,7 @@ def _auth(pybit: PybitSettings) -> tuple[str, str] | None:
     return (pybit.user, pybit.password or "")
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """*url* without any password written into it, for logs."""
     parts = urlsplit(url)
     if parts.password is None:
