@@ -258,9 +258,13 @@ class Broker:
             )
             for queue in queues
         ]
-        for consumer in consumers:
-            consumer.consume()
+        # Recorded before consuming: the broker may deliver while a later
+        # basic.consume waits for its reply, and the callback may cancel them.
         self.consumers[key] = consumers
+        for consumer in consumers:
+            if self.consumers.get(key) is not consumers:
+                break  # cancelled from a delivery meanwhile
+            consumer.consume()
 
     def cancel(self, key):
         """Stop the consumers under *key*; the broker sends none of their messages after this."""

@@ -108,6 +108,11 @@ def run_command(config_path, poll_time, check, check_connections, daemon, pidfil
     if check or check_connections:
         from .checks import run_checks
 
+        try:
+            config.configure_logging()
+        except ConfigError as exc:
+            fail(f"configuration error: {exc}", RET_USAGE)
+
         for warning in config.warnings:
             click.echo(f"warning: {warning}", err=True)
         sys.exit(run_checks(config, connections=check_connections))

@@ -149,8 +149,10 @@ class Config:
             return
         try:
             logging.config.fileConfig(self.parser, disable_existing_loggers=False)
-        except (KeyError, ValueError, configparser.Error, ImportError) as exc:
-            raise ConfigError(f"bad logging configuration: {exc}", self.path, "loggers") from exc
+        except Exception as exc:  # fileConfig evaluates handler args: anything can go wrong
+            raise ConfigError(
+                f"bad logging configuration: {type(exc).__name__}: {exc}", self.path, "loggers"
+            ) from exc
 
 
 class _Section:

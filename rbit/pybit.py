@@ -1,6 +1,7 @@
 """PyBit's wire format: reading build requests safely and writing them as PyBit does."""
 
 import json
+import re
 import math
 import time
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ MAX_DEPTH = 20
 
 #: Longest string accepted in a field of a request, in characters.
 MAX_STRING_LENGTH = 4096
+
+#: Control characters (line breaks, escapes, ...) are refused in every string field.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 #: The module PyBit's model classes live in, as named in ``py/object`` tags.
 PYBIT_MODULE = "pybit.models"
@@ -238,6 +242,9 @@ def _string(value, path):
         raise BadMessage(f"{path} is longer than {MAX_STRING_LENGTH} characters")
     if "\0" in value:
         raise BadMessage(f"{path} contains a NUL character")
+    if _CONTROL.search(value):
+        # No PyBit name holds one; in a log line a newline would forge a line.
+        raise BadMessage(f"{path} contains a control character")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

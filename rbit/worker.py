@@ -230,6 +230,9 @@ class Worker:
         """A build request arrived on *queue*: start it, or move it to the rejected queue."""
         slot = self._free_slot()
         if self.stopping or slot is None:
+            # Not expected (consumers are cancelled before the last slot fills),
+            # but never hold a message that is not running.
+            self.broker.cancel(JOBS)
             raw.requeue()
             return
         try:

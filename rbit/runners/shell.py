@@ -36,6 +36,9 @@ _ANY_PERCENT = re.compile(r"%(.|$)")
 #: Exit status with which a program says its job is Blocked (``EX_TEMPFAIL``).
 EXIT_BLOCKED = 75
 
+#: Seconds to wait, after the program exits, for the status lines it wrote last.
+STATUS_DRAIN_TIMEOUT = 1.0
+
 #: The environment variable naming the file descriptor that takes status lines.
 STATUS_FD_VARIABLE = "RBIT_STATUS_FD"
 
@@ -108,7 +111,9 @@ class ShellRunner(Runner):
         reader = threading.Thread(target=_read_statuses, args=(read_end, set_status), daemon=True)
         reader.start()
         code = process.wait()
-        reader.join()
+        # A background process the program left may hold the status pipe open:
+        # the job ends with the program, and its process group is killed then.
+        reader.join(timeout=STATUS_DRAIN_TIMEOUT)
         if code == EXIT_BLOCKED:
             raise Blocked(f"{argv[0]} exited with status {EXIT_BLOCKED} (blocked)")
         if code < 0:
