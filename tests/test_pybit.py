@@ -17,127 +17,15 @@ from rbit import pybit
 from rbit.errors import BadMessage
 
 
-# -- PyBit's own pybit.models, as its controller has them ---------------------
-#
-# Copied in shape from PyBit (pybit/models.py): same constructors, same
-# attribute order, same accessors. The classes claim the module name
-# "pybit.models" so that jsonpickle tags them exactly as PyBit's controller does.
+# -- PyBit's own pybit.models, as its controller has them (tests/pybit_models.py) --
 
-
-class Model:
-    pass
-
-
-class Arch(Model):
-    def __init__(self, arch_id, name):
-        self.id = arch_id
-        self.name = name
-
-
-class Dist(Arch):
-    pass
-
-
-class Format(Arch):
-    pass
-
-
-class Suite(Arch):
-    pass
-
-
-class BuildEnv(Arch):
-    pass
-
-
-class Package(Model):
-    def __init__(self, package_id, version, name):
-        self.id = package_id
-        self.version = version
-        self.name = name
-
-
-class Transport(Model):
-    def __init__(self, transport_id, method, uri, vcs_id):
-        self.id = transport_id
-        self.method = method
-        self.uri = uri
-        self.vcs_id = vcs_id
-
-
-class PackageInstance(Model):
-    def __init__(self, packageinstance_id, package, arch, build_env, suite, distribution, pkg_format, master):
-        self.id = packageinstance_id
-        self.package = package
-        self.arch = arch
-        self.build_env = build_env
-        self.suite = suite
-        self.distribution = distribution
-        self.format = pkg_format
-        self.master = master
-
-
-class Job(Model):
-    def __init__(self, job_id, packageinstance, buildclient):
-        self.id = job_id
-        self.packageinstance = packageinstance
-        self.buildclient = buildclient
-
-
-class BuildRequest(Model):
-    def __init__(self, job, transport, web_host, commands=None):
-        self.job = job
-        self.transport = transport
-        self.web_host = web_host
-        self.commands = commands
-        self.timestamp = None
-
-    def stamp_request(self):
-        self.timestamp = int(time.time())
-
-    def get_buildstamp(self):
-        return self.timestamp
-
-    def get_suite(self):
-        return self.job.packageinstance.suite.name
-
-    def get_package(self):
-        return self.job.packageinstance.package.name
-
-    def get_version(self):
-        return self.job.packageinstance.package.version
-
-    def get_arch(self):
-        return self.job.packageinstance.arch.name
-
-    def get_job_id(self):
-        return self.job.id
-
-    def get_dist(self):
-        return self.job.packageinstance.distribution.name
-
-    def get_format(self):
-        return self.job.packageinstance.format.name
-
-    def get_buildenv(self):
-        if self.job.packageinstance.build_env is not None:
-            return self.job.packageinstance.build_env.name
-        return None
-
-
-class CancelRequest(Model):
-    def __init__(self, job, web_host):
-        self.job = job
-        self.web_host = web_host
-
-    def get_job_id(self):
-        return self.job.id
-
+from .pybit_models import (  # noqa: E402
+    Arch, BuildEnv, BuildRequest, CancelRequest, Dist, Format, Job, Model, Package,
+    PackageInstance, Suite, Transport,
+)
 
 PYBIT_CLASSES = [Model, Arch, Dist, Format, Suite, BuildEnv, Package, Transport,
                  PackageInstance, Job, BuildRequest, CancelRequest]
-for _cls in PYBIT_CLASSES:
-    _cls.__module__ = "pybit.models"
 
 ACCESSORS = ["get_job_id", "get_package", "get_version", "get_arch", "get_dist",
              "get_suite", "get_format", "get_buildenv", "get_buildstamp"]
