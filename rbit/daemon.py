@@ -55,4 +55,8 @@ def daemonize(pidfile=None, workdir="/", umask=0o022, keep=()):
         context.open()
     except Exception as exc:
         raise RbitError(f"cannot become a daemon: {exc}") from exc
+    # python-daemon reopens /dev/null on 0-2 close-on-exec; the fork server that
+    # starts the jobs is exec'd and needs standard streams to hand them on.
+    for fd in (0, 1, 2):
+        os.set_inheritable(fd, True)
     return context

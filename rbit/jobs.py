@@ -237,6 +237,12 @@ def _capture_output(channel):
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+    # A worker started without standard streams (a daemon) gives the fork server
+    # none, and Python then sets sys.stdout and sys.stderr to None: give them back.
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
 
     def forward():
         with open(read_end, encoding="utf-8", errors="replace") as lines:
@@ -253,7 +259,7 @@ def _finish_output(thread):
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except (AttributeError, OSError, ValueError):  # closed or replaced by the runner
             pass
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)

@@ -119,6 +119,7 @@ class Worker:
             systemd.notify("READY=1\nSTATUS=serving " + ", ".join(s.queue for s in self.config.runners))
             while not self._done():
                 self.loop()
+            self._apply_stop(time.monotonic())  # a stop with no job running still says STOPPING
         finally:
             restore()
             self._shutdown()
@@ -133,6 +134,8 @@ class Worker:
         """One turn: wait for news (at most the poll time), then act on it."""
         now = time.monotonic()
         self._apply_stop(now)
+        if self._done():
+            return
         timeout = self._timeout(now)
         for key, _ in self.selector.select(timeout):
             if key.data == "wake":

@@ -214,6 +214,19 @@ class RabbitNode:
         self.eval(f"application:set_env(rabbit, {key}, {value}).")
         return old
 
+    def kill(self):
+        """Kill the node at once, as a power cut would (SIGKILL), keeping its data for :meth:`start`."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(10)
+        self._kill_leftover_vm()
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+
     def stop(self):
         """Stop the node (kill it if it does not stop) and remove its directory."""
         try:
