@@ -51,8 +51,6 @@ def split(line):
         argv = shlex.split(line, comments=False, posix=True)
     except ValueError as exc:
         raise ConfigError(f"cannot split shell!{line}: {exc}") from None
-    if not argv:
-        raise ConfigError("shell! names no program")
     for arg in argv:
         for match in _ANY_PERCENT.finditer(arg):
             if not _PLACEHOLDER.match(arg, match.start()):
