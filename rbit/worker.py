@@ -32,7 +32,7 @@ import selectors
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import broker as amqp_side
 from . import jobs, statuses, systemd
@@ -71,8 +71,6 @@ class RunningJob:
     result: tuple | None = None
     stop_reason: str | None = None
     outcome: str | None = None
-    reported: bool = False
-    events: list = field(default_factory=list)
 
     @property
     def job_id(self):
@@ -101,7 +99,6 @@ class Worker:
         self.hurry = False
         self.selector = None
         self._wake_r = self._wake_w = None
-        self._registered_fds = set()
 
     # -- Lifecycle --------------------------------------------------------------
 
