@@ -258,13 +258,9 @@ class Broker:
             )
             for queue in queues
         ]
-        # Recorded before consuming: the broker may deliver while a later
-        # basic.consume waits for its reply, and the callback may cancel them.
-        self.consumers[key] = consumers
         for consumer in consumers:
-            if self.consumers.get(key) is not consumers:
-                break  # cancelled from a delivery meanwhile
             consumer.consume()
+        self.consumers[key] = consumers
 
     def cancel(self, key):
         """Stop the consumers under *key*; the broker sends none of their messages after this."""

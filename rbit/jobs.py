@@ -39,8 +39,10 @@ DROPPED = "Dropped"
 #: Seconds between SIGTERM and SIGKILL when a job's process group is stopped.
 KILL_GRACE = 5.0
 
-#: Modules every job needs; the fork server imports them once.
-PRELOAD = ["rbit.jobs", "rbit.runners.python", "rbit.runners.shell"]
+#: Modules every job needs; the fork server imports them once, so that no job
+#: pays for them (unpickling a job's Message needs rbit.pybit, hence jsonpickle).
+#: ``__main__`` spares each job from running the console script's imports again.
+PRELOAD = ["__main__", "rbit.jobs", "rbit.message", "rbit.pybit", "rbit.runners.python", "rbit.runners.shell"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class JobProcess:
         self.conn = None
         self.kill_at = None
         self.closed = False
+        #: True once the job's end of the pipe is closed: nothing more will come.
+        self.eof = False
 
     def start(self):
         """Start the job's process (not the job's clock: the caller keeps that)."""
@@ -89,18 +93,14 @@ class JobProcess:
     def pid(self):
         return self.process.pid
 
-    def fds(self):
-        """The file descriptors that become readable when the job has news."""
-        return [] if self.closed else [self.conn.fileno(), self.process.sentinel]
-
     def receive(self):
-        """Everything the job has sent so far, without blocking."""
+        """Everything the job has sent so far, without blocking; sets :attr:`eof` at the end."""
         events = []
         try:
-            while not self.closed and self.conn.poll():
+            while not self.closed and not self.eof and self.conn.poll():
                 events.append(self.conn.recv())
         except (EOFError, OSError):
-            pass
+            self.eof = True
         return events
 
     def exited(self):

@@ -94,6 +94,8 @@ class Worker:
         self.http = HealthServer(self.settings.http, self.metrics, self.health) if self.settings.http else None
         self.slots = {}
         self.finishing = []
+        self._subscribing = False
+        self._held = []
         self.stopping = False
         self.stop_deadline = None
         self.hurry = False
@@ -224,10 +226,24 @@ class Worker:
         if self._free_slot() is None:
             return
         queues = [amqp_side.build_queue(section) for section in self.config.runners]
-        self.broker.consume(JOBS, queues, self._on_message)
+        # The broker may deliver on the first queues while a later basic.consume
+        # waits for its reply; such a message is held (prefetch 1: at most one)
+        # and taken once every consumer is in place, so that cancelling them then
+        # finds them all.
+        self._subscribing = True
+        try:
+            self.broker.consume(JOBS, queues, self._on_message)
+        finally:
+            self._subscribing = False
+        held, self._held = self._held, []
+        for queue, raw in held:
+            self._on_message(queue, raw)
 
     def _on_message(self, queue, raw):
         """A build request arrived on *queue*: start it, or move it to the rejected queue."""
+        if self._subscribing:
+            self._held.append((queue, raw))
+            return
         slot = self._free_slot()
         if self.stopping or slot is None:
             # Not expected (consumers are cancelled before the last slot fills),
@@ -284,8 +300,8 @@ class Worker:
             job.result = (statuses.FAILED, f"cannot start the job's process: {exc}")
             self._end(job)
             return
-        for fd in process.fds():
-            self.selector.register(fd, selectors.EVENT_READ, ("job", slot))
+        self.selector.register(process.conn.fileno(), selectors.EVENT_READ, ("pipe", slot))
+        self.selector.register(process.process.sentinel, selectors.EVENT_READ, ("exit", slot))
 
     # -- Running jobs ---------------------------------------------------------------
 
@@ -297,6 +313,8 @@ class Worker:
                 continue
             for event in job.process.receive():
                 self._on_job_event(job, event)
+            if job.process.eof:
+                self._unwatch(("pipe", job.slot))  # a closed pipe stays readable: stop waking on it
             if job.deadline is not None and now >= job.deadline and job.stop_reason is None:
                 log.warning("job %s (%s): timed out after %g s; stopping it", job.job_id, job.queue, job.deadline - job.started)
                 job.stop_reason = "timeout"
@@ -325,7 +343,8 @@ class Worker:
 
     def _end(self, job):
         """Decide the job's outcome and report it; the message's end follows in _finish_jobs."""
-        self._unwatch(("job", job.slot))
+        self._unwatch(("pipe", job.slot))
+        self._unwatch(("exit", job.slot))
         job.process.close()
         status, text = self._outcome(job)
         job.outcome = status

@@ -1,0 +1,763 @@
+"""Benchmark of one rbit worker against the local RabbitMQ, in one run of under five minutes.
+
+Usage::
+
+    /tmp/venv/bin/python bench/bench.py [--quick] [--json]
+
+What it does, in order, with one real worker (``python -m rbit CONFIG -q
+--poll-time 60``, concurrency 1) in its own throw-away vhost:
+
+1. warm-up: one job, so that first-job costs (imports, the fork server's first
+   fork) are not counted as idle or latency;
+2. idle: resident memory (VmRSS) of the worker and, separately, of its fork
+   server (the worker's child running ``multiprocessing.forkserver``), then
+   CPU time (utime+stime from ``/proc/PID/stat``) over 30 s of idleness;
+3. pickup latency: one request at a time, the publisher's ``time.time()`` just
+   before ``basic_publish`` against the runner's ``time.time()`` at its start
+   (bench/runners.py sends it back by UDP); the next request is published only
+   once the job has ended and the worker consumes again (idle worker);
+4. baselines: a bare kombu consume-and-ack loop (prefetch 1) over N pre-loaded
+   requests of the same kind, and ``subprocess.run(['/bin/true'])`` N times;
+5. throughput of a no-op python runner: N requests pre-loaded, rate from the
+   first job's start to the last job's end (both stamped by the runner);
+6. throughput of ``shell!/bin/true``: N requests pre-loaded between two
+   malformed "marker" messages; the worker moves each marker to its rejected
+   queue, where the benchmark sees it arrive: the rate is N over the time
+   between the two markers (the job processes cannot stamp themselves);
+7. memory soak: up to 20,000 no-op jobs, as many as the time left allows
+   (the count actually run is printed), then the resident memory again.
+
+Pre-loading uses the worker's own behaviour: a "gate" job holds its only slot,
+so it has cancelled its consumers; the benchmark fills a queue, then lets the
+gate job end.
+
+Every figure is printed next to its target with PASS or MISS.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+import uuid
+from pathlib import Path
+
+import amqp
+from kombu import Connection, Consumer, Queue
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from rbit.pybit import encode, make_request  # noqa: E402
+from tests.harness import write_config  # noqa: E402
+
+AMQP_HOST = os.environ.get("RBIT_TEST_AMQP_HOST", "127.0.0.1")
+AMQP_PORT = int(os.environ.get("RBIT_TEST_AMQP_PORT", "5672"))
+
+#: The whole run must end within this many seconds (``--budget``).
+TOTAL_BUDGET = 300.0
+#: Seconds kept in reserve for stopping the worker and deleting the vhost.
+RESERVE = 20.0
+#: Job id written into the template request, replaced by each message's own.
+TEMPLATE_ID = 987654321
+
+#: Targets, by result key: (label, unit, test of the value or None, target as printed).
+TARGETS = {
+    "latency_p50_ms": ("pickup latency p50", "ms", None, "(info)"),
+    "latency_p99_ms": ("pickup latency p99", "ms", lambda v: v < 20, "< 20 ms"),
+    "noop_ratio": ("no-op python / bare kombu", "", lambda v: v >= 0.5, ">= 0.5"),
+    "shell_ratio": ("shell!/bin/true / bare subprocess", "", lambda v: v >= 0.8, ">= 0.8"),
+    "rss_idle_mb": ("worker RSS idle", "MB", lambda v: v < 60, "< 60 MB"),
+    "rss_growth_mb": ("worker RSS growth", "MB", lambda v: v < 5, "< 5 MB"),
+    "cpu_idle_pct": ("worker idle CPU", "%", lambda v: v < 1, "< 1 %"),
+}
+
+#: Phase sizes: full run and --quick.
+SIZES = {
+    "full": dict(idle_s=30.0, latency_n=200, batch_n=500, batch_box=60.0, soak_n=20000, soak_box=120.0,
+                 budget=TOTAL_BUDGET),
+    "quick": dict(idle_s=5.0, latency_n=30, batch_n=100, batch_box=20.0, soak_n=1000, soak_box=15.0,
+                  budget=TOTAL_BUDGET),
+}
+
+
+# -- /proc -------------------------------------------------------------------
+
+
+def rss_mb(pid):
+    """VmRSS of *pid* in MB (1 MB = 1024 kB), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def cpu_ticks(pid):
+    """utime + stime of *pid*, in clock ticks."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def children(pid):
+    """{child pid: command line} of *pid*'s direct children."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                    found[int(entry)] = cmd.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def helper_pids(worker_pid):
+    """The worker's fork server and resource tracker pids (None when not started)."""
+    forkserver = tracker = None
+    for pid, cmdline in children(worker_pid).items():
+        if "multiprocessing.forkserver" in cmdline:
+            forkserver = pid
+        elif "multiprocessing.resource_tracker" in cmdline:
+            tracker = pid
+    return forkserver, tracker
+
+
+# -- The broker side -----------------------------------------------------------
+
+
+def rabbitmqctl(*args):
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60)
+
+
+class BenchBroker:
+    """The benchmark's connections to its own vhost: publishing, queue checks, markers."""
+
+    def __init__(self, vhost, rejected_queue):
+        self.url = f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
+        self.confirmed = Connection(self.url, transport_options={"confirm_publish": True})
+        self.bulk = Connection(self.url)
+        self.watch = Connection(self.url)
+        self.confirm_channel = self.confirmed.channel()
+        self.bulk_channel = self.bulk.channel()
+        self.watch_channel = self.watch.channel()
+        self.rejected_queue = rejected_queue
+        self.markers = {}
+        self._marker_consumer = None
+
+    def close(self):
+        for conn in (self.confirmed, self.bulk, self.watch):
+            try:
+                conn.release()
+            except Exception:
+                pass
+
+    def declare_build_queue(self, queue, routing_key):
+        """Declare a build queue exactly as PyBit does, so that messages wait for the worker."""
+        channel = self.bulk_channel
+        channel.exchange_declare("pybit", "direct", durable=True, auto_delete=False)
+        channel.queue_declare(queue, durable=True, exclusive=False, auto_delete=False)
+        channel.queue_bind(queue, "pybit", routing_key)
+
+    def queue_info(self, queue):
+        """(ready messages, consumers) of *queue*."""
+        ok = self.bulk_channel.queue_declare(queue, passive=True)
+        return ok.message_count, ok.consumer_count
+
+    def publish_confirmed(self, body, routing_key):
+        """Publish like PyBit (exchange pybit, persistent, mandatory), waiting for the confirm."""
+        message = amqp.Message(body, delivery_mode=2, content_type="application/json")
+        self.confirm_channel.basic_publish(message, exchange="pybit", routing_key=routing_key, mandatory=True)
+
+    def publish_bulk(self, bodies, routing_key, queue, timeout=10.0):
+        """Publish many bodies without confirms, then wait until *queue* holds them all.
+
+        Only for a queue nobody consumes at the time. The broker's message count
+        lags the publishes a little, so it is polled.
+        """
+        before, _ = self.queue_info(queue)
+        for body in bodies:
+            message = amqp.Message(body, delivery_mode=2, content_type="application/json")
+            self.bulk_channel.basic_publish(message, exchange="pybit", routing_key=routing_key)
+        deadline = time.monotonic() + timeout
+        while (depth := self.queue_info(queue)[0]) - before < len(bodies):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{queue}: expected {len(bodies)} more messages, found {depth - before}")
+            time.sleep(0.01)
+        if depth - before != len(bodies):
+            raise RuntimeError(f"{queue}: expected {len(bodies)} more messages, found {depth - before}")
+
+    def purge(self, queue):
+        return self.bulk_channel.queue_purge(queue) or 0
+
+    def watch_markers(self):
+        """Consume the worker's rejected queue: each marker body is timed on arrival."""
+        queue = Queue(self.rejected_queue, durable=True, auto_delete=False)
+        queue(self.watch_channel).declare()
+
+        def on_message(message):
+            body = message.body
+            self.markers[body.decode() if isinstance(body, bytes) else body] = time.time()
+
+        self._marker_consumer = Consumer(self.watch_channel, queues=[queue], on_message=on_message,
+                                         no_ack=True, auto_declare=False)
+        self._marker_consumer.consume()
+
+    def wait_marker(self, body, timeout):
+        """Time at which the marker *body* reached the rejected queue, or None after *timeout*."""
+        deadline = time.monotonic() + timeout
+        while body not in self.markers:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                self.watch.drain_events(timeout=min(left, 1.0))
+            except TimeoutError:
+                pass
+        return self.markers[body]
+
+
+class Stamps:
+    """Receives the runners' UDP datagrams (``start|end JOB_ID TIME``) in a thread."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+        self.sock.bind(("127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.events = {}
+        self.cond = threading.Condition()
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def _receive(self):
+        while True:
+            try:
+                data = self.sock.recv(512)
+            except OSError:
+                return
+            kind, job_id, stamp = data.decode().split()
+            with self.cond:
+                self.events[(kind, int(job_id))] = float(stamp)
+                self.cond.notify_all()
+
+    def wait(self, kind, job_id, timeout=30.0):
+        with self.cond:
+            if not self.cond.wait_for(lambda: (kind, job_id) in self.events, timeout):
+                raise TimeoutError(f"no {kind} stamp for job {job_id} within {timeout} s")
+            return self.events[(kind, job_id)]
+
+    def get(self, kind, job_id):
+        with self.cond:
+            return self.events.get((kind, job_id))
+
+
+# -- The worker ----------------------------------------------------------------
+
+
+class WorkerUnderTest:
+    """``python -m rbit CONFIG -q --poll-time 60`` (or *command*) as a real subprocess."""
+
+    def __init__(self, config_path, log_path, command=None, env=None):
+        self.config_path = config_path
+        self.log_path = log_path
+        self.command = command or [sys.executable, "-m", "rbit", str(config_path), "-q", "--poll-time", "60"]
+        self.env = env or {}
+        self.process = None
+
+    def start(self):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(BENCH)]), **self.env}
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            cwd=str(self.config_path.parent),
+        )
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def check_alive(self):
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the worker exited with status {self.process.returncode}; see {self.log_path}")
+
+    def stop(self):
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+
+
+# -- The benchmark ---------------------------------------------------------------
+
+
+class Bench:
+    """One run: the vhost, the worker, the phases and their figures."""
+
+    QUEUES = {
+        # kind: (routing key, runner line); the queue is bench_KIND_SUFFIX
+        "lat": ("bench.any.lat.x", "python!runners:stamp"),
+        "noop": ("bench.any.noop.x", "python!runners:stamp"),
+        "shell": ("bench.any.shell.x", "shell!/bin/true"),
+        "soak": ("bench.any.soak.x", "python!runners:noop"),
+        "gate": ("bench.any.gate.x", "python!runners:gate"),
+    }
+
+    def __init__(self, sizes, log=print):
+        self.sizes = sizes
+        self.log = log
+        self.started = time.monotonic()
+        self.suffix = uuid.uuid4().hex[:8]
+        self.vhost = f"rbit-bench-{self.suffix}"
+        self.name = f"rbit-bench-{self.suffix}"
+        self.rejected = f"rbit.rejected.{self.name}"
+        self.tmp = Path(tempfile.mkdtemp(prefix="rbit-bench-"))
+        self.release_dir = self.tmp / "release"
+        self.release_dir.mkdir()
+        self.stamps = Stamps()
+        self.results = {}
+        self.notes = []
+        self.broker = None
+        self.worker = None
+        self._job_ids = iter(range(1, 10**8))
+        self._template = encode(make_request(TEMPLATE_ID, "hello", "1.0", "bench", "any", "x", "x"))
+
+    # -- set-up and clean-up ---------------------------------------------------
+
+    def queue(self, kind):
+        return f"bench_{kind}_{self.suffix}"
+
+    def routing_key(self, kind):
+        return self.QUEUES[kind][0]
+
+    def body(self, job_id):
+        """A PyBit build request (PyBit's exact jsonpickle format) with *job_id*."""
+        return self._template.replace(f'"id": {TEMPLATE_ID},', f'"id": {job_id},', 1)
+
+    def setup(self):
+        """Make the vhost and the queues, then start the worker and wait until it consumes."""
+        self.setup_broker()
+        self.start_worker()
+
+    def setup_broker(self):
+        rabbitmqctl("add_vhost", self.vhost)
+        rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+        self.broker = BenchBroker(self.vhost, self.rejected)
+        for kind in self.QUEUES:
+            self.broker.declare_build_queue(self.queue(kind), self.routing_key(kind))
+        self.broker.watch_markers()
+
+    def start_worker(self, wait=True):
+        runners = {}
+        for kind, (key, line) in self.QUEUES.items():
+            section = {"runner": line, "routing_key": key}
+            if line.startswith("python!"):
+                section["report_to"] = self.stamps.address  # where the runner sends its stamps
+            if kind == "gate":
+                section["release_dir"] = str(self.release_dir)
+            runners[self.queue(kind)] = section
+        config = write_config(
+            self.tmp / "bench.ini", name=self.name, vhost=types.SimpleNamespace(name=self.vhost),
+            runners=runners, rbit={"concurrency": "1", "rejected_queue": self.rejected},
+        )
+        config.chmod(0o600)  # else the worker warns that every user can read the password
+        self.worker = self.make_worker(config)
+        self.worker.start()
+        if wait:
+            self.wait_consuming(timeout=30)
+
+    def make_worker(self, config):
+        """The worker under test (a subclass may run it differently)."""
+        return WorkerUnderTest(config, self.tmp / "worker.log")
+
+    def cleanup(self, keep_files=False):
+        """Stop the worker, close the connections, delete the vhost (and the temporary files)."""
+        if self.worker is not None:
+            self.worker.stop()
+        if self.broker is not None:
+            self.broker.close()
+        try:
+            rabbitmqctl("delete_vhost", self.vhost)
+        except Exception as exc:  # noqa: BLE001 - report, never hide the figures
+            print(f"warning: could not delete vhost {self.vhost}: {exc}", file=sys.stderr)
+        if not keep_files:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def elapsed(self):
+        return time.monotonic() - self.started
+
+    # -- waiting for the worker --------------------------------------------------
+
+    def wait_consuming(self, timeout=10.0):
+        """Wait until the worker consumes its queues again (it is idle, between jobs).
+
+        The worker starts its consumers one queue at a time, in the order of the
+        configuration, so the last queue having its consumer means all have.
+        """
+        last = self.queue(list(self.QUEUES)[-1])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.worker.check_alive()
+            if self.broker.queue_info(last)[1] >= 1:
+                return
+            time.sleep(0.002)
+        raise TimeoutError("the worker does not consume its queues")
+
+    def run_one(self, kind="lat"):
+        """Publish one request; once the worker is idle again, return (job id, publish time, start, end)."""
+        job_id = next(self._job_ids)
+        body = self.body(job_id)
+        published = time.time()
+        self.broker.publish_confirmed(body, self.routing_key(kind))
+        started = self.stamps.wait("start", job_id)
+        ended = self.stamps.wait("end", job_id)
+        self.wait_consuming()
+        return job_id, published, started, ended
+
+    # -- pre-loading behind a gate job ---------------------------------------
+
+    def batch(self, kind, count, timeout):
+        """Run *count* jobs of *kind* from a pre-loaded queue, bracketed by two markers.
+
+        Returns a dict: job ids, jobs actually run, and the times the markers
+        reached the rejected queue. After *timeout* the rest of the queue is
+        purged and the count of jobs run says so.
+        """
+        gate_id = next(self._job_ids)
+        self.broker.publish_confirmed(self.body(gate_id), self.routing_key("gate"))
+        self.stamps.wait("start", gate_id)  # the slot is taken: the worker consumes nothing now
+        first_id = next(self._job_ids)
+        ids = [first_id] + [next(self._job_ids) for _ in range(count - 1)]
+        begin, end = f"marker begin {first_id}", f"marker end {first_id}"
+        bodies = [begin] + [self.body(job_id) for job_id in ids] + [end]
+        self.broker.publish_bulk(bodies, self.routing_key(kind), self.queue(kind))
+        (self.release_dir / str(gate_id)).touch()
+        t_begin = self.broker.wait_marker(begin, 30)
+        t_end = self.broker.wait_marker(end, timeout)
+        run = count
+        if t_end is None:
+            purged = self.broker.purge(self.queue(kind))
+            stop = f"marker stop {first_id}"
+            self.broker.publish_confirmed(stop, self.routing_key(kind))
+            t_end = self.broker.wait_marker(stop, 60)  # the job running at the purge has ended
+            # Unless the end marker slipped through before the purge, it was purged too.
+            run = count - purged + (0 if end in self.broker.markers else 1)
+        self.wait_consuming()
+        return {"ids": ids, "run": run, "t_begin": t_begin, "t_end": t_end}
+
+    # -- phases -------------------------------------------------------------------
+
+    def phase_warmup(self):
+        """One job (first-job costs are not the idle state), then find the fork server."""
+        self.run_one()
+        time.sleep(1.0)
+        forkserver, tracker = helper_pids(self.worker.pid)
+        if forkserver is None:
+            raise RuntimeError("no fork server found among the worker's children")
+        self.forkserver, self.tracker = forkserver, tracker
+
+    def memory(self):
+        """RSS (MB) of the worker, its fork server and its resource tracker."""
+        return {
+            "worker": rss_mb(self.worker.pid),
+            "forkserver": rss_mb(self.forkserver),
+            "tracker": rss_mb(self.tracker) if self.tracker else None,
+        }
+
+    def phase_idle(self):
+        seconds = self.sizes["idle_s"]
+        memory = self.memory()
+        self.results.update({
+            "rss_idle_mb": memory["worker"],
+            "forkserver_rss_idle_mb": memory["forkserver"],
+            "tracker_rss_idle_mb": memory["tracker"],
+        })
+        pids = {"worker": self.worker.pid, "forkserver": self.forkserver}
+        before = {who: cpu_ticks(pid) for who, pid in pids.items()}
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        wall = time.monotonic() - t0
+        hz = os.sysconf("SC_CLK_TCK")
+        for who, pid in pids.items():
+            used = (cpu_ticks(pid) - before[who]) / hz
+            key = "cpu_idle_pct" if who == "worker" else "forkserver_cpu_idle_pct"
+            self.results[key] = 100.0 * used / wall
+        self.results["cpu_idle_window_s"] = wall
+
+    def phase_latency(self):
+        samples = []
+        for _ in range(self.sizes["latency_n"]):
+            _, published, started, _ = self.run_one()
+            samples.append((started - published) * 1000)
+        self.results.update(summarise_latency(samples))
+
+    def phase_bare_kombu(self):
+        """A bare consume-and-ack loop, prefetch 1, over pre-loaded requests of the same kind."""
+        count = self.sizes["batch_n"]
+        queue = self.queue("bare")
+        self.broker.declare_build_queue(queue, "bench.any.bare.x")
+        self.broker.publish_bulk([self.body(i + 1) for i in range(count)], "bench.any.bare.x", queue)
+        times = []
+        with Connection(self.broker.url) as conn:
+            channel = conn.channel()
+            channel.basic_qos(prefetch_size=0, prefetch_count=1, a_global=True)
+
+            def on_message(message):
+                received = time.time()
+                message.ack()
+                times.append((received, time.time()))
+
+            consumer = Consumer(channel, queues=[Queue(queue, no_declare=True)], on_message=on_message,
+                                auto_declare=False)
+            consumer.consume()
+            while len(times) < count:
+                conn.drain_events(timeout=30)
+        window = times[-1][1] - times[0][0]
+        self.results["bare_kombu_rate"] = count / window
+
+    def phase_bare_subprocess(self):
+        count = self.sizes["batch_n"]
+        t0 = time.perf_counter()
+        for _ in range(count):
+            subprocess.run(["/bin/true"], check=True)
+        self.results["bare_subprocess_rate"] = count / (time.perf_counter() - t0)
+
+    def phase_noop(self):
+        count = self.sizes["batch_n"]
+        result = self.batch("noop", count, timeout=self.sizes["batch_box"])
+        pairs = [(self.stamps.get("start", j), self.stamps.get("end", j)) for j in result["ids"]]
+        done = [(s, e) for s, e in pairs if s is not None and e is not None]
+        if len(done) != result["run"]:
+            self.notes.append(f"no-op batch: {result['run']} jobs ran, {len(done)} with both stamps; "
+                              "the rate counts those")
+        window = max(e for _, e in done) - min(s for s, _ in done)
+        rate = len(done) / window
+        self.results.update({
+            "noop_n": len(done),
+            "noop_rate": rate,
+            "noop_rate_markers": result["run"] / (result["t_end"] - result["t_begin"]),
+            "noop_cycle_ms": 1000 / rate,
+            "noop_runner_ms": statistics.median((e - s) * 1000 for s, e in done),
+            "noop_ratio": rate / self.results["bare_kombu_rate"],
+        })
+        self._note_cut("no-op python batch", result, count)
+
+    def phase_shell(self):
+        count = self.sizes["batch_n"]
+        result = self.batch("shell", count, timeout=self.sizes["batch_box"])
+        rate = result["run"] / (result["t_end"] - result["t_begin"])
+        self.results.update({
+            "shell_n": result["run"],
+            "shell_rate": rate,
+            "shell_cycle_ms": 1000 / rate,
+            "shell_ratio": rate / self.results["bare_subprocess_rate"],
+        })
+        self._note_cut("shell!/bin/true batch", result, count)
+
+    def _note_cut(self, what, result, count):
+        if result["run"] < count:
+            self.notes.append(f"{what}: time box of {self.sizes['batch_box']:.0f} s reached; "
+                              f"{result['run']} of {count} jobs ran and the rate counts those")
+
+    def phase_soak(self):
+        """As many no-op jobs as fit (up to soak_n), then the resident memory again."""
+        before = self.memory()
+        left = self.sizes["budget"] - RESERVE - self.elapsed() - 10
+        box = max(5.0, min(self.sizes["soak_box"], left))
+        rate = self.results.get("noop_rate_markers") or self.results["noop_rate"]
+        count = max(1, min(self.sizes["soak_n"], int(rate * box * 1.05)))
+        t0 = time.monotonic()
+        result = self.batch("soak", count, timeout=box)
+        took = time.monotonic() - t0
+        time.sleep(1.0)
+        after = self.memory()
+        self.results.update({
+            "soak_target": self.sizes["soak_n"],
+            "soak_published": count,
+            "soak_run": result["run"],
+            "soak_s": took,
+            "soak_rate": result["run"] / (result["t_end"] - result["t_begin"]),
+            "rss_before_soak_mb": before["worker"],
+            "rss_after_soak_mb": after["worker"],
+            "rss_growth_mb": after["worker"] - self.results["rss_idle_mb"],
+            "rss_growth_soak_only_mb": after["worker"] - before["worker"],
+            "forkserver_rss_after_mb": after["forkserver"],
+            "forkserver_growth_mb": after["forkserver"] - self.results["forkserver_rss_idle_mb"],
+        })
+        if result["run"] < self.sizes["soak_n"]:
+            self.notes.append(
+                f"memory soak: {result['run']} jobs run, not {self.sizes['soak_n']}: at "
+                f"{self.results['soak_rate']:.1f} jobs/s only that many fit its time box of {box:.0f} s "
+                f"(at most what the {self.sizes['budget']:.0f} s budget leaves); the growth is over those jobs"
+            )
+
+    def run(self):
+        phases = [
+            ("warm-up", self.phase_warmup),
+            ("idle memory and CPU", self.phase_idle),
+            ("pickup latency", self.phase_latency),
+            ("bare kombu baseline", self.phase_bare_kombu),
+            ("bare subprocess baseline", self.phase_bare_subprocess),
+            ("no-op python throughput", self.phase_noop),
+            ("shell!/bin/true throughput", self.phase_shell),
+            ("memory soak", self.phase_soak),
+        ]
+        self.results["loadavg_start"] = os.getloadavg()[0]
+        self.setup()
+        for title, phase in phases:
+            t0 = time.monotonic()
+            self.log(f"[{self.elapsed():6.1f} s] {title} ...")
+            phase()
+            self.worker.check_alive()
+            self.log(f"[{self.elapsed():6.1f} s] {title}: done in {time.monotonic() - t0:.1f} s")
+        self.results["run_s"] = self.elapsed()
+        self.results["loadavg_end"] = os.getloadavg()[0]
+        problems = log_problems(self.worker.log_path)
+        self.results["worker_log_problems"] = len(problems)
+        self.notes += [f"worker log: {line}" for line in problems[:5]]
+
+
+# -- Figures -------------------------------------------------------------------------
+
+
+def percentile(values, fraction):
+    """Nearest-rank percentile of *values* (0 < fraction <= 1)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def summarise_latency(samples):
+    return {
+        "latency_n": len(samples),
+        "latency_p50_ms": percentile(samples, 0.50),
+        "latency_p99_ms": percentile(samples, 0.99),
+        "latency_min_ms": min(samples),
+        "latency_max_ms": max(samples),
+        "latency_mean_ms": statistics.fmean(samples),
+    }
+
+
+def log_problems(path):
+    """WARNING/ERROR lines in the worker's log, other than the expected marker rejections."""
+    return [
+        line for line in Path(path).read_text(errors="replace").splitlines()
+        if (" WARNING " in line or " ERROR " in line) and "rejected a message" not in line
+    ]
+
+
+def verdict_rows(results):
+    rows = []
+    for key, (label, unit, test, target) in TARGETS.items():
+        value = results.get(key)
+        if value is None:
+            rows.append((label, "n/a", target, "MISS"))
+            continue
+        shown = f"{value:.2f} {unit}".strip() if unit else f"{value:.3f}"
+        verdict = "" if test is None else ("PASS" if test(value) else "MISS")
+        rows.append((label, shown, target, verdict))
+    return rows
+
+
+def info_rows(r):
+    """The measured figures behind the verdicts."""
+    rows = [
+        ("latency samples / min / mean / max",
+         f"{r['latency_n']} / {r['latency_min_ms']:.2f} / {r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms"),
+        ("bare kombu consume+ack (prefetch 1)", f"{r['bare_kombu_rate']:.1f} msg/s"),
+        ("no-op python runner", f"{r['noop_rate']:.1f} jobs/s over {r['noop_n']} jobs ({r['noop_cycle_ms']:.1f} ms/job; "
+                                f"{r['noop_rate_markers']:.1f} jobs/s marker to marker)"),
+        ("  of which inside the runner (median)", f"{r['noop_runner_ms']:.3f} ms"),
+        ("bare subprocess.run(['/bin/true'])", f"{r['bare_subprocess_rate']:.1f} runs/s"),
+        ("shell!/bin/true", f"{r['shell_rate']:.1f} jobs/s over {r['shell_n']} jobs "
+                            f"({r['shell_cycle_ms']:.1f} ms/job, marker to marker)"),
+        ("fork server RSS idle / after soak", f"{r['forkserver_rss_idle_mb']:.2f} / {r['forkserver_rss_after_mb']:.2f} MB "
+                                              f"(growth {r['forkserver_growth_mb']:+.2f} MB)"),
+    ]
+    if r.get("tracker_rss_idle_mb") is not None:
+        rows.append(("resource tracker RSS idle", f"{r['tracker_rss_idle_mb']:.2f} MB"))
+    rows += [
+        ("worker RSS before / after soak", f"{r['rss_before_soak_mb']:.2f} / {r['rss_after_soak_mb']:.2f} MB "
+                                           f"(soak alone {r['rss_growth_soak_only_mb']:+.2f} MB)"),
+        ("memory soak jobs run", f"{r['soak_run']} of {r['soak_target']} target "
+                                 f"({r['soak_published']} queued, {r['soak_s']:.1f} s, {r['soak_rate']:.1f} jobs/s)"),
+        ("fork server idle CPU", f"{r['forkserver_cpu_idle_pct']:.3f} % over {r['cpu_idle_window_s']:.1f} s"),
+        ("worker log warnings/errors (markers excluded)", f"{r['worker_log_problems']}"),
+        ("machine load (1-min average) at start / end",
+         f"{r['loadavg_start']:.2f} / {r['loadavg_end']:.2f} on {os.cpu_count()} CPUs"),
+        ("benchmark run time", f"{r['run_s']:.1f} s"),
+    ]
+    return rows
+
+
+def print_table(results, notes):
+    rows = verdict_rows(results)
+    widths = [max(len(row[i]) for row in rows + [("figure", "value", "target", "")]) for i in range(3)]
+    line = f"{{:<{widths[0]}}}  {{:>{widths[1]}}}  {{:<{widths[2]}}}  {{}}"
+    print()
+    print(line.format("figure", "value", "target", "result"))
+    print(line.format(*("-" * w for w in widths), "------"))
+    for row in rows:
+        print(line.format(*row))
+    print()
+    extra = info_rows(results)
+    width = max(len(label) for label, _ in extra)
+    for label, value in extra:
+        print(f"{label:<{width}}  {value}")
+    for note in notes:
+        print(f"note: {note}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a fast check (about a minute)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help=f"time budget of the whole run (default {TOTAL_BUDGET:.0f})")
+    parser.add_argument("--soak-box", type=float, metavar="SECONDS",
+                        help="time box of the memory soak (default 120, or 15 with --quick); "
+                             "with --budget, e.g. --budget 1500 --soak-box 1200 for a full 20,000-job soak")
+    args = parser.parse_args(argv)
+    sizes = dict(SIZES["quick" if args.quick else "full"])
+    if args.budget:
+        sizes["budget"] = args.budget
+    if args.soak_box:
+        sizes["soak_box"] = args.soak_box
+    bench = Bench(sizes, log=lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        bench.run()
+    except BaseException:
+        bench.cleanup(keep_files=True)
+        print(f"the worker's configuration and log are kept in {bench.tmp}", file=sys.stderr)
+        raise
+    bench.cleanup()
+    print_table(bench.results, bench.notes)
+    if args.json:
+        print(json.dumps({"sizes": sizes, "results": bench.results, "notes": bench.notes}, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Timing hooks for profiling where an rbit job's time goes (used by bench/profile_worker.py).
+
+Nothing here changes what rbit does: functions are wrapped so that their start
+and end times (``time.time()``) are recorded.
+
+* In the worker (:func:`install_worker_hooks`): spans of the broker calls
+  (cancel, publish with its confirm, consume, purge, drain), of starting and
+  reaping the job's process, of status reporting, and of ``select``. They are
+  kept in memory and written by :func:`dump` as JSON lines.
+* In the fork server and the job processes: this module is the runner module
+  of the profiling configuration (``python!profile_hooks:stamp``), so the fork
+  server imports it at start-up. When ``RBIT_BENCH_REPORT_TO`` is set, the import
+  wraps ``rbit.jobs.child_main`` and its helpers; each job then sends UDP
+  datagrams ``KIND JOB_ID TIME`` (the format of bench/runners.py) to that address.
+"""
+
+import functools
+import json
+import os
+import socket
+import time
+
+import runners
+
+#: Spans recorded in this process: (name, start, end, job id or None).
+SPANS = []
+
+_REPORT_TO = os.environ.get("RBIT_BENCH_REPORT_TO")
+
+#: Experimental fixes to try (comma-separated in ``RBIT_BENCH_FIX``), each emulating a
+#: recommended change to rbit/ without editing it:
+#:
+#: ``preload``
+#:     the fork server imports ``rbit.pybit`` and ``rbit.message`` once (as if they
+#:     were in ``rbit.jobs.PRELOAD``), so a job process need not import them to
+#:     unpickle its Message;
+#: ``defer``
+#:     a message delivered while ``Broker.consume`` is still starting the consumers
+#:     (py-amqp dispatches it while waiting for a ConsumeOk) is handled after
+#:     ``consume`` returns, when the consumers it must cancel are known;
+#: ``purge-nowait``
+#:     the in-progress queue is purged with ``nowait=True`` (channel order still
+#:     puts the purge before the slot's next copy).
+FIXES = {name for name in os.environ.get("RBIT_BENCH_FIX", "").split(",") if name}
+
+
+# -- The runners of the profiling configuration (so that the fork server imports this module) --
+
+
+def stamp(message, set_status, settings):
+    runners.stamp(message, set_status, settings)
+
+
+def noop(message, set_status, settings):
+    runners.noop(message, set_status, settings)
+
+
+def gate(message, set_status, settings):
+    runners.gate(message, set_status, settings)
+
+
+# -- The worker's side --------------------------------------------------------------------------
+
+
+def _timed(owner, attribute, name=None, job_of=None):
+    """Replace ``owner.attribute`` by a wrapper that records a span named *name*."""
+    original = getattr(owner, attribute)
+    name = name or attribute
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        start = time.time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            job = None
+            if job_of is not None:
+                try:
+                    job = job_of(*args, **kwargs)
+                except Exception:  # noqa: BLE001 - a span without a job id is still a span
+                    job = None
+            SPANS.append((name, start, time.time(), job))
+
+    setattr(owner, attribute, wrapper)
+
+
+def install_fixes():
+    """Apply the worker-side experimental fixes named in ``RBIT_BENCH_FIX``."""
+    from rbit import broker, worker
+
+    if "defer" in FIXES:
+        on_message, resume = worker.Worker._on_message, worker.Worker._resume_consuming
+
+        def on_message_deferring(self, queue, raw):
+            if getattr(self, "_bench_starting", False):
+                self._bench_deferred.append((queue, raw))
+                return
+            on_message(self, queue, raw)
+
+        def resume_then_handle(self):
+            self._bench_starting, self._bench_deferred = True, []
+            try:
+                resume(self)
+            finally:
+                self._bench_starting = False
+            deferred, self._bench_deferred = self._bench_deferred, []
+            for queue, raw in deferred:
+                self._on_message(queue, raw)
+
+        worker.Worker._on_message = on_message_deferring
+        worker.Worker._resume_consuming = resume_then_handle
+    if "purge-nowait" in FIXES:
+        def purge(self, queue_name):
+            self.channel.queue_purge(queue_name, nowait=True)
+
+        broker.Broker.purge = purge
+
+
+def install_worker_hooks():
+    """Apply the experimental fixes, then wrap the worker's steps; call before the worker is made."""
+    from rbit import broker, jobs, reporting, worker
+
+    install_fixes()
+
+    _timed(broker.Broker, "cancel", "broker.cancel")
+    _timed(broker.Broker, "publish", "broker.publish+confirm")
+    _timed(broker.Broker, "consume", "broker.consume")
+    _timed(broker.Broker, "purge", "broker.purge")
+    _timed(broker.Broker, "drain", "broker.drain")
+    _timed(broker.Broker, "heartbeat_check", "broker.heartbeat_check")
+    _timed(worker, "decode_build_request", "decode")
+    _timed(worker.Worker, "_on_message", "worker._on_message")
+    _timed(worker.Worker, "_start", "worker._start", job_of=lambda self, slot, queue, message, raw: message.job_id)
+    _timed(worker.Worker, "_end", "worker._end", job_of=lambda self, job: job.job_id)
+    _timed(worker.Worker, "_finish_jobs", "worker._finish_jobs")
+    _timed(worker.Worker, "_resume_consuming", "worker._resume_consuming")
+    _timed(worker.Worker, "_service_jobs", "worker._service_jobs")
+    _timed(worker.Worker, "_on_job_event", "worker._on_job_event",
+           job_of=lambda self, job, event: f"{job.job_id}:{event[0]}:{event[1] if event[0] == 'status' else ''}")
+    _timed(jobs.JobProcess, "start", "jobprocess.start")
+    _timed(jobs.JobProcess, "close", "jobprocess.close")
+    _timed(jobs.JobProcess, "receive", "jobprocess.receive")
+    _timed(jobs.JobProcess, "exited", "jobprocess.exited")
+    _timed(reporting.StatusReporter, "report", "reporter.report")
+
+    original_open = worker.Worker._open_wakeup
+
+    def open_wakeup(self):
+        original_open(self)
+        _timed(self.selector, "select", "select")
+
+    worker.Worker._open_wakeup = open_wakeup
+    import amqp.channel
+    _timed(amqp.channel.Channel, "basic_ack", "broker.ack")
+
+
+def dump(path):
+    """Write the spans recorded so far as JSON lines."""
+    with open(path, "w") as out:
+        for span in SPANS:
+            out.write(json.dumps(span) + "\n")
+
+
+# -- The job's side (fork server and job processes) -----------------------------------------------
+
+
+def _send(kind, job_id):
+    host, _, port = _REPORT_TO.rpartition(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.sendto(f"{kind} {job_id} {time.time()!r}".encode("ascii"), (host, int(port)))
+    finally:
+        sock.close()
+
+
+def _install_child_hooks():
+    from rbit import jobs
+
+    child_main = jobs.child_main
+    capture = jobs._capture_output
+    finish = jobs._finish_output
+    run = jobs._run
+
+    @functools.wraps(child_main)
+    def child_main_hooked(conn, runner, message, pybit, log_level):
+        _current[0] = message.job_id
+        _send("c_enter", message.job_id)
+        try:
+            return child_main(conn, runner, message, pybit, log_level)
+        finally:
+            _send("c_exit", message.job_id)
+
+    @functools.wraps(capture)
+    def capture_hooked(channel):
+        try:
+            return capture(channel)
+        finally:
+            _send("c_captured", _current[0])
+
+    @functools.wraps(run)
+    def run_hooked(runner, message, pybit, set_status):
+        _send("c_run", message.job_id)
+        try:
+            return run(runner, message, pybit, set_status)
+        finally:
+            _send("c_ran", message.job_id)
+
+    @functools.wraps(finish)
+    def finish_hooked(thread):
+        try:
+            return finish(thread)
+        finally:
+            _send("c_finished", _current[0])
+
+    # child_main is pickled by name to the job process; functools.wraps keeps that name.
+    jobs.child_main = child_main_hooked
+    jobs._capture_output = capture_hooked
+    jobs._run = run_hooked
+    jobs._finish_output = finish_hooked
+
+
+_current = [0]
+
+if _REPORT_TO:
+    _install_child_hooks()
+if "preload" in FIXES:
+    import rbit.message  # noqa: F401,E402
+    import rbit.pybit  # noqa: F401,E402
