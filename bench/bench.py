@@ -2,7 +2,7 @@
 
 Usage::
 
-    /tmp/venv/bin/python bench/bench.py [--quick] [--json]
+    python bench/bench.py [--quick] [--json]
 
 What it does, in order, with one real worker (``python -m rbit CONFIG -q
 --poll-time 60``, concurrency 1) in its own throw-away vhost:

@@ -28,16 +28,9 @@ SPANS = []
 _REPORT_TO = os.environ.get("RBIT_BENCH_REPORT_TO")
 
 #: Experimental fixes to try (comma-separated in ``RBIT_BENCH_FIX``), each emulating a
-#: recommended change to rbit/ without editing it:
+#: possible change to rbit/ without editing it (``preload`` and ``defer``, tried
+#: here first, are now part of rbit):
 #:
-#: ``preload``
-#:     the fork server imports ``rbit.pybit`` and ``rbit.message`` once (as if they
-#:     were in ``rbit.jobs.PRELOAD``), so a job process need not import them to
-#:     unpickle its Message;
-#: ``defer``
-#:     a message delivered while ``Broker.consume`` is still starting the consumers
-#:     (py-amqp dispatches it while waiting for a ConsumeOk) is handled after
-#:     ``consume`` returns, when the consumers it must cancel are known;
 #: ``purge-nowait``
 #:     the in-progress queue is purged with ``nowait=True`` (channel order still
 #:     puts the purge before the slot's next copy).
@@ -88,27 +81,6 @@ def install_fixes():
     """Apply the worker-side experimental fixes named in ``RBIT_BENCH_FIX``."""
     from rbit import broker, worker
 
-    if "defer" in FIXES:
-        on_message, resume = worker.Worker._on_message, worker.Worker._resume_consuming
-
-        def on_message_deferring(self, queue, raw):
-            if getattr(self, "_bench_starting", False):
-                self._bench_deferred.append((queue, raw))
-                return
-            on_message(self, queue, raw)
-
-        def resume_then_handle(self):
-            self._bench_starting, self._bench_deferred = True, []
-            try:
-                resume(self)
-            finally:
-                self._bench_starting = False
-            deferred, self._bench_deferred = self._bench_deferred, []
-            for queue, raw in deferred:
-                self._on_message(queue, raw)
-
-        worker.Worker._on_message = on_message_deferring
-        worker.Worker._resume_consuming = resume_then_handle
     if "purge-nowait" in FIXES:
         def purge(self, queue_name):
             self.channel.queue_purge(queue_name, nowait=True)
@@ -223,6 +195,3 @@ _current = [0]
 
 if _REPORT_TO:
     _install_child_hooks()
-if "preload" in FIXES:
-    import rbit.message  # noqa: F401,E402
-    import rbit.pybit  # noqa: F401,E402

@@ -2,7 +2,7 @@
 
 Usage::
 
-    /tmp/venv/bin/python bench/profile_worker.py [--latency N] [--batch N]
+    python bench/profile_worker.py [--latency N] [--batch N]
 
 Runs the same set-up as bench/bench.py (own vhost, concurrency 1, a real
 worker subprocess), but the worker is started through ``serve`` below, which
@@ -405,7 +405,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency", type=int, default=100, help="idle-worker jobs (default 100)")
     parser.add_argument("--batch", type=int, default=300, help="jobs per pre-loaded batch (default 300)")
-    parser.add_argument("--fix", default="", help="experimental fixes to emulate: preload,defer,purge-nowait "
+    parser.add_argument("--fix", default="", help="experimental fixes to emulate: purge-nowait "
                                                   "(see bench/profile_hooks.py)")
     args = parser.parse_args(argv)
     ProfileBench.fixes = args.fix
