@@ -54,7 +54,7 @@ def fork_context(preload=()):
     interpreter importing the runners) out of the first job's pickup time.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD + [m for m in preload if m not in PRELOAD])
+    context.set_forkserver_preload(list(dict.fromkeys([*PRELOAD, *preload])))
     multiprocessing.forkserver.ensure_running()
     return context
 
