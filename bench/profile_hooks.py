@@ -79,7 +79,7 @@ def _timed(owner, attribute, name=None, job_of=None):
 
 def install_fixes():
     """Apply the worker-side experimental fixes named in ``RBIT_BENCH_FIX``."""
-    from rbit import broker, worker
+    from rbit import broker
 
     if "purge-nowait" in FIXES:
         def purge(self, queue_name):

@@ -25,7 +25,6 @@ each job's pipe and exit, and on a wake-up pipe that signals write to. One
 turn of it is :meth:`Worker.loop`.
 """
 
-import functools
 import logging
 import os
 import selectors

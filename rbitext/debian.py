@@ -81,7 +81,8 @@ from pathlib import Path
 from rbit import statuses
 from rbit.errors import Blocked, Failed
 from rbit.runners.shell import PLACEHOLDERS as REQUEST_PLACEHOLDERS
-from rbit.runners.shell import job_environment
+from rbit.runners.shell import job_environment, placeholder_pattern
+from rbit.runners.shell import substitute as shell_substitute
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +110,8 @@ ARCH_BUILDER = MASTER_BUILDER + ("-B",)
 #: Placeholders of ``builder`` that name a path of the job; the request's come from ``shell!``.
 PATH_PLACEHOLDERS = ("DIR", "WORK", "DSC")
 
-#: Every placeholder of ``builder``, longest first so that ``%VCS_ID`` is not ``%VCS`` + ``_ID``.
-_PLACEHOLDER = re.compile(
-    "%(%|"
-    + "|".join(sorted(PATH_PLACEHOLDERS + REQUEST_PLACEHOLDERS, key=len, reverse=True))
-    + ")"
-)
+#: Every placeholder of ``builder``.
+_PLACEHOLDER = placeholder_pattern(PATH_PLACEHOLDERS + REQUEST_PLACEHOLDERS)
 
 #: Name of the source tree inside a job's work directory.
 SOURCE_DIR = "source"
@@ -454,12 +451,7 @@ def has_arch_binaries(source):
 
 def substitute(template, values):
     """*template*'s arguments with each placeholder replaced inside its own argument."""
-
-    def value(match):
-        name = match.group(1)
-        return "%" if name == "%" else values.get(name, "")
-
-    return [_PLACEHOLDER.sub(value, arg) for arg in template]
+    return shell_substitute(template, values, _PLACEHOLDER)
 
 
 def run_builder(template, source, fields, build_log, env=None):

@@ -13,6 +13,17 @@ from .broker import AMQP_HOST, AMQP_PORT
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def wait_until(predicate, timeout=10.0, interval=0.05):
+    """Poll *predicate* until it is true; False if it never was within *timeout*."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
 def write_config(path, *, name, vhost, runners, rbit=None, pybit=None, amqp=None, extra=""):
     """Write an rbit ini file; *runners* maps queue -> dict of the section's keys."""
     rbit = {"name": name, "polling_time": "60", "blocked_delay": "2",

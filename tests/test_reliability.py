@@ -32,7 +32,7 @@ from rbit.jobs import KILL_GRACE
 from rbit.pybit import CancelRequest, encode, make_request
 
 from .broker import rabbitmqctl
-from .harness import ROOT, WorkerProcess, write_config
+from .harness import ROOT, WorkerProcess, wait_until, write_config
 from .rabbit_node import RabbitNode
 from .reliability_runners import events
 
@@ -41,17 +41,6 @@ RUNNERS = "python!reliability_runners"
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def wait_until(predicate, timeout=10.0, interval=0.05):
-    """Poll *predicate* until it is true; False if it never was within *timeout*."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def alive(pid):
@@ -365,7 +354,7 @@ def test_concurrency_two_runs_two_jobs_at_once_and_holds_no_third(rig):
     slot is free, then runs."""
     queue = rig.queue()
     config = rig.config({queue: ("slow", {"seconds": "6"})}, rbit={"concurrency": "2"})
-    worker = rig.start(config)
+    rig.start(config)
     for n in (1, 2, 3):
         rig.publish(n, queue)
     first_two = rig.wait_runs(2, timeout=15)

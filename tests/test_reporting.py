@@ -11,7 +11,6 @@ import requests
 from rbit.errors import UnknownStatus
 from rbit.reporting import StatusReporter, fetch_history, is_cancelled, job_url
 from rbit.statuses import ALL
-from tests.pybit_web import FakePyBit, Report, pybit_web  # noqa: F401 - the fixture
 
 CLIENT = "bob-villa"
 FAST = {"retry_initial": 0.02, "retry_max": 0.1}

@@ -19,7 +19,7 @@ import rbit
 from rbit import statuses
 
 from .broker import rabbitmqctl
-from .harness import WorkerProcess, write_config
+from .harness import WorkerProcess, wait_until, write_config
 from .pybit_models import queue_name, request_body, routing_key
 
 #: How the worker subprocess imports the runners below.
@@ -119,16 +119,6 @@ def records(path):
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def wait_until(predicate, timeout=10.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def pybit_section(fake, *, url=True, password=None):

@@ -27,10 +27,15 @@ PLACEHOLDERS = (
     "BUILDENV", "METHOD", "URI", "VCS_ID", "WEB_HOST", "QUEUE",
 )
 
-#: Longest names first, so that ``%VCS_ID`` is not read as ``%VCS`` + ``_ID``.
-_PLACEHOLDER = re.compile(
-    "%(%|" + "|".join(sorted(PLACEHOLDERS, key=len, reverse=True)) + ")"
-)
+
+
+def placeholder_pattern(names):
+    """A regex matching ``%NAME`` for *names* and ``%%``; longest names first, so that
+    ``%VCS_ID`` is not read as ``%VCS`` + ``_ID``."""
+    return re.compile("%(%|" + "|".join(sorted(names, key=len, reverse=True)) + ")")
+
+
+_PLACEHOLDER = placeholder_pattern(PLACEHOLDERS)
 _ANY_PERCENT = re.compile(r"%(.|$)")
 
 #: Exit status with which a program says its job is Blocked (``EX_TEMPFAIL``).
@@ -61,14 +66,14 @@ def split(line):
     return argv
 
 
-def substitute(argv, fields):
+def substitute(argv, fields, pattern=_PLACEHOLDER):
     """Replace placeholders inside each argument; the number of arguments never changes."""
 
     def value(match):
         name = match.group(1)
         return "%" if name == "%" else fields.get(name, "")
 
-    return [_PLACEHOLDER.sub(value, arg) for arg in argv]
+    return [pattern.sub(value, arg) for arg in argv]
 
 
 def job_environment(fields, settings, base=None):
