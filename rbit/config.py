@@ -58,6 +58,9 @@ RUNNER_OWN_KEYS = ("runner", "timeout", "routing_key")
 #: Environment variables that override passwords, by section.
 PASSWORD_ENV = {"amqp": "RBIT_AMQP_PASSWORD", "pybit": "RBIT_PYBIT_PASSWORD"}
 
+#: RabbitMQ's well-known default password: no secret, so a readable file holding it is fine.
+PUBLIC_PASSWORD = "guest"
+
 RUNNER_PREFIX = "runner:"
 LOGGING_SECTIONS = ("loggers", "handlers", "formatters")
 
@@ -220,7 +223,7 @@ class _Section:
                 raise self.error(file_key, f"cannot read {path}: {exc.strerror}") from None
             _warn_if_readable(Path(path), f"[{self.name}] {file_key}", warnings)
             return secret
-        if key in self.explicit:
+        if key in self.explicit and self.values.get(key) != PUBLIC_PASSWORD:
             _warn_if_readable(self.path, f"[{self.name}] {key}", warnings)
         return self.values.get(key)
 
