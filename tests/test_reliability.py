@@ -722,19 +722,28 @@ def test_second_sigterm_stops_at_once_and_loses_nothing(rig):
     assert rig.vhost.depth(queue) == 0 and rig.vhost.depth(rig.in_progress()) == 0
 
 
-def test_second_sigterm_while_the_broker_is_down_keeps_the_job_for_the_next_start(node, node_rig):
-    """§6 "a second SIGTERM stops at once" and "no job is lost", with the broker away: the
-    worker stops within seconds, the job's group is gone, the confirmed in-progress copy is still
-    on the broker when it comes back, and the next start runs the job to an end."""
-    rig = node_rig
+def slow_job_then_broker_down(node, rig, grace):
+    """A worker running a 60 s job (with a child process) whose broker has just gone away.
+
+    Returns (queue, config path, worker, job pid, child pid)."""
     queue = rig.queue()
-    config = rig.config({queue: ("slow", {"seconds": "60", "child": "yes"})}, rbit={"shutdown_grace": "60"})
+    config = rig.config({queue: ("slow", {"seconds": "60", "child": "yes"})},
+                        rbit={"shutdown_grace": str(grace)})
     worker = rig.start(config)
     rig.publish(1, queue)
     job_pid = rig.wait_runs(1, n=1)[0][2]
     child = rig.child_pid(1)
     node.stop_app()
     worker.wait_log(r"lost the broker connection", timeout=15)
+    return queue, config, worker, job_pid, child
+
+
+def test_second_sigterm_while_the_broker_is_down_keeps_the_job_for_the_next_start(node, node_rig):
+    """§6 "a second SIGTERM stops at once" and "no job is lost", with the broker away: the
+    worker stops within seconds, the job's group is gone, the confirmed in-progress copy is still
+    on the broker when it comes back, and the next start runs the job to an end."""
+    rig = node_rig
+    queue, config, worker, job_pid, child = slow_job_then_broker_down(node, rig, grace=60)
     worker.signal(signal.SIGTERM)
     worker.wait_log(r"SIGTERM received", timeout=5)
     time.sleep(0.5)
@@ -759,14 +768,7 @@ def test_sigterm_past_grace_while_the_broker_is_down_puts_the_message_back_when_
     waits for the broker to put the message back on its queue (header x-rbit-recovered), then
     exits 0; nothing is left in the in-progress queue."""
     rig = node_rig
-    queue = rig.queue()
-    config = rig.config({queue: ("slow", {"seconds": "60", "child": "yes"})}, rbit={"shutdown_grace": "1"})
-    worker = rig.start(config)
-    rig.publish(1, queue)
-    job_pid = rig.wait_runs(1, n=1)[0][2]
-    child = rig.child_pid(1)
-    node.stop_app()
-    worker.wait_log(r"lost the broker connection", timeout=15)
+    queue, config, worker, job_pid, child = slow_job_then_broker_down(node, rig, grace=1)
     worker.signal(signal.SIGTERM)
     rig.wait_status(1, statuses.WAITING, timeout=15)
     assert_gone(job_pid, child, timeout=3)
