@@ -165,6 +165,17 @@ class Rig:
         entries = self.wait_runs(1, "child", n)
         return int(entries[-1][4])
 
+    def start_slow_job(self, **rbit):
+        """A worker running job 1, a 60 s job with a ``sleep`` child in its group, on a queue of
+        its own; *rbit* adds ``[rbit]`` keys. Returns (queue, config, worker, job pid, child pid)."""
+        queue = self.queue()
+        config = self.config({queue: ("slow", {"seconds": "60", "child": "yes"})},
+                             **({"rbit": rbit} if rbit else {}))
+        worker = self.start(config)
+        self.publish(1, queue)
+        job_pid = self.wait_runs(1, n=1)[0][2]
+        return queue, config, worker, job_pid, self.child_pid(1)
+
     def statuses(self, n):
         return self.web.statuses(self.job(n))
 
@@ -444,12 +455,7 @@ def test_sigkill_mid_job_kills_the_group_and_the_next_start_runs_the_job(rig):
     process group dies with the worker (lifeline), the message waits in
     rbit.inprogress.<name>.0, and the worker started again runs the job to an end, with the
     redelivered flag set."""
-    queue = rig.queue()
-    config = rig.config({queue: ("slow", {"seconds": "60", "child": "yes"})})
-    worker = rig.start(config)
-    rig.publish(1, queue)
-    job_pid = rig.wait_runs(1, n=1)[0][2]
-    child = rig.child_pid(1)
+    queue, config, worker, job_pid, child = rig.start_slow_job()
     worker.process.kill()
     worker.process.wait(10)
     assert_gone(job_pid, child, timeout=5)
@@ -520,12 +526,7 @@ def test_power_cut_mid_job_the_job_runs_to_an_end_after_both_come_back(node, nod
     acknowledged original may be back on its queue beside the copy: the job is then run twice.
     The contract promises "not lost" here, not "once", so this test accepts both."""
     rig = node_rig
-    queue = rig.queue()
-    config = rig.config({queue: ("slow", {"seconds": "60", "child": "yes"})})
-    worker = rig.start(config)
-    rig.publish(1, queue)
-    job_pid = rig.wait_runs(1, n=1)[0][2]
-    child = rig.child_pid(1)
+    queue, config, worker, job_pid, child = rig.start_slow_job()
     worker.process.kill()
     node.kill()
     worker.process.wait(10)
@@ -674,12 +675,7 @@ def test_sigterm_mid_job_past_grace_stops_it_and_puts_the_message_back(rig):
     """§6 SIGTERM "otherwise stops it and puts its message back, reporting Waiting": with
     shutdown_grace = 1 a long job's process group is stopped, the message is back on its own
     queue with header x-rbit-recovered, Waiting is reported, and the worker exits 0."""
-    queue = rig.queue()
-    config = rig.config({queue: ("slow", {"seconds": "60", "child": "yes"})}, rbit={"shutdown_grace": "1"})
-    worker = rig.start(config)
-    rig.publish(1, queue)
-    job_pid = rig.wait_runs(1, n=1)[0][2]
-    child = rig.child_pid(1)
+    queue, config, worker, job_pid, child = rig.start_slow_job(shutdown_grace="1")
     worker.signal(signal.SIGTERM)
     assert worker.wait(20) == 0, worker.log[-3000:]
     assert_gone(job_pid, child, timeout=3)
@@ -698,12 +694,7 @@ def test_second_sigterm_stops_at_once_and_loses_nothing(rig):
     """§6 "a second SIGTERM or Ctrl+C stops at once": with a long grace, the second SIGTERM ends
     the worker within seconds (exit 0), the job's group is gone, and its message is either back
     on its queue or in the in-progress queue, so the next start runs it to an end."""
-    queue = rig.queue()
-    config = rig.config({queue: ("slow", {"seconds": "60", "child": "yes"})}, rbit={"shutdown_grace": "60"})
-    worker = rig.start(config)
-    rig.publish(1, queue)
-    job_pid = rig.wait_runs(1, n=1)[0][2]
-    child = rig.child_pid(1)
+    queue, config, worker, job_pid, child = rig.start_slow_job(shutdown_grace="60")
     worker.signal(signal.SIGTERM)
     worker.wait_log(r"SIGTERM received", timeout=5)
     time.sleep(0.5)
@@ -726,16 +717,10 @@ def slow_job_then_broker_down(node, rig, grace):
     """A worker running a 60 s job (with a child process) whose broker has just gone away.
 
     Returns (queue, config path, worker, job pid, child pid)."""
-    queue = rig.queue()
-    config = rig.config({queue: ("slow", {"seconds": "60", "child": "yes"})},
-                        rbit={"shutdown_grace": str(grace)})
-    worker = rig.start(config)
-    rig.publish(1, queue)
-    job_pid = rig.wait_runs(1, n=1)[0][2]
-    child = rig.child_pid(1)
+    started = rig.start_slow_job(shutdown_grace=str(grace))
     node.stop_app()
-    worker.wait_log(r"lost the broker connection", timeout=15)
-    return queue, config, worker, job_pid, child
+    started[2].wait_log(r"lost the broker connection", timeout=15)
+    return started
 
 
 def test_second_sigterm_while_the_broker_is_down_keeps_the_job_for_the_next_start(node, node_rig):
@@ -788,12 +773,7 @@ def test_cancel_stops_the_running_job_and_drops_its_message(rig):
     """§1 CancelRequest, §6 "a cancel from PyBit stops the running job (its process group),
     reports Cancelled and drops the message": queue and in-progress queue are empty after, and
     the worker takes the next job."""
-    queue = rig.queue()
-    config = rig.config({queue: ("slow", {"seconds": "60", "child": "yes"})})
-    worker = rig.start(config)
-    rig.publish(1, queue)
-    job_pid = rig.wait_runs(1, n=1)[0][2]
-    child = rig.child_pid(1)
+    queue, config, worker, job_pid, child = rig.start_slow_job()
     rig.cancel(1)
     rig.wait_status(1, statuses.CANCELLED, timeout=15)
     assert_gone(job_pid, child)
