@@ -129,11 +129,14 @@ def describe(connection):
     return f"{connection.hostname}:{connection.port}"
 
 
-def copy_message(message, extra_headers=None):
-    """An amqp message with *message*'s body and properties, plus *extra_headers*."""
+def copy_message(message, extra_headers=None, drop=()):
+    """A persistent amqp message with *message*'s body and properties, plus
+    *extra_headers*, less the headers named in *drop*."""
     properties = dict(message.properties)
     headers = dict(properties.pop("application_headers", None) or {})
     headers.update(extra_headers or {})
+    for name in drop:
+        headers.pop(name, None)
     properties["delivery_mode"] = 2
     return amqp.Message(message.body, application_headers=headers, **properties)
 
@@ -281,28 +284,40 @@ class Broker:
         """One message from *queue_name* (to be acked by the caller), or None."""
         return self.channel.basic_get(queue_name, no_ack=False)
 
-    def exists(self, queue_name):
-        """True if *queue_name* exists (a failed passive declare costs a channel, so use a spare)."""
-        channel = self.connection.channel()
-        try:
-            channel.queue_declare(queue_name, passive=True)
-            return True
-        except amqp.exceptions.NotFound:
-            return False
-        finally:
-            try:
-                channel.close()
-            except Exception:  # the broker already closed it after NotFound
-                pass
-
     def queue_info(self, queue_name):
-        """(message count, consumer count) of an existing queue."""
+        """(message count, consumer count) of *queue_name*; NotFound if it does not exist.
+
+        A failed passive declare costs a channel, so this uses a spare one.
+        """
         channel = self.connection.channel()
         try:
             ok = channel.queue_declare(queue_name, passive=True)
             return ok.message_count, ok.consumer_count
         finally:
-            channel.close()
+            _close_quietly(channel)
+
+    def exists(self, queue_name):
+        """True if *queue_name* exists."""
+        try:
+            self.queue_info(queue_name)
+        except amqp.exceptions.NotFound:
+            return False
+        return True
+
+    def take(self, queue_name, limit):
+        """Up to *limit* messages of *queue_name*, unacknowledged, on a spare channel.
+
+        Returns (channel, messages): ack on that channel what is done with;
+        closing it puts the rest back, in their order.
+        """
+        channel = self.connection.channel()
+        messages = []
+        while len(messages) < limit:
+            message = channel.basic_get(queue_name, no_ack=False)
+            if message is None:
+                break
+            messages.append(message)
+        return channel, messages
 
     def drain(self):
         """Handle every frame the broker has sent so far, without blocking."""
@@ -328,6 +343,13 @@ class Broker:
 
 class StopWaiting(BrokerError):
     """Waiting for the broker ended because the worker was asked to stop."""
+
+
+def _close_quietly(channel):
+    try:
+        channel.close()
+    except Exception:  # the broker may have closed it already (after NotFound, say)
+        pass
 
 
 def _short(exc):

@@ -211,15 +211,20 @@ def request_options(command):
     return command
 
 
+def section_for(config, queue):
+    """The runner section of ``--queue``, or the first one."""
+    try:
+        return config.runner_for(queue) if queue else config.runners[0]
+    except KeyError:
+        raise click.BadParameter(f"no [runner:{queue}] section in {config.path}", param_hint="--queue")
+
+
 def build_request_from(config, queue, fields):
     """The routing key and BuildRequest that the command line's fields describe."""
     from .errors import BadMessage
     from .publish import request_from_fields
 
-    try:
-        section = config.runner_for(queue) if queue else config.runners[0]
-    except KeyError:
-        raise click.BadParameter(f"no [runner:{queue}] section in {config.path}", param_hint="--queue")
+    section = section_for(config, queue)
     parts = section.routing_key.split(".")
     if len(parts) != 4:
         parts = [None] * 4
@@ -310,10 +315,7 @@ def try_command(config_path, queue, body_file, verbose, format_, **fields):
             request = decode_build_request(raw)
         except BadMessage as exc:
             fail(f"{body_file.name}: not a build request rbit would run: {exc.reason}", RET_USAGE)
-        try:
-            section = config.runner_for(queue) if queue else config.runners[0]
-        except KeyError:
-            raise click.BadParameter(f"no [runner:{queue}] section in {config.path}", param_hint="--queue")
+        section = section_for(config, queue)
         body = raw.decode("utf-8")
     else:
         _, section, request = build_request_from(config, queue, fields)
@@ -335,13 +337,13 @@ def rejected_command(config_path, limit, requeue, requeue_all, bodies):
 
     Messages not put back stay in the rejected queue, in their order.
     """
-    from .rejected import headers_of, preview, put_back, take
+    from .rejected import headers_of, preview, put_back
 
     config = load_config(config_path)
     broker = connected_broker(config)
     queue_name = config.worker.rejected_queue
     try:
-        channel, messages = take(broker, queue_name, limit)
+        channel, messages = broker.take(queue_name, limit)
         if not messages:
             click.echo(f"{queue_name}: empty")
         for number, message in enumerate(messages, 1):

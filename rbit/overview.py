@@ -8,22 +8,12 @@ from .errors import BadMessage
 
 
 def peek(broker, queue_name, limit=20):
-    """Up to *limit* messages of *queue_name*, left in place (they return when the channel closes)."""
-    channel = broker.connection.channel()
-    messages = []
+    """Up to *limit* messages of *queue_name*, left in place."""
     try:
-        while len(messages) < limit:
-            message = channel.basic_get(queue_name, no_ack=False)
-            if message is None:
-                break
-            messages.append(message)
+        channel, messages = broker.take(queue_name, limit)
     except amqp.exceptions.NotFound:
         return []
-    finally:
-        try:
-            channel.close()  # unacknowledged messages go back, in their order
-        except Exception:
-            pass
+    channel.close()  # the messages go back, in their order
     return messages
 
 

@@ -1,20 +1,6 @@
 """``rbit rejected``: looking at the rejected queue and putting messages back where they came from."""
 
-import amqp
-
 from . import broker as amqp_side
-
-
-def take(broker, queue_name, limit):
-    """Up to *limit* messages of the rejected queue, unacknowledged, on a channel of their own."""
-    channel = broker.connection.channel()
-    messages = []
-    while len(messages) < limit:
-        message = channel.basic_get(queue_name, no_ack=False)
-        if message is None:
-            break
-        messages.append(message)
-    return channel, messages
 
 
 def headers_of(message):
@@ -23,13 +9,11 @@ def headers_of(message):
 
 def put_back(broker, message):
     """Publish a rejected message, without rbit's headers, to the queue it came from (confirmed)."""
-    headers = headers_of(message)
-    queue = headers.pop(amqp_side.HEADER_QUEUE, None)
-    headers.pop(amqp_side.HEADER_REASON, None)
+    queue = headers_of(message).get(amqp_side.HEADER_QUEUE)
     if not queue:
         return None
-    properties = {k: v for k, v in message.properties.items() if k != "application_headers"}
-    broker.publish(amqp.Message(message.body, application_headers=headers, **properties), str(queue))
+    copy = amqp_side.copy_message(message, drop=(amqp_side.HEADER_QUEUE, amqp_side.HEADER_REASON))
+    broker.publish(copy, str(queue))
     return str(queue)
 
 
