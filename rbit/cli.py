@@ -166,15 +166,14 @@ def recover_command(config_path, worker_name):
     A worker does this itself when it starts again; use this command for a
     worker that will not come back. It refuses while that worker is connected.
     """
-    from .broker import Broker, cancel_queue
+    from .broker import cancel_queue
     from .worker import recover
 
     config = load_config(config_path)
     setup_logging(False, False)
     name = worker_name or config.worker.name
-    broker = Broker(config.amqp)
+    broker = connected_broker(config)
     try:
-        broker.connect_once()
         try:
             # Holding the worker's exclusive name queue proves it is not running.
             cancel_queue(name)(broker.channel).declare()
