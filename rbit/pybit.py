@@ -100,12 +100,25 @@ class PackageInstance:
 
 
 @dataclass
+class BuildD:
+    """A build client as PyBit knows it (``buildclient`` of a job that one is building)."""
+
+    id: int | None
+    name: str
+
+
+@dataclass
 class Job:
-    """One build job; ``buildclient`` names the client building it, if any."""
+    """One build job; ``buildclient`` is the client building it, if any."""
 
     id: int
     packageinstance: PackageInstance
-    buildclient: str | None
+    buildclient: BuildD | None
+
+    @property
+    def client_name(self) -> str | None:
+        """The name of the build client PyBit gave the job to, or None."""
+        return None if self.buildclient is None else self.buildclient.name
 
 
 @dataclass
@@ -285,6 +298,7 @@ _FIELDS = {
     Dist: (_ID, _NAME),
     Format: (_ID, _NAME),
     BuildEnv: (_ID, _NAME),
+    BuildD: (_ID, _NAME),
     PackageInstance: (
         _ID,
         _Field("package", _object(Package)),
@@ -298,7 +312,8 @@ _FIELDS = {
     Job: (
         _Field("id", _integer),
         _Field("packageinstance", _object(PackageInstance)),
-        _Field("buildclient", _string, nullable=True),
+        # PyBit puts the BuildD building the job here: always in a CancelRequest.
+        _Field("buildclient", _object(BuildD), nullable=True),
     ),
     Transport: (
         _ID,
@@ -523,7 +538,7 @@ def make_request(
         master=master,
     )
     request = BuildRequest(
-        job=Job(job_id, instance, buildclient),
+        job=Job(job_id, instance, None if buildclient is None else BuildD(None, buildclient)),
         transport=Transport(transport_id, method, uri, vcs_id),
         web_host=web_host,
     )

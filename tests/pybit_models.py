@@ -115,6 +115,14 @@ class BuildRequest(Model):
         return None
 
 
+class BuildD(Model):
+    """A build client; PyBit puts one in ``Job.buildclient`` for a job it is building."""
+
+    def __init__(self, buildd_id, name):
+        self.id = buildd_id
+        self.name = name
+
+
 class CancelRequest(Model):
     def __init__(self, job, web_host):
         self.job = job
@@ -125,7 +133,7 @@ class CancelRequest(Model):
 
 
 for _cls in (Model, Arch, Dist, Format, Suite, BuildEnv, Package, Transport,
-             PackageInstance, Job, BuildRequest, CancelRequest):
+             PackageInstance, Job, BuildRequest, CancelRequest, BuildD):
     _cls.__module__ = PYBIT_MODULE
 del _cls
 
@@ -153,9 +161,10 @@ def request_body(job_id, package="hello", version="1.0-1", dist="cnx", arch="any
     return encode(build_request(job_id, package, version, dist, arch, suite, fmt, web_host, **more))
 
 
-def cancel_body(job_id, web_host="pybit.example:8080", **more):
-    """The text PyBit's web front end publishes to cancel a job."""
-    request = build_request(job_id, web_host=web_host, **more)
+def cancel_body(job_id, client, web_host="pybit.example:8080", **more):
+    """The text PyBit's web front end publishes to cancel a job that *client* is building: its
+    ``job.buildclient`` is always a BuildD (see tests/pybit_wire/cancel_request.json)."""
+    request = build_request(job_id, web_host=web_host, buildclient=BuildD(1, client), **more)
     return encode(CancelRequest(request.job, web_host))
 
 

@@ -20,12 +20,12 @@ from rbit.errors import BadMessage
 # -- PyBit's own pybit.models, as its controller has them (tests/pybit_models.py) --
 
 from .pybit_models import (  # noqa: E402
-    Arch, BuildEnv, BuildRequest, CancelRequest, Dist, Format, Job, Model, Package,
+    Arch, BuildD, BuildEnv, BuildRequest, CancelRequest, Dist, Format, Job, Model, Package,
     PackageInstance, Suite, Transport,
 )
 
 PYBIT_CLASSES = [Model, Arch, Dist, Format, Suite, BuildEnv, Package, Transport,
-                 PackageInstance, Job, BuildRequest, CancelRequest]
+                 PackageInstance, Job, BuildRequest, CancelRequest, BuildD]
 
 ACCESSORS = ["get_job_id", "get_package", "get_version", "get_arch", "get_dist",
              "get_suite", "get_format", "get_buildenv", "get_buildstamp"]
@@ -124,7 +124,7 @@ def no_calls(monkeypatch, tmp_path):
 @pytest.mark.parametrize("as_text", [False, True])
 def test_reads_what_pybit_controller_writes(build_env, stamped, as_text):
     """§1: a BuildRequest jsonpickled by PyBit decodes with every accessor as PyBit's own gives."""
-    original = pybit_request(build_env=build_env, buildclient="bob-villa")
+    original = pybit_request(build_env=build_env, buildclient=BuildD(3, "bob-villa"))
     if stamped:
         original.stamp_request()
     text = controller_body(original)
@@ -133,7 +133,8 @@ def test_reads_what_pybit_controller_writes(build_env, stamped, as_text):
     for accessor in ACCESSORS:
         assert getattr(request, accessor)() == getattr(original, accessor)(), accessor
     assert request.web_host == "pybit.example:8080"
-    assert request.job.buildclient == "bob-villa"
+    assert request.job.buildclient == pybit.BuildD(3, "bob-villa")
+    assert request.job.client_name == "bob-villa"
     assert request.job.packageinstance.master is True
     assert request.transport == pybit.Transport(None, "git", "https://git.example/hello.git", "abc123")
 
@@ -146,13 +147,29 @@ def test_reads_pybit_request_with_default_make_refs():
 
 
 def test_reads_cancel_request():
-    """§1: a CancelRequest from PyBit web decodes, with its job id."""
-    text = controller_body(CancelRequest(pybit_job(job_id=77), "pybit.example:8080"))
+    """A CancelRequest from PyBit web decodes, with its job id and the BuildD building it."""
+    text = controller_body(CancelRequest(pybit_job(job_id=77, buildclient=BuildD(2, "bob")), "pybit.example:8080"))
     request = pybit.decode_cancel_request(text)
     assert isinstance(request, pybit.CancelRequest)
     assert request.get_job_id() == 77
+    assert request.job.client_name == "bob"
     assert request.web_host == "pybit.example:8080"
     assert pybit.decode(text) == request
+
+
+def test_buildclient_is_read_as_strictly_as_every_other_class():
+    """A BuildD in a job is checked like every other class: its fields' types, its tag, and
+    no jsonpickle tag inside it."""
+    data = request_data()
+    data["job"]["buildclient"] = {"py/object": "pybit.models.BuildD", "id": "1", "name": "b"}
+    assert rejected(data) == "$.job.buildclient.id must be an integer, not a string"
+    data["job"]["buildclient"] = {"py/object": "pybit.models.BuildD", "id": 1}
+    assert rejected(data) == "missing field 'name' at $.job.buildclient"
+    data["job"]["buildclient"] = {"py/object": "pybit.models.Arch", "id": 1, "name": "b"}
+    assert rejected(data) == "$.job.buildclient must be a pybit.models.BuildD, not pybit.models.Arch"
+    data["job"]["buildclient"] = {"py/object": "pybit.models.BuildD", "id": 1,
+                                  "name": {"py/reduce": [{"py/function": "os.system"}, ["true"]]}}
+    assert rejected(data).startswith("forbidden jsonpickle tag 'py/reduce'")
 
 
 def test_decode_tells_the_two_requests_apart():
@@ -443,7 +460,8 @@ def _set(data, path, value):
     ("job.packageinstance.master", "yes", "$.job.packageinstance.master must be a boolean, not a string"),
     ("job.packageinstance.master", 1, "$.job.packageinstance.master must be a boolean, not an integer"),
     ("job.packageinstance.master", None, "$.job.packageinstance.master must be a boolean, not null"),
-    ("job.buildclient", 5, "$.job.buildclient must be a string, not an integer"),
+    ("job.buildclient", 5, "$.job.buildclient must be a pybit.models.BuildD, not an integer"),
+    ("job.buildclient", "bob", "$.job.buildclient must be a pybit.models.BuildD, not a string"),
     ("web_host", 8080, "$.web_host must be a string, not an integer"),
     ("transport.method", None, "$.transport.method must be a string, not null"),
     ("transport.uri", ["u"], "$.transport.uri must be a string, not a list"),

@@ -29,10 +29,10 @@ import pytest
 from rbit import statuses
 from rbit.broker import HEADER_RECOVERED, in_progress_name
 from rbit.jobs import KILL_GRACE
-from rbit.pybit import CancelRequest, encode, make_request
 
 from .broker import rabbitmqctl
 from .harness import ROOT, WorkerProcess, wait_until, write_config
+from .pybit_models import cancel_body, request_body
 from .rabbit_node import RabbitNode
 from .reliability_runners import events
 
@@ -103,8 +103,7 @@ class Rig:
 
     def body(self, job_id, queue):
         dist, arch, suite, fmt = queue.split("_")
-        return encode(make_request(job_id, f"pkg{job_id}", "1.0", dist, arch, suite, fmt,
-                                   web_host=self.web.web_host))
+        return request_body(job_id, f"pkg{job_id}", "1.0", dist, arch, suite, fmt, web_host=self.web.web_host)
 
     def publish(self, n, queue):
         """Publish job *n* to *queue* as PyBit does (declaring the queue first, as PyBit does)."""
@@ -115,9 +114,8 @@ class Rig:
 
     def cancel(self, n, worker_name=None):
         """Publish PyBit's CancelRequest for job *n* to the worker's own routing key."""
-        request = make_request(self.job(n), "pkg", "1.0", "d", "a", "s", "f", web_host=self.web.web_host)
-        body = encode(CancelRequest(job=request.job, web_host=self.web.web_host))
-        self.vhost.publish_build(body, worker_name or self.name)
+        name = worker_name or self.name
+        self.vhost.publish_build(cancel_body(self.job(n), name, web_host=self.web.web_host), name)
 
     # -- workers
 
