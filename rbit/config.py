@@ -340,10 +340,18 @@ def _pybit(section, environ, warnings):
     if url and not url.startswith(("http://", "https://")):
         # The url may hold credentials: do not repeat it.
         raise section.error("url", "must start with http:// or https://")
+    user = section.text("user") or None
+    password = section.secret("password", PASSWORD_ENV["pybit"], environ, warnings) or None
+    if (user or password) and not url:
+        # Without a url, statuses follow each request's web_host: a message would
+        # choose where the password goes, over plain HTTP.
+        raise section.error(
+            "url", "is required with a user or password: credentials go only to the configured PyBit"
+        )
     return PybitSettings(
         url=url,
-        user=section.text("user") or None,
-        password=section.secret("password", PASSWORD_ENV["pybit"], environ, warnings) or None,
+        user=user,
+        password=password,
         timeout=section.number("timeout", minimum=0.1),
     )
 

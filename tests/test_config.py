@@ -129,6 +129,13 @@ MISTAKES = [
      "pybit", "url", "http://"),
     ("pybit-timeout-not-a-number", edit(lambda s: s.__setitem__("pybit", {"timeout": "slow"})),
      "pybit", "timeout", "slow"),
+    ("pybit-user-without-url", edit(lambda s: s.__setitem__("pybit", {"user": "admin"})),
+     "pybit", "url", "credentials go only to the configured PyBit"),
+    ("pybit-password-without-url", edit(lambda s: s.__setitem__("pybit", {"password": "secret"})),
+     "pybit", "url", "credentials go only to the configured PyBit"),
+    ("pybit-password-file-without-url",
+     edit(lambda s: s.__setitem__("pybit", {"password_file": "/etc/hostname"})),
+     "pybit", "url", "credentials go only to the configured PyBit"),
     ("nothing-after-processor", runner_key("runner", "python!"), f"runner:{QUEUE}", "runner", "nothing after"),
     ("function-not-callable", runner_key("runner", "python!rbitext.hello:log.name"),
      f"runner:{QUEUE}", "runner", "not callable"),
@@ -359,11 +366,26 @@ def test_passwords_from_password_files(tmp_path):
     (tmp_path / "pybit.secret").write_text("pybit-from-file\n")
     sections = base_sections()
     sections["amqp"] = {"password_file": str(tmp_path / "amqp.secret")}
-    sections["pybit"] = {"user": "admin", "password_file": str(tmp_path / "pybit.secret")}
+    sections["pybit"] = {"url": "http://pybit.example", "user": "admin",
+                         "password_file": str(tmp_path / "pybit.secret")}
     config = load(tmp_path, sections)
     assert config.amqp.password == "amqp-from-file"
     assert config.pybit.password == "pybit-from-file"
-    assert config.pybit.url is None
+
+
+def test_pybit_password_from_the_environment_needs_a_url(tmp_path, monkeypatch):
+    """Credentials go only to the configured PyBit: a [pybit] section without url, with
+    RBIT_PYBIT_PASSWORD set, is refused naming [pybit] and url; without any credentials,
+    statuses may follow each request's web_host."""
+    sections = base_sections()
+    sections["pybit"] = {"timeout": "5"}
+    path = tmp_path / "rbit.ini"
+    path.write_text(ini(sections))
+    assert config_module.load(path, environ={}).pybit.url is None
+    with pytest.raises(ConfigError) as caught:
+        config_module.load(path, environ={"RBIT_PYBIT_PASSWORD": "from-env"})
+    assert (caught.value.section, caught.value.key) == ("pybit", "url")
+    assert "from-env" not in str(caught.value)
 
 
 def test_unreadable_password_file_names_section_and_key(tmp_path):
