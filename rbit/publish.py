@@ -2,7 +2,7 @@
 
 import amqp
 
-from .broker import PYBIT_EXCHANGE, Broker
+from .broker import PYBIT_EXCHANGE, Broker, build_queue
 from .errors import BrokerError
 from .pybit import encode, make_request
 
@@ -10,18 +10,23 @@ from .pybit import encode, make_request
 def publish_request(amqp_settings, routing_key, request):
     """Publish *request* through ``pybit`` with *routing_key*, persistent and mandatory.
 
-    Returns the body sent. Raises BrokerError when no queue is bound to the key
-    (the broker returns a mandatory message it cannot route).
+    Like PyBit's controller, it first declares the build queue
+    ``dist_arch_suite_format`` and binds it with *routing_key*, so a request
+    sent before any worker has started is kept; and, like it, it sets no
+    content type. Returns the body sent. Raises BrokerError when the broker
+    returns the message anyway (it could not route it).
     """
     body = encode(request)
+    parts = (request.get_dist(), request.get_arch(), request.get_suite(), request.get_format())
+    queue = build_queue("_".join(parts), routing_key)
     broker = Broker(amqp_settings)
     returned = []
     try:
         broker.connect_once()
-        PYBIT_EXCHANGE(broker.channel).declare()
+        queue(broker.channel).declare()
         broker.channel.events["basic_return"].add(lambda *args: returned.append(args))
         broker.channel.basic_publish(
-            amqp.Message(body, delivery_mode=2, content_type="application/json"),
+            amqp.Message(body, delivery_mode=2),
             exchange=PYBIT_EXCHANGE.name,
             routing_key=routing_key,
             mandatory=True,

@@ -146,17 +146,24 @@ def test_publish_puts_a_pybit_request_on_the_served_queue(tmp_path, vhost, uniqu
     assert vhost.depth(queue) == 0
 
 
-def test_publish_to_a_key_no_queue_is_bound_to_exits_1(tmp_path, vhost, unique):
-    """Issue 5.1 / contract §1 (mandatory): an unroutable request is reported, nothing is queued, exit 1."""
+def test_publish_before_any_worker_keeps_the_request_for_the_worker(tmp_path, vhost, unique):
+    """``rbit publish`` does what PyBit's controller does: it declares the build queue as PyBit
+    does (durable, no arguments) and binds it, so a request sent before any worker has started
+    is kept, with no content type; a worker started afterwards builds it."""
     _, queue, key = names(unique)
     config = write_config(tmp_path / "rbit.ini", name=f"pub-{unique}", vhost=vhost,
                           runners={queue: {"runner": "python!rbitext.hello:hello"}})
-    result = rbit("publish", config, "--job-id", 1)
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    assert "no queue is bound" in result.stderr and key in result.stderr
-    assert "Traceback" not in result.stderr
-    assert "published" not in result.stdout
     assert vhost.queue_info(queue) is None
+    result = rbit("publish", config, "--job-id", 4343, "--package", "early", "--version", "0.1")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert vhost.depth(queue) == 1
+    with vhost.connection() as conn:
+        channel = conn.channel()
+        message = channel.basic_get(queue, no_ack=False)
+        assert "content_type" not in message.properties, message.properties
+    with WorkerProcess(config) as worker:
+        worker.wait_log(r"job 4343: early 0\.1 from .* ended Done", timeout=30)
+    assert vhost.depth(queue) == 0
 
 
 # -- rbit status (issue 5.2) -----------------------------------------------------------------
