@@ -36,7 +36,8 @@ PYBIT_EXCHANGE = Exchange("pybit", type="direct", durable=True, auto_delete=Fals
 HEADER_QUEUE = "x-rbit-queue"
 #: Header saying why a message was rejected.
 HEADER_REASON = "x-rbit-reason"
-#: Header on a message put back after its worker stopped or died mid-job.
+#: Header on a message put back after its worker stopped or died mid-job; its
+#: value is that worker's name (PyBit's history may show that name building it).
 HEADER_RECOVERED = "x-rbit-recovered"
 
 #: Reconnection backoff: first wait, step and cap, in seconds.
@@ -45,12 +46,12 @@ RECONNECT_START, RECONNECT_STEP, RECONNECT_MAX = 1.0, 2.0, 30.0
 LOG_CONNECT_FAILED = "cannot reach the broker (%s); next attempt in %.0f s"
 
 
-def build_queue(section):
-    """A served build queue, declared exactly as PyBit declares it."""
+def build_queue(name, routing_key):
+    """A PyBit build queue, declared exactly as PyBit declares it."""
     return Queue(
-        section.queue,
+        name,
         PYBIT_EXCHANGE,
-        routing_key=section.routing_key,
+        routing_key=routing_key,
         durable=True,
         exclusive=False,
         auto_delete=False,
@@ -235,7 +236,7 @@ class Broker:
             ) from exc
         try:
             for section in runner_sections:
-                build_queue(section)(self.channel).declare()
+                build_queue(section.queue, section.routing_key)(self.channel).declare()
                 delay_queue(section.queue, blocked_delay)(self.channel).declare()
             rejected_queue(rejected)(self.channel).declare()
             for slot in range(slots):

@@ -17,7 +17,8 @@ Messages from the job process to the worker, each a tuple:
     a log record or a line of output;
 ``("result", status, text)``
     how the runner ended: ``None`` (it returned), ``Failed``, ``Blocked``,
-    or :data:`DROPPED` (PyBit says the job was cancelled before it started).
+    or :data:`DROPPED` (PyBit's history says the job is not to run: see
+    :mod:`rbit.history`).
 """
 
 import logging
@@ -31,9 +32,9 @@ import traceback
 
 from . import statuses
 from .errors import JobOutcome
-from .reporting import is_cancelled
+from . import history
 
-#: Result of a job that PyBit had cancelled before it started: dropped, not run.
+#: Result of a job that PyBit's history says not to run: dropped, not run.
 DROPPED = "Dropped"
 
 #: Seconds between SIGTERM and SIGKILL when a job's process group is stopped.
@@ -62,11 +63,12 @@ def fork_context(preload=()):
 class JobProcess:
     """The worker's handle on one job's process."""
 
-    def __init__(self, context, runner, message, pybit=None, log_level=logging.INFO):
+    def __init__(self, context, runner, message, pybit=None, worker_name=None, log_level=logging.INFO):
         self.context = context
         self.runner = runner
         self.message = message
         self.pybit = pybit
+        self.worker_name = worker_name
         self.log_level = log_level
         self.process = None
         self.conn = None
@@ -80,7 +82,7 @@ class JobProcess:
         parent_end, child_end = self.context.Pipe(duplex=True)
         self.process = self.context.Process(
             target=child_main,
-            args=(child_end, self.runner, self.message, self.pybit, self.log_level),
+            args=(child_end, self.runner, self.message, self.pybit, self.worker_name, self.log_level),
             name=f"rbit job {self.message.job_id}",
         )
         try:
@@ -179,7 +181,7 @@ class _ForwardHandler(logging.Handler):
             self.handleError(record)
 
 
-def child_main(conn, runner, message, pybit, log_level):
+def child_main(conn, runner, message, pybit, worker_name, log_level):
     """Run one job in this process; the entry point of every job process."""
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -196,16 +198,18 @@ def child_main(conn, runner, message, pybit, log_level):
         channel.send("status", status, text)
 
     try:
-        result = _run(runner, message, pybit, set_status)
+        result = _run(runner, message, pybit, worker_name, set_status)
     finally:
         _finish_output(output)
     channel.send("result", *result)
 
 
-def _run(runner, message, pybit, set_status):
-    job_id = message.job_id
-    if pybit is not None and is_cancelled(pybit, message.request.web_host, job_id):
-        return (DROPPED, "PyBit says the job is Cancelled")
+def _run(runner, message, pybit, worker_name, set_status):
+    if pybit is not None:
+        found = history.fetch(pybit, message.request.web_host, message.job_id)
+        run, why = history.should_run(found, worker_name, message.recovered_from)
+        if not run:
+            return (DROPPED, why)
     try:
         set_status(statuses.BUILDING)
         runner.run(message, set_status)

@@ -16,6 +16,8 @@ class Message:
     queue: str
     redelivered: bool = False
     headers: dict = field(default_factory=dict)
+    #: The worker that left this job unfinished, when it was put back for another run.
+    recovered_from: str | None = None
 
     @property
     def job_id(self):

@@ -11,12 +11,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
 from . import statuses
 from .errors import UnknownStatus
+from .pybit_http import auth as _auth, job_url, redact as _redact, safe_url
 
 if TYPE_CHECKING:
     from .config import PybitSettings
@@ -45,63 +45,6 @@ STOP_GRACE = 0.5
 COMPACT_EVERY = 64
 
 _DELIVERED, _RETRY, _DROPPED = "delivered", "retry", "dropped"
-
-
-def job_url(pybit: PybitSettings | None, web_host: str | None, job_id) -> str:
-    """PyBit's URL of one job: ``{pybit.url}/job/{id}``, or on the request's ``web_host``."""
-    if pybit is not None and pybit.url:
-        base = pybit.url.rstrip("/")
-    else:
-        base = f"http://{web_host}"
-    return f"{base}/job/{job_id}"
-
-
-def fetch_history(pybit: PybitSettings | None, web_host: str | None, job_id) -> list[str] | None:
-    """The job's status names in PyBit, oldest first; ``None`` if unknown or unavailable.
-
-    ``None`` when PyBit is not configured, cannot be reached, does not know the
-    job (404) or answers something unexpected (logged at WARNING).
-    """
-    if pybit is None:
-        return None
-    url = job_url(pybit, web_host, job_id) + "/status"
-    shown = safe_url(url)
-    try:
-        response = requests.get(
-            url,
-            auth=_auth(pybit),
-            timeout=pybit.timeout,
-            headers={"Accept": "application/json"},
-        )
-    except requests.RequestException as exc:
-        log.warning("job %s: cannot fetch its status history from %s: %s",
-                    job_id, shown, _redact(pybit, exc))
-        return None
-    with response:
-        if response.status_code == 404:
-            log.debug("job %s: PyBit at %s does not know it", job_id, shown)
-            return None
-        if response.status_code != 200:
-            log.warning("job %s: unexpected answer %s %s from %s", job_id,
-                        response.status_code, response.reason, shown)
-            return None
-        try:
-            entries = response.json()
-            history = [entry["status"] for entry in entries]
-        except (ValueError, TypeError, KeyError) as exc:
-            log.warning("job %s: unexpected status history from %s: %s", job_id, shown,
-                        _redact(pybit, exc))
-            return None
-    if not all(isinstance(name, str) for name in history):
-        log.warning("job %s: unexpected status history from %s: %r", job_id, shown, history)
-        return None
-    return history
-
-
-def is_cancelled(pybit: PybitSettings | None, web_host: str | None, job_id) -> bool:
-    """True when the last status PyBit holds for the job is ``Cancelled``."""
-    history = fetch_history(pybit, web_host, job_id)
-    return bool(history) and history[-1] == statuses.CANCELLED
 
 
 @dataclass(frozen=True)
@@ -359,32 +302,3 @@ class StatusReporter:
             os.replace(temporary, self._spool_path)
         except OSError as exc:
             log.error(SPOOL_ERROR_LOG, self._spool_path, exc)
-
-
-def _auth(pybit: PybitSettings) -> tuple[str, str] | None:
-    if not pybit.user:
-        return None
-    return (pybit.user, pybit.password or "")
-
-
-def safe_url(url: str) -> str:
-    """*url* without any password written into it, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}" if parts.username else host
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _redact(pybit: PybitSettings, error: BaseException) -> str:
-    """The text of *error* (urllib3's own reason when wrapped), never the PyBit password."""
-    inner = error.args[0] if error.args else None
-    text = str(getattr(inner, "reason", None) or error)
-    password = getattr(pybit, "password", None)
-    if password and password in text:
-        # Masking the password in place would show where its characters are.
-        return f"{type(error).__name__} (details withheld: they contain the PyBit password)"
-    return text

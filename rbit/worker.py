@@ -53,6 +53,7 @@ REPORT_FLUSH_TIMEOUT = 5.0
 
 LOG_JOB_START = "job %s: starting %s %s from %s in slot %d"
 LOG_JOB_END = "job %s: %s %s from %s ended %s in %.1f s%s"
+LOG_JOB_DROPPED = "job %s: %s %s from %s not run: %s"
 
 
 @dataclass
@@ -224,7 +225,7 @@ class Worker:
             return
         if self._free_slot() is None:
             return
-        queues = [amqp_side.build_queue(section) for section in self.config.runners]
+        queues = [amqp_side.build_queue(section.queue, section.routing_key) for section in self.config.runners]
         # The broker may deliver on the first queues while a later basic.consume
         # waits for its reply; such a message is held (prefetch 1: at most one)
         # and taken once every consumer is in place, so that cancelling them then
@@ -263,6 +264,7 @@ class Worker:
             queue=queue,
             redelivered=bool(raw.delivery_info.get("redelivered") or headers.get(amqp_side.HEADER_RECOVERED)),
             headers=headers,
+            recovered_from=_text(headers.get(amqp_side.HEADER_RECOVERED)),
         )
         if any(job.job_id == message.job_id for job in self.slots.values()):
             log.warning("job %s (%s): already running here; dropping the duplicate", message.job_id, queue)
@@ -280,7 +282,7 @@ class Worker:
     def _start(self, slot, queue, message, raw):
         section = self.config.runner_for(queue)
         process = jobs.JobProcess(
-            self.context, section.runner, message, self.config.pybit,
+            self.context, section.runner, message, self.config.pybit, self.settings.name,
             log_level=logging.getLogger().getEffectiveLevel(),
         )
         now = time.monotonic()
@@ -352,10 +354,13 @@ class Worker:
         duration = time.monotonic() - job.started
         self.metrics.job_ended(job.queue, status or jobs.DROPPED, duration)
         request = job.message.request
-        log.info(
-            LOG_JOB_END, job.job_id, request.get_package(), request.get_version(), job.queue,
-            status, duration, f": {text}" if text else "",
-        )
+        if status == jobs.DROPPED:
+            log.info(LOG_JOB_DROPPED, job.job_id, request.get_package(), request.get_version(), job.queue, text)
+        else:
+            log.info(
+                LOG_JOB_END, job.job_id, request.get_package(), request.get_version(), job.queue,
+                status, duration, f": {text}" if text else "",
+            )
         self.finishing.append(job)
 
     def _outcome(self, job):
@@ -382,7 +387,7 @@ class Worker:
                 self.broker.publish(amqp_side.copy_message(job.raw), queue.name)
             elif job.outcome == statuses.WAITING:
                 self.broker.publish(
-                    amqp_side.copy_message(job.raw, {amqp_side.HEADER_RECOVERED: True}), job.queue
+                    amqp_side.copy_message(job.raw, {amqp_side.HEADER_RECOVERED: self.settings.name}), job.queue
                 )
             self.broker.purge(amqp_side.in_progress_name(self.settings.name, job.slot))
             self.finishing.pop(0)
@@ -548,6 +553,13 @@ class Worker:
         return restore
 
 
+def _text(value):
+    """A header's value as text (amqp gives bytes or str), or None if it is not one."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
 def reject(broker, raw, queue, reason, rejected_queue):
     """Move a bad message, unchanged, to the rejected queue (confirmed first), then ack it."""
     log.warning("rejected a message from %s: %s", queue, reason)
@@ -578,7 +590,7 @@ def recover(broker, worker_name, slots, rejected_queue):
                     rejected_queue,
                 )
             else:
-                headers = {amqp_side.HEADER_RECOVERED: True}
+                headers = {amqp_side.HEADER_RECOVERED: worker_name}
                 broker.publish(amqp_side.copy_message(message, headers), str(queue))
                 log.warning("put back a job that %s did not finish, on %s", worker_name, queue)
             message.channel.basic_ack(message.delivery_tag)

@@ -21,6 +21,7 @@ from rbit import statuses
 from .broker import rabbitmqctl
 from .harness import WorkerProcess, wait_until, write_config
 from .pybit_models import queue_name, request_body, routing_key
+from .pybit_web import FakePyBit
 
 #: How the worker subprocess imports the runners below.
 RUNNERS = "tests.test_worker"
@@ -122,10 +123,10 @@ def records(path):
 
 
 def pybit_section(fake, *, url=True, password=None):
-    section = {"user": fake.user, "password": password or fake.password, "timeout": "2"}
-    if url:
-        section["url"] = fake.url
-    return section
+    """``[pybit]`` for *fake*; without the url, also without credentials (rbit refuses those)."""
+    if not url:
+        return {"timeout": "2"}
+    return {"url": fake.url, "user": fake.user, "password": password or fake.password, "timeout": "2"}
 
 
 def log_time(match):
@@ -424,16 +425,18 @@ def test_statuses_go_to_pybit_url_when_configured(tmp_path, vhost, unique, pybit
     assert pybit_web.statuses(82) == ["Building", "Done"]
 
 
-def test_statuses_go_to_web_host_without_url(tmp_path, vhost, unique, pybit_web):
-    """§1, §3: with a [pybit] section that has no url, statuses go to the request's web_host."""
+def test_statuses_go_to_web_host_without_url(tmp_path, vhost, unique):
+    """Statuses go to the request's web_host when [pybit] has no url (and so no credentials)."""
     queue, key = queue_for(unique)
-    path, _ = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web, url=False))
-    with WorkerProcess(path) as worker:
-        worker.wait_ready(timeout=20)
-        vhost.publish_build(body_for(83, unique, web_host=pybit_web.web_host), key)
-        assert pybit_web.wait_for((83, "Done"), timeout=10), worker.log
-    assert pybit_web.statuses(83) == ["Building", "Done"]
-    assert {report.client for report in pybit_web.reports} == {f"w{unique}"}
+    with FakePyBit() as open_pybit:
+        open_pybit.add_job(83)
+        path, _ = make_config(tmp_path, vhost, unique, pybit=pybit_section(open_pybit, url=False))
+        with WorkerProcess(path) as worker:
+            worker.wait_ready(timeout=20)
+            vhost.publish_build(body_for(83, unique, web_host=open_pybit.web_host), key)
+            assert open_pybit.wait_for((83, "Done"), timeout=10), worker.log
+        assert open_pybit.statuses(83) == ["Waiting", "Building", "Done"]
+        assert {report.client for report in open_pybit.reports} == {f"w{unique}"}
 
 
 def test_without_pybit_section_statuses_are_only_logged(tmp_path, vhost, unique, pybit_web):
@@ -464,7 +467,7 @@ def test_job_cancelled_in_pybit_is_dropped_without_running(tmp_path, vhost, uniq
         vhost.publish_build(body_for(91, unique), key)
         vhost.publish_build(body_for(92, unique), key)
         assert pybit_web.wait_for((92, "Done"), timeout=10), worker.log
-        ended(worker, 91)
+        worker.wait_log(r"job 91: .* not run: PyBit's history ends in Cancelled")
     assert [entry["job_id"] for entry in records(record)] == [92]
     assert pybit_web.statuses(91) == ["Waiting", "Cancelled"]
     assert pybit_web.statuses(92) == ["Waiting", "Building", "Done"]
