@@ -1,102 +1,108 @@
-"""The broker side: PyBit's exchange and queues, rbit's own queues, confirmed publishing.
+"""The broker boundary: one connection to RabbitMQ through kombu, and rbit's own errors for its failures.
 
-Queue names rbit adds beside PyBit's (``NAME`` is ``[rbit] name``):
-
-``rbit.inprogress.NAME.SLOT``
-    one durable queue per job slot, holding a copy of the message whose job
-    runs in that slot (see :mod:`rbit.worker` for why);
-``rbit.delay.QUEUE.MSms``
-    a durable queue without consumers whose messages expire after the blocked
-    delay and are dead-lettered straight back to QUEUE;
-``[rbit] rejected_queue``
-    durable; messages that are not valid build requests, unchanged, with
-    headers saying why and where they came from;
-``NAME``
-    exclusive and auto-delete, bound to ``pybit`` with the key NAME, like
-    PyBit's reference client: cancel requests arrive here. Being exclusive,
-    it also stops two workers with the same name from running at once.
+Nothing outside this module imports kombu or amqp. Messages come out as
+:class:`Delivery` objects and go in as :class:`Outgoing` ones; every library
+error leaves as an :class:`~rbit.errors.BrokerError` (a :class:`ConnectionLost`
+when connecting again cures it). Which queues rbit uses, and why, is
+:mod:`rbit.queues`'s business.
 """
+
+from __future__ import annotations
 
 import functools
 import logging
 import ssl
+from dataclasses import dataclass, field
+from typing import Callable
 from urllib.parse import quote
 
 import amqp
+import kombu.exceptions
 from kombu import Connection, Consumer, Exchange, Queue
 
-from .errors import BrokerError, NameInUse
+from .errors import BrokerError, ConnectionLost, QueueLocked, QueueMissing, Unroutable
+from .queues import PYBIT_EXCHANGE, QueueSpec
 
 log = logging.getLogger(__name__)
 
 #: PyBit's exchange, declared exactly as PyBit declares it.
-PYBIT_EXCHANGE = Exchange("pybit", type="direct", durable=True, auto_delete=False)
-
-#: Header naming the queue a message came from (on in-progress, rejected and recovered copies).
-HEADER_QUEUE = "x-rbit-queue"
-#: Header saying why a message was rejected.
-HEADER_REASON = "x-rbit-reason"
-#: Header on a message put back after its worker stopped or died mid-job; its
-#: value is that worker's name (PyBit's history may show that name building it).
-HEADER_RECOVERED = "x-rbit-recovered"
+_EXCHANGE = Exchange(PYBIT_EXCHANGE, type="direct", durable=True, auto_delete=False)
 
 #: Reconnection backoff: first wait, step and cap, in seconds.
 RECONNECT_START, RECONNECT_STEP, RECONNECT_MAX = 1.0, 2.0, 30.0
 
+#: The library's errors that a new connection cures (a refused publisher confirm among them).
+_LIBRARY_ERRORS = (amqp.exceptions.AMQPError, amqp.exceptions.MessageNacked,
+                   kombu.exceptions.KombuError, OSError)
+
 LOG_CONNECT_FAILED = "cannot reach the broker (%s); next attempt in %.0f s"
 
 
-def build_queue(name, routing_key):
-    """A PyBit build queue, declared exactly as PyBit declares it."""
-    return Queue(
-        name,
-        PYBIT_EXCHANGE,
-        routing_key=routing_key,
-        durable=True,
-        exclusive=False,
-        auto_delete=False,
-    )
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to publish: persistent, with its body, headers and other properties."""
+
+    body: bytes | str
+    headers: dict = field(default_factory=dict)
+    properties: dict = field(default_factory=dict)
 
 
-def in_progress_name(worker_name, slot):
-    return f"rbit.inprogress.{worker_name}.{slot}"
+@dataclass
+class Delivery:
+    """A message taken off a queue; :meth:`ack` or :meth:`requeue` settles it once."""
+
+    body: bytes | str
+    headers: dict
+    properties: dict
+    redelivered: bool = False
+    _settle: Callable[[bool], None] | None = field(default=None, repr=False)
+
+    @property
+    def text(self) -> str:
+        """The body as text (bodies rbit handles are UTF-8 JSON; a bad byte shows as U+FFFD)."""
+        return self.body if isinstance(self.body, str) else self.body.decode("utf-8", "replace")
+
+    def ack(self) -> None:
+        self._settled(True)
+
+    def requeue(self) -> None:
+        self._settled(False)
+
+    def _settled(self, ack):
+        settle, self._settle = self._settle, None
+        if settle is not None:
+            settle(ack)
+
+    def copy(self, extra_headers: dict | None = None, drop=()) -> Outgoing:
+        """This message's body and properties, plus *extra_headers*, less the headers in *drop*."""
+        headers = {**self.headers, **(extra_headers or {})}
+        for name in drop:
+            headers.pop(name, None)
+        return Outgoing(self.body, headers, dict(self.properties))
 
 
-def in_progress_queue(worker_name, slot):
-    return Queue(in_progress_name(worker_name, slot), durable=True, auto_delete=False)
+def _translated(method):
+    """Let the library's errors leave as rbit's own."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except BrokerError:
+            raise
+        except amqp.exceptions.NotFound as exc:
+            raise QueueMissing(getattr(exc, "reply_text", None) or str(exc)) from exc
+        except amqp.exceptions.ResourceLocked as exc:
+            raise QueueLocked(getattr(exc, "reply_text", None) or str(exc)) from exc
+        except amqp.exceptions.PreconditionFailed as exc:
+            raise BrokerError(f"the broker refused a queue declaration: {exc.reply_text}") from exc
+        except _LIBRARY_ERRORS as exc:
+            raise ConnectionLost(_short(exc)) from exc
+
+    return wrapper
 
 
-def delay_queue(queue, delay):
-    """The queue that holds a Blocked message of *queue* for *delay* seconds, then returns it."""
-    ms = max(1, int(round(delay * 1000)))
-    return Queue(
-        f"rbit.delay.{queue}.{ms}ms",
-        durable=True,
-        auto_delete=False,
-        queue_arguments={
-            "x-message-ttl": ms,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": queue,
-        },
-    )
-
-
-def rejected_queue(name):
-    return Queue(name, durable=True, auto_delete=False)
-
-
-def cancel_queue(worker_name):
-    return Queue(
-        worker_name,
-        PYBIT_EXCHANGE,
-        routing_key=worker_name,
-        durable=False,
-        exclusive=True,
-        auto_delete=True,
-    )
-
-
-def connection_for(settings):
+def connection_for(settings) -> Connection:
     """A kombu Connection (not yet connected) to every host of ``[amqp]``, for failover."""
     credentials = f"{quote(settings.user, safe='')}:{quote(settings.password, safe='')}@"
     vhost = quote(settings.virtual_host, safe="")
@@ -125,47 +131,53 @@ def connection_for(settings):
     )
 
 
-def describe(connection):
-    """Host and port of *connection*, never its credentials."""
-    return f"{connection.hostname}:{connection.port}"
+def _kombu_queue(spec: QueueSpec) -> Queue:
+    return Queue(
+        spec.name,
+        _EXCHANGE if spec.routing_key is not None else None,
+        routing_key=spec.routing_key,
+        durable=spec.durable,
+        exclusive=spec.exclusive,
+        auto_delete=spec.auto_delete,
+        queue_arguments=dict(spec.arguments) or None,
+    )
 
 
-def copy_message(message, extra_headers=None, drop=()):
-    """A persistent amqp message with *message*'s body and properties, plus
-    *extra_headers*, less the headers named in *drop*."""
+def _delivery(message, settle) -> Delivery:
     properties = dict(message.properties)
     headers = dict(properties.pop("application_headers", None) or {})
-    headers.update(extra_headers or {})
-    for name in drop:
-        headers.pop(name, None)
-    properties["delivery_mode"] = 2
-    return amqp.Message(message.body, application_headers=headers, **properties)
+    return Delivery(message.body, headers, properties,
+                    bool(message.delivery_info.get("redelivered")), settle)
+
+
+def _amqp_message(outgoing: Outgoing) -> amqp.Message:
+    properties = {**outgoing.properties, "delivery_mode": 2}
+    return amqp.Message(outgoing.body, application_headers=dict(outgoing.headers), **properties)
 
 
 class Broker:
     """One connection to the broker and the channel the worker uses on it.
 
-    Nothing is sent before :meth:`connect`. The errors that mean "reconnect"
-    are in :attr:`errors` once connected.
+    Nothing is sent before :meth:`connect`.
     """
 
     def __init__(self, settings):
         self.settings = settings
-        self.connection = None
-        self.channel = None
-        self.consumers = {}
+        self._connection = None
+        self._channel = None
+        self._consumers = {}
 
     @property
-    def errors(self):
-        """The library's exceptions that a reconnection cures."""
-        conn = self.connection or connection_for(self.settings)
-        return tuple(conn.connection_errors) + tuple(conn.channel_errors) + (OSError,)
+    def connected(self) -> bool:
+        return self._channel is not None
 
     @property
-    def connected(self):
-        return self.channel is not None
+    def address(self) -> str:
+        """``host:port`` of the broker connected to (or first configured), never credentials."""
+        connection = self._connection or connection_for(self.settings)
+        return f"{connection.hostname}:{connection.port}"
 
-    def connect(self, should_stop=lambda: False, idle=lambda: None):
+    def connect(self, should_stop=lambda: False, idle=lambda: None) -> None:
         """Connect, retrying with a capped backoff; each failed attempt is logged.
 
         *idle* is called about once a second while waiting; *should_stop* is
@@ -184,26 +196,22 @@ class Broker:
             idle()
             if should_stop():
                 reason = f": {_short(last_error[0])}" if last_error else ""
-                raise StopWaiting(f"gave up waiting for the broker at {describe(connection)}{reason}")
+                raise StopWaiting(f"gave up waiting for the broker at {_where(connection)}{reason}")
 
         try:
             connection.ensure_connection(
-                errback=on_error,
-                max_retries=None,
-                interval_start=RECONNECT_START,
-                interval_step=RECONNECT_STEP,
-                interval_max=RECONNECT_MAX,
-                callback=on_tick,
+                errback=on_error, max_retries=None, interval_start=RECONNECT_START,
+                interval_step=RECONNECT_STEP, interval_max=RECONNECT_MAX, callback=on_tick,
             )
         except amqp.exceptions.AccessRefused as exc:
             raise BrokerError(
-                f"the broker at {describe(connection)} refused the login of user "
+                f"the broker at {_where(connection)} refused the login of user "
                 f"{self.settings.user!r} on vhost {self.settings.virtual_host!r} (ACCESS_REFUSED): "
                 "check [amqp] user and password"
             ) from exc
         self._opened(connection)
 
-    def connect_once(self):
+    def connect_once(self) -> None:
         """One attempt, for the command-line tools: BrokerError says why it failed."""
         self.close()
         connection = connection_for(self.settings)
@@ -211,130 +219,145 @@ class Broker:
             connection.ensure_connection(max_retries=1, interval_start=0, timeout=10)
         except amqp.exceptions.AccessRefused as exc:
             raise BrokerError(
-                f"the broker at {describe(connection)} refused the login of user "
+                f"the broker at {_where(connection)} refused the login of user "
                 f"{self.settings.user!r} (ACCESS_REFUSED)"
             ) from exc
         except Exception as exc:
-            raise BrokerError(f"cannot reach the broker at {describe(connection)}: {_short(exc)}") from exc
+            raise BrokerError(f"cannot reach the broker at {_where(connection)}: {_short(exc)}") from exc
         self._opened(connection)
 
+    @_translated
     def _opened(self, connection):
-        self.connection = connection
-        self.channel = connection.channel()
-        log.info("connected to the broker at %s", describe(connection))
+        self._connection = connection
+        self._channel = connection.channel()
+        log.info("connected to the broker at %s", _where(connection))
 
-    def fileno(self):
-        return self.connection.connection.sock.fileno()
+    def fileno(self) -> int:
+        return self._connection.connection.sock.fileno()
 
-    def declare(self, worker_name, runner_sections, blocked_delay, rejected, slots):
-        """Declare everything the worker uses; claim the worker's name first."""
-        try:
-            cancel_queue(worker_name)(self.channel).declare()
-        except amqp.exceptions.ResourceLocked as exc:
-            raise NameInUse(
-                f"another worker named {worker_name!r} is connected to this broker"
-            ) from exc
-        try:
-            for section in runner_sections:
-                build_queue(section.queue, section.routing_key)(self.channel).declare()
-                delay_queue(section.queue, blocked_delay)(self.channel).declare()
-            rejected_queue(rejected)(self.channel).declare()
-            for slot in range(slots):
-                in_progress_queue(worker_name, slot)(self.channel).declare()
-        except amqp.exceptions.PreconditionFailed as exc:
-            raise BrokerError(f"the broker refused a queue declaration: {exc.reply_text}") from exc
+    @_translated
+    def declare(self, spec: QueueSpec) -> None:
+        """Declare *spec* (and PyBit's exchange and the binding, if it has a routing key)."""
+        _kombu_queue(spec)(self._channel).declare()
 
-    def qos(self, prefetch):
+    @_translated
+    def qos(self, prefetch: int) -> None:
         # global=True: the limit counts the channel's unacknowledged messages
         # across all its consumers, so the worker holds at most one message
         # that has not become a running job, whatever number of queues it serves.
-        self.channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, a_global=True)
+        self._channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, a_global=True)
 
-    def consume(self, key, queues, callback, no_ack=False):
-        """Consume *queues* (kombu Queues), remembered under *key*; ``callback(queue_name, message)``."""
+    @_translated
+    def consume(self, key: str, specs, callback, no_ack: bool = False) -> None:
+        """Consume the queues of *specs*, remembered under *key*; ``callback(queue_name, delivery)``."""
+
+        def on_message(queue_name, message):
+            settle = None if no_ack else (lambda ack: message.ack() if ack else message.requeue())
+            callback(queue_name, _delivery(message, settle))
+
         consumers = [
-            Consumer(
-                self.channel,
-                queues=[queue],
-                on_message=functools.partial(callback, queue.name),
-                no_ack=no_ack,
-                auto_declare=False,
-            )
-            for queue in queues
+            Consumer(self._channel, queues=[_kombu_queue(spec)], no_ack=no_ack, auto_declare=False,
+                     on_message=functools.partial(on_message, spec.name))
+            for spec in specs
         ]
         for consumer in consumers:
             consumer.consume()
-        self.consumers[key] = consumers
+        self._consumers[key] = consumers
 
-    def cancel(self, key):
+    @_translated
+    def cancel(self, key: str) -> None:
         """Stop the consumers under *key*; the broker sends none of their messages after this."""
-        for consumer in self.consumers.pop(key, ()):
+        for consumer in self._consumers.pop(key, ()):
             consumer.cancel()
 
-    def consuming(self, key):
-        return key in self.consumers
+    def consuming(self, key: str) -> bool:
+        return key in self._consumers
 
-    def publish(self, message, routing_key, exchange=""):
-        """Publish an ``amqp.Message`` and wait for the broker's confirm."""
-        self.channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
+    @_translated
+    def publish(self, message: Outgoing, routing_key: str, exchange: str = "", mandatory: bool = False) -> None:
+        """Publish *message* and wait for the broker's confirm.
 
-    def purge(self, queue_name):
-        self.channel.queue_purge(queue_name)
+        With *mandatory*, :class:`~rbit.errors.Unroutable` if the broker returns it.
+        """
+        returned = []
+        if mandatory:
+            self._channel.events["basic_return"].add(lambda *args: returned.append(args))
+        self._channel.basic_publish(_amqp_message(message), exchange=exchange,
+                                    routing_key=routing_key, mandatory=mandatory)
+        if returned:
+            raise Unroutable(f"no queue is bound to {exchange!r} with the key {routing_key!r}")
 
-    def get(self, queue_name):
-        """One message from *queue_name* (to be acked by the caller), or None."""
-        return self.channel.basic_get(queue_name, no_ack=False)
+    @_translated
+    def purge(self, queue_name: str) -> None:
+        self._channel.queue_purge(queue_name)
 
-    def queue_info(self, queue_name):
-        """(message count, consumer count) of *queue_name*; NotFound if it does not exist.
+    @_translated
+    def get(self, queue_name: str) -> Delivery | None:
+        """One message from *queue_name* (settled by the caller), or None."""
+        message = self._channel.basic_get(queue_name, no_ack=False)
+        if message is None:
+            return None
+        channel, tag = message.channel, message.delivery_tag
+        return _delivery(message, lambda ack: channel.basic_ack(tag) if ack else channel.basic_reject(tag, True))
+
+    @_translated
+    def queue_info(self, queue_name: str) -> tuple[int, int]:
+        """(message count, consumer count) of *queue_name*; :class:`QueueMissing` if it does not exist.
 
         A failed passive declare costs a channel, so this uses a spare one.
         """
-        channel = self.connection.channel()
+        channel = self._connection.channel()
         try:
             ok = channel.queue_declare(queue_name, passive=True)
             return ok.message_count, ok.consumer_count
         finally:
             _close_quietly(channel)
 
-    def exists(self, queue_name):
+    def exists(self, queue_name: str) -> bool:
         """True if *queue_name* exists."""
         try:
             self.queue_info(queue_name)
-        except amqp.exceptions.NotFound:
+        except QueueMissing:
             return False
         return True
 
-    def take(self, queue_name, limit):
-        """Up to *limit* messages of *queue_name*, unacknowledged, on a spare channel.
+    @_translated
+    def take(self, queue_name: str, limit: int) -> Batch:
+        """Up to *limit* messages of *queue_name*, unsettled, on a spare channel.
 
-        Returns (channel, messages): ack on that channel what is done with;
-        closing it puts the rest back, in their order.
+        Ack what is done with; closing the batch puts the rest back, in their order.
         """
-        channel = self.connection.channel()
+        channel = self._connection.channel()
         messages = []
-        while len(messages) < limit:
-            message = channel.basic_get(queue_name, no_ack=False)
-            if message is None:
-                break
-            messages.append(message)
-        return channel, messages
+        try:
+            while len(messages) < limit:
+                message = channel.basic_get(queue_name, no_ack=False)
+                if message is None:
+                    break
+                tag = message.delivery_tag
+                messages.append(_delivery(message, lambda ack, tag=tag: channel.basic_ack(tag) if ack else None))
+        except amqp.exceptions.NotFound:
+            _close_quietly(channel)
+            raise
+        return Batch(messages, channel)
 
-    def drain(self):
+    @_translated
+    def drain(self) -> None:
         """Handle every frame the broker has sent so far, without blocking."""
         while True:
             try:
-                self.connection.drain_events(timeout=0)
+                self._connection.drain_events(timeout=0)
             except TimeoutError:
                 return
 
-    def heartbeat_check(self):
-        self.connection.heartbeat_check()
+    @_translated
+    def heartbeat_check(self) -> None:
+        self._connection.heartbeat_check()
 
-    def close(self):
+    def close(self) -> None:
         """Drop the connection, quietly: it may be dead already."""
-        self.consumers.clear()
-        connection, self.connection, self.channel = self.connection, None, None
+        self._consumers.clear()
+        connection, self._connection, self._channel = self._connection, None, None
         if connection is not None:
             try:
                 connection.release()
@@ -342,8 +365,30 @@ class Broker:
                 log.debug("closing the broker connection: %s", exc)
 
 
+class Batch:
+    """Messages taken by :meth:`Broker.take`; closing it returns the unacknowledged ones."""
+
+    def __init__(self, messages, channel):
+        self.messages = messages
+        self._channel = channel
+
+    def close(self):
+        _close_quietly(self._channel)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class StopWaiting(BrokerError):
     """Waiting for the broker ended because the worker was asked to stop."""
+
+
+def _where(connection):
+    """Host and port of *connection*, never its credentials."""
+    return f"{connection.hostname}:{connection.port}"
 
 
 def _close_quietly(channel):

@@ -106,7 +106,7 @@ def run_command(config_path, poll_time, check, check_connections, daemon, pidfil
     """Serve the queues of CONFIG until Ctrl+C or SIGTERM."""
     config = load_config(config_path, poll_time)
     if check or check_connections:
-        from .checks import run_checks
+        from .tools.checks import run_checks
 
         try:
             config.configure_logging()
@@ -139,12 +139,13 @@ def run_command(config_path, poll_time, check, check_connections, daemon, pidfil
 
 def serve(config):
     """Run a worker on *config* until it stops; return the exit status."""
+    from .broker import Broker
     from .worker import Worker
 
     # Job processes must not inherit the passwords (the configuration holds them now).
     for variable in config_module.PASSWORD_ENV.values():
         os.environ.pop(variable, None)
-    worker = Worker(config)
+    worker = Worker(config, Broker(config.amqp))
     try:
         worker.run()
     except RbitError as exc:
@@ -166,8 +167,8 @@ def recover_command(config_path, worker_name):
     A worker does this itself when it starts again; use this command for a
     worker that will not come back. It refuses while that worker is connected.
     """
-    from .broker import cancel_queue
-    from .worker import recover
+    from . import queues
+    from .errors import QueueLocked
 
     config = load_config(config_path)
     setup_logging(False, False)
@@ -176,10 +177,10 @@ def recover_command(config_path, worker_name):
     try:
         try:
             # Holding the worker's exclusive name queue proves it is not running.
-            cancel_queue(name)(broker.channel).declare()
-        except broker.errors as exc:
+            broker.declare(queues.cancel_queue(name))
+        except QueueLocked as exc:
             fail(f"worker {name!r} seems to be connected ({exc}); it recovers its own jobs", RET_ERROR)
-        count = recover(broker, name, 0, config.worker.rejected_queue)
+        count = queues.recover(broker, name, 0, config.worker.rejected_queue)
     except RbitError as exc:
         fail(str(exc), RET_ERROR)
     finally:
@@ -221,7 +222,7 @@ def section_for(config, queue):
 def build_request_from(config, queue, fields):
     """The routing key and BuildRequest that the command line's fields describe."""
     from .errors import BadMessage
-    from .publish import request_from_fields
+    from .tools.publish import request_from_fields
 
     section = section_for(config, queue)
     parts = section.routing_key.split(".")
@@ -244,7 +245,7 @@ def build_request_from(config, queue, fields):
 @click.option("--print-body", is_flag=True, help="Also print the JSON body sent.")
 def publish_command(config_path, queue, print_body, format_, **fields):
     """Put a build request on the broker of CONFIG, exactly as PyBit's web front end does."""
-    from .publish import publish_request
+    from .tools.publish import publish_request
 
     config = load_config(config_path)
     fields["format"] = format_
@@ -277,7 +278,7 @@ def connected_broker(config):
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 def status_command(config_path):
     """Show the queues CONFIG serves, the jobs in progress and the rejected messages."""
-    from .overview import format_rows, queue_rows
+    from .tools.overview import format_rows, queue_rows
 
     config = load_config(config_path)
     broker = connected_broker(config)
@@ -285,6 +286,8 @@ def status_command(config_path):
         click.echo(f"worker {config.worker.name} on {config.amqp.hosts[0]}:{config.amqp.port} "
                    f"vhost {config.amqp.virtual_host}")
         click.echo(format_rows(queue_rows(broker, config)))
+    except RbitError as exc:
+        fail(str(exc), RET_ERROR)
     finally:
         broker.close()
 
@@ -302,7 +305,7 @@ def try_command(config_path, queue, body_file, verbose, format_, **fields):
     """
     from .errors import BadMessage
     from .pybit import decode_build_request, encode
-    from .trial import try_runner
+    from .tools.trial import try_runner
 
     config = load_config(config_path)
     setup_logging(verbose, False)
@@ -336,27 +339,27 @@ def rejected_command(config_path, limit, requeue, requeue_all, bodies):
 
     Messages not put back stay in the rejected queue, in their order.
     """
-    from .rejected import headers_of, preview, put_back
+    from . import queues
+    from .tools.rejected import describe, preview
 
     config = load_config(config_path)
     broker = connected_broker(config)
     queue_name = config.worker.rejected_queue
     try:
-        channel, messages = broker.take(queue_name, limit)
-        if not messages:
-            click.echo(f"{queue_name}: empty")
-        for number, message in enumerate(messages, 1):
-            headers = headers_of(message)
-            click.echo(f"[{number}] from {headers.get('x-rbit-queue', '?')}: {headers.get('x-rbit-reason', '?')}")
-            text = message.body if isinstance(message.body, str) else message.body.decode("utf-8", "replace")
-            click.echo(f"    {text if bodies else preview(message.body)}")
-            if requeue_all or number in requeue:
-                queue = put_back(broker, message)
-                if queue is None:
-                    click.echo("    cannot put back: the message does not say where it came from", err=True)
-                    continue
-                channel.basic_ack(message.delivery_tag)
-                click.echo(f"    put back on {queue}")
-        channel.close()
+        with broker.take(queue_name, limit) as batch:
+            if not batch.messages:
+                click.echo(f"{queue_name}: empty")
+            for number, message in enumerate(batch.messages, 1):
+                click.echo(f"[{number}] {describe(message)}")
+                click.echo(f"    {message.text if bodies else preview(message.body)}")
+                if requeue_all or number in requeue:
+                    queue = queues.unreject(broker, message)
+                    if queue is None:
+                        click.echo("    cannot put back: the message does not say where it came from", err=True)
+                        continue
+                    message.ack()
+                    click.echo(f"    put back on {queue}")
+    except RbitError as exc:
+        fail(str(exc), RET_ERROR)
     finally:
         broker.close()

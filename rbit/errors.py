@@ -41,6 +41,22 @@ class BrokerError(RbitError):
     """The broker refused or lost something rbit cannot go on without."""
 
 
+class ConnectionLost(BrokerError):
+    """The connection or channel to the broker failed; connecting again cures it."""
+
+
+class QueueMissing(BrokerError):
+    """A queue that was looked for does not exist."""
+
+
+class QueueLocked(BrokerError):
+    """An exclusive queue is held by another connection."""
+
+
+class Unroutable(BrokerError):
+    """The broker returned a mandatory message: no queue is bound to its routing key."""
+
+
 class NameInUse(BrokerError):
     """Another worker with the same name is connected to the broker."""
 

@@ -15,10 +15,9 @@ Messages from the job process to the worker, each a tuple:
     the runner reported a status;
 ``("log", levelno, logger_name, text)``
     a log record or a line of output;
-``("result", status, text)``
-    how the runner ended: ``None`` (it returned), ``Failed``, ``Blocked``,
-    or :data:`DROPPED` (PyBit's history says the job is not to run: see
-    :mod:`rbit.history`).
+``("result", result)``
+    how the runner ended, an :class:`rbit.outcome.Result` (``SKIPPED`` when
+    PyBit's history says the job is not to run: see :mod:`rbit.history`).
 """
 
 import logging
@@ -28,14 +27,9 @@ import os
 import signal
 import sys
 import threading
-import traceback
 
-from . import statuses
-from .errors import JobOutcome
-from . import history
-
-#: Result of a job that PyBit's history says not to run: dropped, not run.
-DROPPED = "Dropped"
+from . import history, statuses
+from .outcome import Ended, Result, call_runner
 
 #: Seconds between SIGTERM and SIGKILL when a job's process group is stopped.
 KILL_GRACE = 5.0
@@ -201,26 +195,17 @@ def child_main(conn, runner, message, pybit, worker_name, log_level):
         result = _run(runner, message, pybit, worker_name, set_status)
     finally:
         _finish_output(output)
-    channel.send("result", *result)
+    channel.send("result", result)
 
 
 def _run(runner, message, pybit, worker_name, set_status):
+    """Ask PyBit whether the job runs; if so, run it. How it ended, as an outcome.Result."""
     if pybit is not None:
         found = history.fetch(pybit, message.request.web_host, message.job_id)
         run, why = history.should_run(found, worker_name, message.recovered_from)
         if not run:
-            return (DROPPED, why)
-    try:
-        set_status(statuses.BUILDING)
-        runner.run(message, set_status)
-    except JobOutcome as outcome:
-        return (outcome.status, outcome.message)
-    except BaseException as exc:
-        logging.getLogger("rbit.runner").error(
-            "runner %r raised:\n%s", runner, traceback.format_exc().rstrip()
-        )
-        return (statuses.FAILED, f"{type(exc).__name__}: {exc}")
-    return (None, None)
+            return Result(Ended.SKIPPED, None, why)
+    return call_runner(runner, message, set_status)
 
 
 def _lifeline(conn):

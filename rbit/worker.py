@@ -1,6 +1,6 @@
 """The worker: takes build requests off the broker and sees each job to exactly one end.
 
-How a message travels (contract §5, §6):
+How a message travels:
 
 1. It arrives on a served queue. The channel's prefetch is 1, counted across
    all consumers, so the worker holds at most the one message it is about to
@@ -13,33 +13,36 @@ How a message travels (contract §5, §6):
    mid-job cannot make the broker hand the job to someone else. If every slot
    is now busy, the consumers are cancelled *before* the acknowledgement, so
    the broker sends nothing more until a slot is free.
-4. The job ends: Blocked messages are published to the delay queue; a job
-   stopped by a shutdown is put back on its queue; then the slot's in-progress
-   queue is purged. If the broker is away then, this waits for the reconnection.
+4. The job ends; :func:`rbit.outcome.decide` says what to report and what the
+   message becomes (acknowledged, delayed, put back, dropped); then the slot's
+   in-progress copy is removed. If the broker is away then, this waits for
+   the reconnection.
 5. A worker that died mid-job finds its in-progress copies when it starts
    again and puts them back on their queues (``rbit recover`` does it for a
    worker that never comes back).
 
-The loop is single-threaded: one ``select`` waits on the broker's socket, on
-each job's pipe and exit, and on a wake-up pipe that signals write to. One
-turn of it is :meth:`Worker.loop`.
+The loop is single-threaded and takes its broker from its caller, so tests
+can drive it with an in-memory one. One turn of it is :meth:`Worker.loop`.
 """
 
+from __future__ import annotations
+
 import logging
-import os
-import selectors
 import signal
-import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
-from . import broker as amqp_side
-from . import jobs, statuses, systemd
-from .metrics import HealthServer, Metrics
-from .errors import BadMessage, NameInUse
+from . import jobs, queues, systemd
+from .broker import StopWaiting
+from .errors import BadMessage, BrokerError, ConnectionLost, NameInUse, QueueLocked
 from .message import Message
+from .metrics import HealthServer, Metrics
+from .outcome import Decision, Fate, Result, Stop, decide
 from .pybit import decode_build_request, decode_cancel_request
 from .reporting import StatusReporter
+from .statuses import FINAL
+from .wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,9 @@ CANCELS = "cancels"
 
 #: How long the worker waits at most for the status backlog at a clean stop.
 REPORT_FLUSH_TIMEOUT = 5.0
+
+#: Seconds between two reconnections when the broker refuses the one before.
+RECONNECT_PAUSE = 1.0
 
 LOG_JOB_START = "job %s: starting %s %s from %s in slot %d"
 LOG_JOB_END = "job %s: %s %s from %s ended %s in %.1f s%s"
@@ -63,51 +69,52 @@ class RunningJob:
     slot: int
     queue: str
     message: Message
-    raw: object
+    delivery: object
     process: jobs.JobProcess
     started: float
-    deadline: float | None
+    timeout: float | None
     last_final: str | None = None
-    result: tuple | None = None
-    stop_reason: str | None = None
-    outcome: str | None = None
+    result: Result | None = None
+    stop: Stop = Stop.NONE
+    decision: Decision | None = None
 
     @property
-    def job_id(self):
+    def job_id(self) -> int:
         return self.message.job_id
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else self.started + self.timeout
 
 
 class Worker:
-    """Serves the queues of a configuration until told to stop."""
+    """Serves the queues of a configuration through *broker* until told to stop."""
 
-    def __init__(self, config, reporter=None, context=None):
+    def __init__(self, config, broker, reporter=None, context=None, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.settings = config.worker
-        self.broker = amqp_side.Broker(config.amqp)
-        self.reporter = reporter or StatusReporter(
-            config.pybit, self.settings.name, spool_path=self._spool_path()
-        )
+        self.broker = broker
+        self.clock = clock
+        self.reporter = reporter or StatusReporter(config.pybit, self.settings.name, spool_path=self._spool_path())
         self.context = context
         self.metrics = Metrics()
         self.metrics.backlog.set_function(lambda: self.reporter.backlog)
         self.metrics.running.set_function(lambda: len(self.running()))
         self.http = HealthServer(self.settings.http, self.metrics, self.health) if self.settings.http else None
-        self.slots = {}
-        self.finishing = []
+        self.slots: dict[int, RunningJob] = {}
+        self.finishing: list[RunningJob] = []
         self._subscribing = False
         self._held = []
         self.stopping = False
         self.stop_deadline = None
         self.hurry = False
-        self.selector = None
-        self._wake_r = self._wake_w = None
+        self.wakeup = Wakeup()
 
     # -- Lifecycle --------------------------------------------------------------
 
-    def run(self):
+    def run(self) -> None:
         """Connect, serve until stopped, and hand back every running job's message."""
-        self._open_wakeup()
-        restore = self._install_signals()
+        restore = self.wakeup.on_signals(self._on_signal)
         self.reporter.start()
         if self.http is not None:
             self.http.start()
@@ -118,77 +125,75 @@ class Worker:
             systemd.notify("READY=1\nSTATUS=serving " + ", ".join(s.queue for s in self.config.runners))
             while not self._done():
                 self.loop()
-            self._apply_stop(time.monotonic())  # a stop with no job running still says STOPPING
+            self._apply_stop(self.clock())  # a stop with no job running still says STOPPING
         finally:
             restore()
             self._shutdown()
 
-    def request_stop(self, hurry=False):
+    def request_stop(self, hurry: bool = False) -> None:
         """Stop taking jobs (from any thread or a signal handler); *hurry* stops jobs now."""
         self.hurry = self.hurry or hurry or self.stopping
         self.stopping = True
-        self._wake()
+        self.wakeup.wake()
 
-    def loop(self):
+    def loop(self) -> None:
         """One turn: wait for news (at most the poll time), then act on it."""
-        now = time.monotonic()
-        self._apply_stop(now)
+        self._apply_stop(self.clock())
         if self._done():
             return
-        timeout = self._timeout(now)
-        for key, _ in self.selector.select(timeout):
-            if key.data == "wake":
-                self._drain_wakeup()
+        self.wakeup.wait(self._timeout(self.clock()))
         self._service_jobs()
-        if self.broker.connected:
-            try:
-                self.broker.drain()
-                self.broker.heartbeat_check()
-                self._finish_jobs()
-                self._resume_consuming()
-            except self.broker.errors as exc:
-                self._reconnect(exc)
-        else:
+        if not self.broker.connected:
             self._reconnect(None)
+            return
+        try:
+            self.broker.drain()
+            self.broker.heartbeat_check()
+            self._finish_jobs()
+            self._resume_consuming()
+        except ConnectionLost as exc:
+            self._reconnect(exc)
 
     # -- Connecting -----------------------------------------------------------------
 
-    def _connect(self, first=False):
+    def _connect(self, first: bool = False) -> bool:
         """(Re)connect, declare, recover or resume; False if told to give up waiting."""
         try:
             self.broker.connect(should_stop=self._give_up_broker, idle=self._idle)
-        except amqp_side.StopWaiting:
+        except StopWaiting:
             return False
-        self.broker.declare(
-            self.settings.name,
-            self.config.runners,
-            self.settings.blocked_delay,
-            self.settings.rejected_queue,
-            self.settings.concurrency,
-        )
+        self._declare()
         if first:
-            recover(self.broker, self.settings.name, self.settings.concurrency, self.settings.rejected_queue)
+            queues.recover(self.broker, self.settings.name, self.settings.concurrency, self.settings.rejected_queue)
         self.broker.qos(1)
-        self.broker.consume(
-            CANCELS, [amqp_side.cancel_queue(self.settings.name)], self._on_cancel, no_ack=True
-        )
-        self._watch(self.broker.fileno(), "broker")
+        self.broker.consume(CANCELS, [queues.cancel_queue(self.settings.name)], self._on_cancel, no_ack=True)
+        self.wakeup.watch(self.broker.fileno(), "broker")
         self._finish_jobs()
         self._resume_consuming()
-        log.info(
-            "serving %s as %s (concurrency %d)",
-            ", ".join(section.queue for section in self.config.runners),
-            self.settings.name, self.settings.concurrency,
-        )
+        log.info("serving %s as %s (concurrency %d)", ", ".join(s.queue for s in self.config.runners),
+                 self.settings.name, self.settings.concurrency)
         return True
 
-    def _reconnect(self, exc):
+    def _declare(self) -> None:
+        """Declare everything the worker uses; claim the worker's name first."""
+        try:
+            self.broker.declare(queues.cancel_queue(self.settings.name))
+        except QueueLocked as exc:
+            raise NameInUse(f"another worker named {self.settings.name!r} is connected to this broker") from exc
+        for section in self.config.runners:
+            self.broker.declare(queues.build_queue(section.queue, section.routing_key))
+            self.broker.declare(queues.delay_queue(section.queue, self.settings.blocked_delay))
+        self.broker.declare(queues.rejected_queue(self.settings.rejected_queue))
+        for slot in range(self.settings.concurrency):
+            self.broker.declare(queues.in_progress_queue(self.settings.name, slot))
+
+    def _reconnect(self, exc: Exception | None) -> None:
         """Connect again after *exc*, keeping the jobs serviced while the broker is away."""
         if exc is not None:
             log.warning("lost the broker connection (%s); reconnecting", exc)
             self.metrics.reconnects.inc()
         while True:
-            self._unwatch("broker")
+            self.wakeup.unwatch("broker")
             self.broker.close()
             try:
                 self._connect()
@@ -196,100 +201,80 @@ class Worker:
             except NameInUse as again:
                 # The broker has not yet noticed that our old connection is gone.
                 log.warning("%s; waiting for the broker to drop our old connection", again)
-            except self.broker.errors as again:
+            except ConnectionLost as again:
                 log.warning("broker connection failed again (%s)", again)
             if self._give_up_broker():
                 return
             self._idle()
-            time.sleep(amqp_side.RECONNECT_START)
+            time.sleep(RECONNECT_PAUSE)
 
-    def _give_up_broker(self):
+    def _give_up_broker(self) -> bool:
         """Waiting for the broker stops at a second signal, or at a stop with nothing to hand back."""
         return self.hurry or (self.stopping and not self.slots)
 
-    def _idle(self):
+    def _idle(self) -> None:
         """Keep the jobs serviced while the loop waits for the broker."""
-        self._apply_stop(time.monotonic())
+        self._apply_stop(self.clock())
         self._service_jobs()
 
     # -- Taking jobs ---------------------------------------------------------------
 
-    def _free_slot(self):
-        for slot in range(self.settings.concurrency):
-            if slot not in self.slots:
-                return slot
-        return None
+    def _free_slot(self) -> int | None:
+        return next((slot for slot in range(self.settings.concurrency) if slot not in self.slots), None)
 
-    def _resume_consuming(self):
-        if self.stopping or self.finishing or self.broker.consuming(JOBS):
+    def _resume_consuming(self) -> None:
+        if self.stopping or self.finishing or self.broker.consuming(JOBS) or self._free_slot() is None:
             return
-        if self._free_slot() is None:
-            return
-        queues = [amqp_side.build_queue(section.queue, section.routing_key) for section in self.config.runners]
         # The broker may deliver on the first queues while a later basic.consume
         # waits for its reply; such a message is held (prefetch 1: at most one)
         # and taken once every consumer is in place, so that cancelling them then
         # finds them all.
         self._subscribing = True
         try:
-            self.broker.consume(JOBS, queues, self._on_message)
+            self.broker.consume(JOBS, [queues.build_queue(s.queue, s.routing_key) for s in self.config.runners],
+                                self._on_message)
         finally:
             self._subscribing = False
         held, self._held = self._held, []
-        for queue, raw in held:
-            self._on_message(queue, raw)
+        for queue, delivery in held:
+            self._on_message(queue, delivery)
 
-    def _on_message(self, queue, raw):
+    def _on_message(self, queue: str, delivery) -> None:
         """A build request arrived on *queue*: start it, or move it to the rejected queue."""
         if self._subscribing:
-            self._held.append((queue, raw))
+            self._held.append((queue, delivery))
             return
         slot = self._free_slot()
         if self.stopping or slot is None:
             # Not expected (consumers are cancelled before the last slot fills),
             # but never hold a message that is not running.
             self.broker.cancel(JOBS)
-            raw.requeue()
+            delivery.requeue()
             return
         try:
-            request = decode_build_request(raw.body)
+            request = decode_build_request(delivery.body)
         except BadMessage as exc:
-            reject(self.broker, raw, queue, exc.reason, self.settings.rejected_queue)
+            queues.reject(self.broker, delivery, queue, exc.reason, self.settings.rejected_queue)
             self.metrics.rejected.labels(queue=queue).inc()
             return
-        headers = dict(raw.headers or {})
-        message = Message(
-            body=raw.body if isinstance(raw.body, str) else raw.body.decode("utf-8"),
-            request=request,
-            queue=queue,
-            redelivered=bool(raw.delivery_info.get("redelivered") or headers.get(amqp_side.HEADER_RECOVERED)),
-            headers=headers,
-            recovered_from=_text(headers.get(amqp_side.HEADER_RECOVERED)),
-        )
+        message = Message(body=delivery.text, request=request, queue=queue,
+                          redelivered=delivery.redelivered or bool(queues.recovered_from(delivery)),
+                          headers=dict(delivery.headers), recovered_from=queues.recovered_from(delivery))
         if any(job.job_id == message.job_id for job in self.slots.values()):
             log.warning("job %s (%s): already running here; dropping the duplicate", message.job_id, queue)
-            raw.ack()
+            delivery.ack()
             return
         if len(self.slots) + 1 >= self.settings.concurrency:
             self.broker.cancel(JOBS)
-        self.broker.publish(
-            amqp_side.copy_message(raw, {amqp_side.HEADER_QUEUE: queue}),
-            amqp_side.in_progress_name(self.settings.name, slot),
-        )
-        raw.ack()
-        self._start(slot, queue, message, raw)
+        queues.hold(self.broker, delivery, queue, self.settings.name, slot)
+        delivery.ack()
+        self._start(slot, queue, message, delivery)
 
-    def _start(self, slot, queue, message, raw):
+    def _start(self, slot: int, queue: str, message: Message, delivery) -> None:
         section = self.config.runner_for(queue)
-        process = jobs.JobProcess(
-            self.context, section.runner, message, self.config.pybit, self.settings.name,
-            log_level=logging.getLogger().getEffectiveLevel(),
-        )
-        now = time.monotonic()
-        job = RunningJob(
-            slot=slot, queue=queue, message=message, raw=raw, process=process, started=now,
-            deadline=now + section.timeout if section.timeout else None,
-        )
+        process = jobs.JobProcess(self.context, section.runner, message, self.config.pybit, self.settings.name,
+                                  log_level=logging.getLogger().getEffectiveLevel())
+        job = RunningJob(slot, queue, message, delivery, process, self.clock(), section.timeout)
         self.slots[slot] = job
         request = message.request
         log.info(LOG_JOB_START, job.job_id, request.get_package(), request.get_version(), queue, slot)
@@ -297,141 +282,122 @@ class Worker:
             process.start()
         except OSError as exc:
             log.error("job %s (%s): cannot start its process: %s", job.job_id, queue, exc)
-            job.outcome = statuses.FAILED
-            job.result = (statuses.FAILED, f"cannot start the job's process: {exc}")
-            self._end(job)
+            self._end(job, f"cannot start the job's process: {exc}")
             return
-        self.selector.register(process.conn.fileno(), selectors.EVENT_READ, ("pipe", slot))
-        self.selector.register(process.process.sentinel, selectors.EVENT_READ, ("exit", slot))
+        self.wakeup.watch(process.conn.fileno(), ("pipe", slot))
+        self.wakeup.watch(process.process.sentinel, ("exit", slot))
 
     # -- Running jobs ---------------------------------------------------------------
 
-    def _service_jobs(self):
+    def _service_jobs(self) -> None:
         """Read every job's news, stop jobs past their time, and end the jobs that exited."""
-        now = time.monotonic()
-        for job in list(self.slots.values()):
-            if job.outcome is not None:
-                continue
+        now = self.clock()
+        for job in self.running():
             for event in job.process.receive():
                 self._on_job_event(job, event)
             if job.process.eof:
-                self._unwatch(("pipe", job.slot))  # a closed pipe stays readable: stop waking on it
-            if job.deadline is not None and now >= job.deadline and job.stop_reason is None:
-                log.warning("job %s (%s): timed out after %g s; stopping it", job.job_id, job.queue, job.deadline - job.started)
-                job.stop_reason = "timeout"
-                job.process.stop(now)
+                self.wakeup.unwatch(("pipe", job.slot))  # a closed pipe stays readable: stop waking on it
+            if job.deadline is not None and now >= job.deadline and job.stop is Stop.NONE:
+                log.warning("job %s (%s): timed out after %g s; stopping it", job.job_id, job.queue, job.timeout)
+                self._stop_job(job, Stop.TIMEOUT, now)
             job.process.tick(now)
             if job.process.exited():
                 for event in job.process.receive():
                     self._on_job_event(job, event)
-                self._end(job)
+                self._end(job, job.process.describe_exit())
 
-    def _on_job_event(self, job, event):
+    def _on_job_event(self, job: RunningJob, event: tuple) -> None:
         kind = event[0]
         if kind == "status":
             _, status, text = event
             self._report(job, status, text)
-            if status in statuses.FINAL:
+            if status in FINAL:
                 job.last_final = status
         elif kind == "log":
             _, level, name, text = event
             logging.getLogger(name).log(level, "job %s (%s): %s", job.job_id, job.queue, text)
         elif kind == "result":
-            job.result = event[1:]
+            job.result = event[1]
 
-    def _report(self, job, status, text=None):
+    def _report(self, job: RunningJob, status: str, text: str | None = None) -> None:
         self.reporter.report(job.job_id, job.message.request.web_host, status, text, queue=job.queue)
 
-    def _end(self, job):
-        """Decide the job's outcome and report it; the message's end follows in _finish_jobs."""
-        self._unwatch(("pipe", job.slot))
-        self._unwatch(("exit", job.slot))
+    def _end(self, job: RunningJob, exit_text: str) -> None:
+        """Decide how the job ended and report it; the message's end follows in _finish_jobs."""
+        self.wakeup.unwatch(("pipe", job.slot))
+        self.wakeup.unwatch(("exit", job.slot))
         job.process.close()
-        status, text = self._outcome(job)
-        job.outcome = status
-        if status is not None and status != job.last_final and status != jobs.DROPPED:
-            self._report(job, status, text)
-        duration = time.monotonic() - job.started
-        self.metrics.job_ended(job.queue, status or jobs.DROPPED, duration)
+        job.decision = decision = decide(job.result, last_final=job.last_final, stop=job.stop,
+                                         exit_text=exit_text, timeout=job.timeout)
+        if decision.status is not None:
+            self._report(job, decision.status, decision.text)
+        duration = self.clock() - job.started
+        self.metrics.job_ended(job.queue, decision.outcome, duration)
         request = job.message.request
-        if status == jobs.DROPPED:
-            log.info(LOG_JOB_DROPPED, job.job_id, request.get_package(), request.get_version(), job.queue, text)
+        what = (job.job_id, request.get_package(), request.get_version(), job.queue)
+        if decision.fate is Fate.DROP:
+            log.info(LOG_JOB_DROPPED, *what, decision.text)
         else:
-            log.info(
-                LOG_JOB_END, job.job_id, request.get_package(), request.get_version(), job.queue,
-                status, duration, f": {text}" if text else "",
-            )
+            log.info(LOG_JOB_END, *what, decision.outcome, duration, f": {decision.text}" if decision.text else "")
         self.finishing.append(job)
 
-    def _outcome(self, job):
-        reason = job.stop_reason
-        if reason == "timeout":
-            return statuses.FAILED, f"timed out after {job.deadline - job.started:g} s"
-        if reason == "cancel":
-            return statuses.CANCELLED, "cancelled from PyBit"
-        if reason == "shutdown":
-            return statuses.WAITING, "the worker stopped; the job is back on its queue"
-        if job.result is None:
-            return statuses.FAILED, job.process.describe_exit()
-        status, text = job.result
-        if status is None:
-            return (job.last_final or statuses.DONE), None
-        return status, text
-
-    def _finish_jobs(self):
+    def _finish_jobs(self) -> None:
         """Give each ended job's message its one end, then free the slot."""
         while self.finishing:
             job = self.finishing[0]
-            if job.outcome == statuses.BLOCKED:
-                queue = amqp_side.delay_queue(job.queue, self.settings.blocked_delay)
-                self.broker.publish(amqp_side.copy_message(job.raw), queue.name)
-            elif job.outcome == statuses.WAITING:
-                self.broker.publish(
-                    amqp_side.copy_message(job.raw, {amqp_side.HEADER_RECOVERED: self.settings.name}), job.queue
-                )
-            self.broker.purge(amqp_side.in_progress_name(self.settings.name, job.slot))
+            if job.decision.fate is Fate.DELAY:
+                queues.delay(self.broker, job.delivery, job.queue, self.settings.blocked_delay)
+            elif job.decision.fate is Fate.PUT_BACK:
+                queues.put_back(self.broker, job.delivery, job.queue, self.settings.name)
+            queues.release(self.broker, self.settings.name, job.slot)
             self.finishing.pop(0)
             del self.slots[job.slot]
 
     # -- Cancelling and stopping ---------------------------------------------------
 
-    def _on_cancel(self, queue, raw):
+    def _on_cancel(self, queue: str, delivery) -> None:
         try:
-            cancel = decode_cancel_request(raw.body)
+            cancel = decode_cancel_request(delivery.body)
         except BadMessage as exc:
             log.warning("ignored a bad cancel request: %s", exc.reason)
             return
-        job_id = cancel.job.id
-        for job in self.slots.values():
-            if job.job_id == job_id and job.outcome is None:
-                log.info("job %s (%s): cancelled from PyBit; stopping it", job_id, job.queue)
-                job.stop_reason = job.stop_reason or "cancel"
-                job.process.stop(time.monotonic())
+        for job in self.running():
+            if job.job_id == cancel.job.id:
+                log.info("job %s (%s): cancelled from PyBit; stopping it", job.job_id, job.queue)
+                self._stop_job(job, Stop.CANCEL, self.clock())
                 return
-        log.info("cancel request for job %s, which is not running here; ignored", job_id)
+        log.info("cancel request for job %s, which is not running here; ignored", cancel.job.id)
 
-    def _apply_stop(self, now):
+    def _stop_job(self, job: RunningJob, why: Stop, now: float, grace: float = jobs.KILL_GRACE) -> None:
+        if job.stop is Stop.NONE:
+            job.stop = why
+        job.process.stop(now, grace)
+
+    def _on_signal(self, signum: int) -> None:
+        first = not self.stopping
+        log.info("%s received; %s", signal.Signals(signum).name,
+                 "finishing the running jobs" if first else "stopping now")
+        self.request_stop(hurry=not first)
+
+    def _apply_stop(self, now: float) -> None:
         if not self.stopping:
             return
         if self.stop_deadline is None:
             systemd.notify("STOPPING=1")
             self.stop_deadline = now + self.settings.shutdown_grace
-            log.info(
-                "stopping: no new jobs; %d running job(s) get %g s to finish",
-                len(self.running()), self.settings.shutdown_grace,
-            )
+            log.info("stopping: no new jobs; %d running job(s) get %g s to finish",
+                     len(self.running()), self.settings.shutdown_grace)
             if self.broker.connected:
                 try:
                     self.broker.cancel(JOBS)
-                except self.broker.errors as exc:
+                except ConnectionLost as exc:
                     log.warning("could not cancel consumers: %s", exc)
         if self.hurry or now >= self.stop_deadline:
             for job in self.running():
-                if job.stop_reason is None:
-                    job.stop_reason = "shutdown"
-                    job.process.stop(now, grace=0 if self.hurry else jobs.KILL_GRACE)
+                if job.stop is Stop.NONE:
+                    self._stop_job(job, Stop.SHUTDOWN, now, grace=0 if self.hurry else jobs.KILL_GRACE)
 
-    def health(self):
+    def health(self) -> dict:
         """What ``/healthz`` says: healthy while connected to the broker and not stopping."""
         connected = self.broker.connected
         return {
@@ -442,10 +408,10 @@ class Worker:
             "stopping": self.stopping,
         }
 
-    def running(self):
-        return [job for job in list(self.slots.values()) if job.outcome is None]
+    def running(self) -> list[RunningJob]:
+        return [job for job in list(self.slots.values()) if job.decision is None]
 
-    def _done(self):
+    def _done(self) -> bool:
         if not self.stopping:
             return False
         if not self.slots:
@@ -454,35 +420,28 @@ class Worker:
         # in-progress copies: the next start puts them back.
         return self.hurry and not self.running() and not self.broker.connected
 
-    def _timeout(self, now):
+    def _timeout(self, now: float) -> float:
         timeout = self.settings.polling_time
         if self.broker.connected and self.config.amqp.heartbeat:
             timeout = min(timeout, self.config.amqp.heartbeat / 4)
-        for job in self.running():
-            for moment in (job.deadline, job.process.kill_at):
-                if moment is not None:
-                    timeout = min(timeout, max(0.0, moment - now))
+        moments = [m for job in self.running() for m in (job.deadline, job.process.kill_at) if m is not None]
         if self.stopping and self.stop_deadline is not None:
-            timeout = min(timeout, max(0.0, self.stop_deadline - now))
+            moments.append(self.stop_deadline)
         if self.finishing:
-            timeout = min(timeout, 1.0)
-        return timeout
+            moments.append(now + 1.0)
+        return min([timeout, *(max(0.0, moment - now) for moment in moments)])
 
-    def _shutdown(self):
+    def _shutdown(self) -> None:
         if self.slots and self.broker.connected:
             try:
                 self._finish_jobs()
-            except self.broker.errors as exc:
+            except BrokerError as exc:
                 log.warning("could not put back every message (%s); the next start recovers them", exc)
         self.broker.close()
         self.reporter.stop(REPORT_FLUSH_TIMEOUT)
         if self.http is not None:
             self.http.stop()
-        if self.selector is not None:
-            self.selector.close()
-        for fd in (self._wake_r, self._wake_w):
-            if fd is not None:
-                os.close(fd)
+        self.wakeup.close()
         log.info("stopped")
 
     # -- Plumbing --------------------------------------------------------------------
@@ -492,108 +451,11 @@ class Worker:
             return None
         return self.settings.state_dir / f"{self.settings.name}.statuses.jsonl"
 
-    def _runner_modules(self):
+    def _runner_modules(self) -> list[str]:
         modules = []
         for section in self.config.runners:
-            module = type(section.runner).__module__
+            modules.append(type(section.runner).__module__)
             function = getattr(section.runner, "function", None)
-            modules.append(module)
             if function is not None and getattr(function, "__module__", None):
                 modules.append(function.__module__)
         return modules
-
-    def _open_wakeup(self):
-        self.selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-
-    def _wake(self):
-        if self._wake_w is not None:
-            try:
-                os.write(self._wake_w, b"!")
-            except (BlockingIOError, OSError):
-                pass
-
-    def _drain_wakeup(self):
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
-
-    def _watch(self, fd, tag):
-        self._unwatch(tag)
-        self.selector.register(fd, selectors.EVENT_READ, tag)
-
-    def _unwatch(self, tag):
-        for fd, key in list(self.selector.get_map().items()):
-            if key.data == tag:
-                self.selector.unregister(fd)
-
-    def _install_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def handler(signum, frame):
-            first = not self.stopping
-            log.info("%s received; %s", signal.Signals(signum).name,
-                     "finishing the running jobs" if first else "stopping now")
-            self.request_stop(hurry=not first)
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-        previous_fd = signal.set_wakeup_fd(self._wake_w)
-
-        def restore():
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-            signal.set_wakeup_fd(previous_fd)
-
-        return restore
-
-
-def _text(value):
-    """A header's value as text (amqp gives bytes or str), or None if it is not one."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value if isinstance(value, str) else None
-
-
-def reject(broker, raw, queue, reason, rejected_queue):
-    """Move a bad message, unchanged, to the rejected queue (confirmed first), then ack it."""
-    log.warning("rejected a message from %s: %s", queue, reason)
-    broker.publish(
-        amqp_side.copy_message(raw, {amqp_side.HEADER_REASON: reason, amqp_side.HEADER_QUEUE: queue}),
-        rejected_queue,
-    )
-    raw.ack()
-
-
-def recover(broker, worker_name, slots, rejected_queue):
-    """Put every in-progress copy of *worker_name* back on its queue; return how many.
-
-    Used when a worker starts (its previous run may have died mid-job) and by
-    ``rbit recover`` for a worker that will not come back. Slots beyond
-    *slots* left by an earlier, larger concurrency are found and emptied too.
-    """
-    count = 0
-    slot = 0
-    while slot < slots or broker.exists(amqp_side.in_progress_name(worker_name, slot)):
-        name = amqp_side.in_progress_name(worker_name, slot)
-        while (message := broker.get(name)) is not None:
-            headers = dict(message.properties.get("application_headers") or {})
-            queue = headers.get(amqp_side.HEADER_QUEUE)
-            if not queue:
-                broker.publish(
-                    amqp_side.copy_message(message, {amqp_side.HEADER_REASON: "in-progress copy without its queue"}),
-                    rejected_queue,
-                )
-            else:
-                headers = {amqp_side.HEADER_RECOVERED: worker_name}
-                broker.publish(amqp_side.copy_message(message, headers), str(queue))
-                log.warning("put back a job that %s did not finish, on %s", worker_name, queue)
-            message.channel.basic_ack(message.delivery_tag)
-            count += 1
-        slot += 1
-    return count

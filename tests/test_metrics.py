@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rbit.config import AmqpSettings, Config, WorkerSettings
 from rbit.metrics import HealthServer, Metrics
+from rbit.broker import Broker
 from rbit.worker import Worker
 
 from .broker import rabbitmqctl
@@ -184,7 +185,7 @@ def test_worker_health_before_connecting_is_unhealthy(tmp_path):
     config = load(config_path)
     assert isinstance(config, Config) and isinstance(config.worker, WorkerSettings)
     assert isinstance(config.amqp, AmqpSettings)
-    worker = Worker(config)
+    worker = Worker(config, Broker(config.amqp))
     health = worker.health()
     assert health["healthy"] is False
     assert health["broker"] == "disconnected"

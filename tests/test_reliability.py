@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from rbit import statuses
-from rbit.broker import HEADER_RECOVERED, in_progress_name
+from rbit.queues import HEADER_RECOVERED, in_progress_name
 from rbit.jobs import KILL_GRACE
 
 from .broker import rabbitmqctl

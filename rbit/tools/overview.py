@@ -1,23 +1,22 @@
 """``rbit status``: what the broker holds for a worker: its queues, jobs in progress, rejects."""
 
-import amqp
+from __future__ import annotations
 
-from . import broker as amqp_side
-from .pybit import decode_build_request
-from .errors import BadMessage
+from .. import queues
+from ..errors import BadMessage, QueueMissing
+from ..pybit import decode_build_request
 
 
-def peek(broker, queue_name, limit=20):
+def peek(broker, queue_name: str, limit: int = 20) -> list:
     """Up to *limit* messages of *queue_name*, left in place."""
     try:
-        channel, messages = broker.take(queue_name, limit)
-    except amqp.exceptions.NotFound:
+        with broker.take(queue_name, limit) as batch:  # closing it puts them back, in their order
+            return batch.messages
+    except QueueMissing:
         return []
-    channel.close()  # the messages go back, in their order
-    return messages
 
 
-def describe_job(message):
+def describe_job(message) -> str:
     """``job 42: hello 1.0`` for a message, or why it cannot be read."""
     try:
         request = decode_build_request(message.body)
@@ -26,7 +25,7 @@ def describe_job(message):
     return f"job {request.get_job_id()}: {request.get_package()} {request.get_version()}"
 
 
-def queue_rows(broker, config):
+def queue_rows(broker, config) -> list[tuple]:
     """(kind, queue, messages, consumers, note) for every queue the configuration involves."""
     settings = config.worker
     rows = []
@@ -34,26 +33,24 @@ def queue_rows(broker, config):
     def add(kind, name, note=""):
         try:
             messages, consumers = broker.queue_info(name)
-        except amqp.exceptions.NotFound:
+        except QueueMissing:
             rows.append((kind, name, None, None, "not declared yet"))
             return
         rows.append((kind, name, messages, consumers, note))
 
     for section in config.runners:
         add("build", section.queue, section.routing_key)
-        add("blocked", amqp_side.delay_queue(section.queue, settings.blocked_delay).name,
+        add("blocked", queues.delay_queue(section.queue, settings.blocked_delay).name,
             f"back to {section.queue} after {settings.blocked_delay:g} s")
-    slot = 0
-    while slot < settings.concurrency or broker.exists(amqp_side.in_progress_name(settings.name, slot)):
-        name = amqp_side.in_progress_name(settings.name, slot)
+    for slot in queues.slots(broker, settings.name, settings.concurrency):
+        name = queues.in_progress_name(settings.name, slot)
         jobs = "; ".join(describe_job(m) for m in peek(broker, name)) or "idle"
         add("in progress", name, jobs)
-        slot += 1
     add("rejected", settings.rejected_queue, "see: rbit rejected CONFIG")
     return rows
 
 
-def format_rows(rows):
+def format_rows(rows: list[tuple]) -> str:
     lines = [f"{'KIND':<12} {'QUEUE':<44} {'MESSAGES':>8} {'CONSUMERS':>9}  NOTE"]
     for kind, name, messages, consumers, note in rows:
         shown = lambda n: "-" if n is None else str(n)  # noqa: E731

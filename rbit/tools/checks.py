@@ -2,8 +2,8 @@
 
 import click
 
-from .broker import Broker, describe
-from .errors import BrokerError
+from ..broker import Broker
+from ..errors import BrokerError
 
 
 def run_checks(config, connections=False):
@@ -25,7 +25,7 @@ def _check_broker(config):
     except BrokerError as exc:
         click.echo(f"  {exc}", err=True)
         return False
-    click.echo(f"  broker {describe(broker.connection)}: connected")
+    click.echo(f"  broker {broker.address}: connected")
     broker.close()
     return True
 
@@ -39,7 +39,7 @@ def _check_pybit(config):
         return True
     import requests
 
-    from .reporting import safe_url
+    from ..pybit_http import safe_url
 
     shown = safe_url(config.pybit.url)
     try:

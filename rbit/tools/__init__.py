@@ -1,0 +1,5 @@
+"""The tools behind ``rbit publish``, ``status``, ``try``, ``rejected``, ``recover`` and ``--check``.
+
+Each is imported only when its command runs, so that starting the worker
+never pays for them.
+"""
