@@ -54,6 +54,17 @@ def fork_context(preload=()):
     return context
 
 
+def runner_modules(sections) -> list[str]:
+    """The modules the runners of *sections* live in, for the fork server to preload."""
+    modules = []
+    for section in sections:
+        modules.append(type(section.runner).__module__)
+        function = getattr(section.runner, "function", None)
+        if function is not None and getattr(function, "__module__", None):
+            modules.append(function.__module__)
+    return modules
+
+
 class JobProcess:
     """The worker's handle on one job's process."""
 

@@ -99,6 +99,18 @@ def cancel_queue(worker_name: str) -> QueueSpec:
     return QueueSpec(worker_name, routing_key=worker_name, durable=False, exclusive=True, auto_delete=True)
 
 
+def declare_worker(broker: Broker, settings, sections) -> None:
+    """Declare everything a worker uses; its name queue first, which claims the name
+    (:class:`~rbit.errors.QueueLocked` if another worker holds it)."""
+    broker.declare(cancel_queue(settings.name))
+    for section in sections:
+        broker.declare(build_queue(section.queue, section.routing_key))
+        broker.declare(delay_queue(section.queue, settings.blocked_delay))
+    broker.declare(rejected_queue(settings.rejected_queue))
+    for slot in range(settings.concurrency):
+        broker.declare(in_progress_queue(settings.name, slot))
+
+
 def origin(message: Delivery) -> str | None:
     """The queue a copy says its message came from."""
     queue = message.headers.get(HEADER_QUEUE)

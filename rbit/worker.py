@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from . import jobs, queues, systemd
@@ -38,10 +37,10 @@ from .broker import StopWaiting
 from .errors import BadMessage, BrokerError, ConnectionLost, NameInUse, QueueLocked
 from .message import Message
 from .metrics import HealthServer, Metrics
-from .outcome import Decision, Fate, Result, Stop, decide
+from .outcome import Stop
 from .pybit import decode_build_request, decode_cancel_request
 from .reporting import StatusReporter
-from .statuses import FINAL
+from .running import Jobs, RunningJob
 from .wakeup import Wakeup
 
 log = logging.getLogger(__name__)
@@ -57,36 +56,6 @@ REPORT_FLUSH_TIMEOUT = 5.0
 #: Seconds between two reconnections when the broker refuses the one before.
 RECONNECT_PAUSE = 1.0
 
-LOG_JOB_START = "job %s: starting %s %s from %s in slot %d"
-LOG_JOB_END = "job %s: %s %s from %s ended %s in %.1f s%s"
-LOG_JOB_DROPPED = "job %s: %s %s from %s not run: %s"
-
-
-@dataclass
-class RunningJob:
-    """A job that holds a slot, from its start to its message's end."""
-
-    slot: int
-    queue: str
-    message: Message
-    delivery: object
-    process: jobs.JobProcess
-    started: float
-    timeout: float | None
-    last_final: str | None = None
-    result: Result | None = None
-    stop: Stop = Stop.NONE
-    decision: Decision | None = None
-
-    @property
-    def job_id(self) -> int:
-        return self.message.job_id
-
-    @property
-    def deadline(self) -> float | None:
-        return None if self.timeout is None else self.started + self.timeout
-
-
 class Worker:
     """Serves the queues of a configuration through *broker* until told to stop."""
 
@@ -96,19 +65,25 @@ class Worker:
         self.broker = broker
         self.clock = clock
         self.reporter = reporter or StatusReporter(config.pybit, self.settings.name, spool_path=self._spool_path())
-        self.context = context
         self.metrics = Metrics()
         self.metrics.backlog.set_function(lambda: self.reporter.backlog)
         self.metrics.running.set_function(lambda: len(self.running()))
         self.http = HealthServer(self.settings.http, self.metrics, self.health) if self.settings.http else None
-        self.slots: dict[int, RunningJob] = {}
-        self.finishing: list[RunningJob] = []
+        self.wakeup = Wakeup()
+        self.jobs = Jobs(config, self.reporter, self.metrics, self.wakeup, clock)
+        self.jobs.context = context
         self._subscribing = False
         self._held = []
         self.stopping = False
         self.stop_deadline = None
         self.hurry = False
-        self.wakeup = Wakeup()
+
+    @property
+    def slots(self) -> dict[int, RunningJob]:
+        return self.jobs.slots
+
+    def running(self) -> list[RunningJob]:
+        return self.jobs.running()
 
     # -- Lifecycle --------------------------------------------------------------
 
@@ -119,7 +94,7 @@ class Worker:
         if self.http is not None:
             self.http.start()
         try:
-            self.context = self.context or jobs.fork_context(self._runner_modules())
+            self.jobs.context = self.jobs.context or jobs.fork_context(jobs.runner_modules(self.config.runners))
             if not self._connect(first=True):
                 return
             systemd.notify("READY=1\nSTATUS=serving " + ", ".join(s.queue for s in self.config.runners))
@@ -142,14 +117,14 @@ class Worker:
         if self._done():
             return
         self.wakeup.wait(self._timeout(self.clock()))
-        self._service_jobs()
+        self.jobs.service()
         if not self.broker.connected:
             self._reconnect(None)
             return
         try:
             self.broker.drain()
             self.broker.heartbeat_check()
-            self._finish_jobs()
+            self.jobs.finish(self.broker)
             self._resume_consuming()
         except ConnectionLost as exc:
             self._reconnect(exc)
@@ -162,30 +137,20 @@ class Worker:
             self.broker.connect(should_stop=self._give_up_broker, idle=self._idle)
         except StopWaiting:
             return False
-        self._declare()
+        try:
+            queues.declare_worker(self.broker, self.settings, self.config.runners)
+        except QueueLocked as exc:
+            raise NameInUse(f"another worker named {self.settings.name!r} is connected to this broker") from exc
         if first:
             queues.recover(self.broker, self.settings.name, self.settings.concurrency, self.settings.rejected_queue)
         self.broker.qos(1)
         self.broker.consume(CANCELS, [queues.cancel_queue(self.settings.name)], self._on_cancel, no_ack=True)
         self.wakeup.watch(self.broker.fileno(), "broker")
-        self._finish_jobs()
+        self.jobs.finish(self.broker)
         self._resume_consuming()
         log.info("serving %s as %s (concurrency %d)", ", ".join(s.queue for s in self.config.runners),
                  self.settings.name, self.settings.concurrency)
         return True
-
-    def _declare(self) -> None:
-        """Declare everything the worker uses; claim the worker's name first."""
-        try:
-            self.broker.declare(queues.cancel_queue(self.settings.name))
-        except QueueLocked as exc:
-            raise NameInUse(f"another worker named {self.settings.name!r} is connected to this broker") from exc
-        for section in self.config.runners:
-            self.broker.declare(queues.build_queue(section.queue, section.routing_key))
-            self.broker.declare(queues.delay_queue(section.queue, self.settings.blocked_delay))
-        self.broker.declare(queues.rejected_queue(self.settings.rejected_queue))
-        for slot in range(self.settings.concurrency):
-            self.broker.declare(queues.in_progress_queue(self.settings.name, slot))
 
     def _reconnect(self, exc: Exception | None) -> None:
         """Connect again after *exc*, keeping the jobs serviced while the broker is away."""
@@ -215,15 +180,12 @@ class Worker:
     def _idle(self) -> None:
         """Keep the jobs serviced while the loop waits for the broker."""
         self._apply_stop(self.clock())
-        self._service_jobs()
+        self.jobs.service()
 
     # -- Taking jobs ---------------------------------------------------------------
 
-    def _free_slot(self) -> int | None:
-        return next((slot for slot in range(self.settings.concurrency) if slot not in self.slots), None)
-
     def _resume_consuming(self) -> None:
-        if self.stopping or self.finishing or self.broker.consuming(JOBS) or self._free_slot() is None:
+        if self.stopping or self.jobs.finishing or self.broker.consuming(JOBS) or self.jobs.free_slot() is None:
             return
         # The broker may deliver on the first queues while a later basic.consume
         # waits for its reply; such a message is held (prefetch 1: at most one)
@@ -244,7 +206,7 @@ class Worker:
         if self._subscribing:
             self._held.append((queue, delivery))
             return
-        slot = self._free_slot()
+        slot = self.jobs.free_slot()
         if self.stopping or slot is None:
             # Not expected (consumers are cancelled before the last slot fills),
             # but never hold a message that is not running.
@@ -260,7 +222,7 @@ class Worker:
         message = Message(body=delivery.text, request=request, queue=queue,
                           redelivered=delivery.redelivered or bool(queues.recovered_from(delivery)),
                           headers=dict(delivery.headers), recovered_from=queues.recovered_from(delivery))
-        if any(job.job_id == message.job_id for job in self.slots.values()):
+        if self.jobs.holds(message.job_id):
             log.warning("job %s (%s): already running here; dropping the duplicate", message.job_id, queue)
             delivery.ack()
             return
@@ -268,90 +230,7 @@ class Worker:
             self.broker.cancel(JOBS)
         queues.hold(self.broker, delivery, queue, self.settings.name, slot)
         delivery.ack()
-        self._start(slot, queue, message, delivery)
-
-    def _start(self, slot: int, queue: str, message: Message, delivery) -> None:
-        section = self.config.runner_for(queue)
-        process = jobs.JobProcess(self.context, section.runner, message, self.config.pybit, self.settings.name,
-                                  log_level=logging.getLogger().getEffectiveLevel())
-        job = RunningJob(slot, queue, message, delivery, process, self.clock(), section.timeout)
-        self.slots[slot] = job
-        request = message.request
-        log.info(LOG_JOB_START, job.job_id, request.get_package(), request.get_version(), queue, slot)
-        try:
-            process.start()
-        except OSError as exc:
-            log.error("job %s (%s): cannot start its process: %s", job.job_id, queue, exc)
-            self._end(job, f"cannot start the job's process: {exc}")
-            return
-        self.wakeup.watch(process.conn.fileno(), ("pipe", slot))
-        self.wakeup.watch(process.process.sentinel, ("exit", slot))
-
-    # -- Running jobs ---------------------------------------------------------------
-
-    def _service_jobs(self) -> None:
-        """Read every job's news, stop jobs past their time, and end the jobs that exited."""
-        now = self.clock()
-        for job in self.running():
-            for event in job.process.receive():
-                self._on_job_event(job, event)
-            if job.process.eof:
-                self.wakeup.unwatch(("pipe", job.slot))  # a closed pipe stays readable: stop waking on it
-            if job.deadline is not None and now >= job.deadline and job.stop is Stop.NONE:
-                log.warning("job %s (%s): timed out after %g s; stopping it", job.job_id, job.queue, job.timeout)
-                self._stop_job(job, Stop.TIMEOUT, now)
-            job.process.tick(now)
-            if job.process.exited():
-                for event in job.process.receive():
-                    self._on_job_event(job, event)
-                self._end(job, job.process.describe_exit())
-
-    def _on_job_event(self, job: RunningJob, event: tuple) -> None:
-        kind = event[0]
-        if kind == "status":
-            _, status, text = event
-            self._report(job, status, text)
-            if status in FINAL:
-                job.last_final = status
-        elif kind == "log":
-            _, level, name, text = event
-            logging.getLogger(name).log(level, "job %s (%s): %s", job.job_id, job.queue, text)
-        elif kind == "result":
-            job.result = event[1]
-
-    def _report(self, job: RunningJob, status: str, text: str | None = None) -> None:
-        self.reporter.report(job.job_id, job.message.request.web_host, status, text, queue=job.queue)
-
-    def _end(self, job: RunningJob, exit_text: str) -> None:
-        """Decide how the job ended and report it; the message's end follows in _finish_jobs."""
-        self.wakeup.unwatch(("pipe", job.slot))
-        self.wakeup.unwatch(("exit", job.slot))
-        job.process.close()
-        job.decision = decision = decide(job.result, last_final=job.last_final, stop=job.stop,
-                                         exit_text=exit_text, timeout=job.timeout)
-        if decision.status is not None:
-            self._report(job, decision.status, decision.text)
-        duration = self.clock() - job.started
-        self.metrics.job_ended(job.queue, decision.outcome, duration)
-        request = job.message.request
-        what = (job.job_id, request.get_package(), request.get_version(), job.queue)
-        if decision.fate is Fate.DROP:
-            log.info(LOG_JOB_DROPPED, *what, decision.text)
-        else:
-            log.info(LOG_JOB_END, *what, decision.outcome, duration, f": {decision.text}" if decision.text else "")
-        self.finishing.append(job)
-
-    def _finish_jobs(self) -> None:
-        """Give each ended job's message its one end, then free the slot."""
-        while self.finishing:
-            job = self.finishing[0]
-            if job.decision.fate is Fate.DELAY:
-                queues.delay(self.broker, job.delivery, job.queue, self.settings.blocked_delay)
-            elif job.decision.fate is Fate.PUT_BACK:
-                queues.put_back(self.broker, job.delivery, job.queue, self.settings.name)
-            queues.release(self.broker, self.settings.name, job.slot)
-            self.finishing.pop(0)
-            del self.slots[job.slot]
+        self.jobs.start(slot, queue, message, delivery)
 
     # -- Cancelling and stopping ---------------------------------------------------
 
@@ -364,14 +243,9 @@ class Worker:
         for job in self.running():
             if job.job_id == cancel.job.id:
                 log.info("job %s (%s): cancelled from PyBit; stopping it", job.job_id, job.queue)
-                self._stop_job(job, Stop.CANCEL, self.clock())
+                self.jobs.stop(job, Stop.CANCEL)
                 return
         log.info("cancel request for job %s, which is not running here; ignored", cancel.job.id)
-
-    def _stop_job(self, job: RunningJob, why: Stop, now: float, grace: float = jobs.KILL_GRACE) -> None:
-        if job.stop is Stop.NONE:
-            job.stop = why
-        job.process.stop(now, grace)
 
     def _on_signal(self, signum: int) -> None:
         first = not self.stopping
@@ -394,8 +268,7 @@ class Worker:
                     log.warning("could not cancel consumers: %s", exc)
         if self.hurry or now >= self.stop_deadline:
             for job in self.running():
-                if job.stop is Stop.NONE:
-                    self._stop_job(job, Stop.SHUTDOWN, now, grace=0 if self.hurry else jobs.KILL_GRACE)
+                self.jobs.stop(job, Stop.SHUTDOWN, grace=0 if self.hurry else jobs.KILL_GRACE)
 
     def health(self) -> dict:
         """What ``/healthz`` says: healthy while connected to the broker and not stopping."""
@@ -407,9 +280,6 @@ class Worker:
             "running": len(self.running()),
             "stopping": self.stopping,
         }
-
-    def running(self) -> list[RunningJob]:
-        return [job for job in list(self.slots.values()) if job.decision is None]
 
     def _done(self) -> bool:
         if not self.stopping:
@@ -424,17 +294,17 @@ class Worker:
         timeout = self.settings.polling_time
         if self.broker.connected and self.config.amqp.heartbeat:
             timeout = min(timeout, self.config.amqp.heartbeat / 4)
-        moments = [m for job in self.running() for m in (job.deadline, job.process.kill_at) if m is not None]
+        moments = self.jobs.moments()
         if self.stopping and self.stop_deadline is not None:
             moments.append(self.stop_deadline)
-        if self.finishing:
+        if self.jobs.finishing:
             moments.append(now + 1.0)
         return min([timeout, *(max(0.0, moment - now) for moment in moments)])
 
     def _shutdown(self) -> None:
         if self.slots and self.broker.connected:
             try:
-                self._finish_jobs()
+                self.jobs.finish(self.broker)
             except BrokerError as exc:
                 log.warning("could not put back every message (%s); the next start recovers them", exc)
         self.broker.close()
@@ -450,12 +320,3 @@ class Worker:
         if self.settings.state_dir is None:
             return None
         return self.settings.state_dir / f"{self.settings.name}.statuses.jsonl"
-
-    def _runner_modules(self) -> list[str]:
-        modules = []
-        for section in self.config.runners:
-            modules.append(type(section.runner).__module__)
-            function = getattr(section.runner, "function", None)
-            if function is not None and getattr(function, "__module__", None):
-                modules.append(function.__module__)
-        return modules

@@ -1,0 +1,161 @@
+"""The jobs a worker runs: one per slot, from the start of its process to its message's end."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from . import jobs, queues
+from .message import Message
+from .outcome import Decision, Fate, Result, Stop, decide
+from .statuses import FINAL
+
+log = logging.getLogger(__name__)
+
+LOG_JOB_START = "job %s: starting %s %s from %s in slot %d"
+LOG_JOB_END = "job %s: %s %s from %s ended %s in %.1f s%s"
+LOG_JOB_DROPPED = "job %s: %s %s from %s not run: %s"
+
+
+@dataclass
+class RunningJob:
+    """A job that holds a slot, from its start to its message's end."""
+
+    slot: int
+    queue: str
+    message: Message
+    delivery: object
+    process: jobs.JobProcess
+    started: float
+    timeout: float | None
+    last_final: str | None = None
+    result: Result | None = None
+    stop: Stop = Stop.NONE
+    decision: Decision | None = None
+
+    @property
+    def job_id(self) -> int:
+        return self.message.job_id
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else self.started + self.timeout
+
+    def describe(self) -> tuple:
+        request = self.message.request
+        return (self.job_id, request.get_package(), request.get_version(), self.queue)
+
+
+class Jobs:
+    """The worker's slots: starts each job's process, follows its news, and decides its end."""
+
+    def __init__(self, config, reporter, metrics, wakeup, clock: Callable[[], float]):
+        self.config = config
+        self.settings = config.worker
+        self.reporter = reporter
+        self.metrics = metrics
+        self.wakeup = wakeup
+        self.clock = clock
+        self.context = None
+        self.slots: dict[int, RunningJob] = {}
+        #: Jobs that ended, in order, whose messages wait for their end on the broker.
+        self.finishing: list[RunningJob] = []
+
+    def free_slot(self) -> int | None:
+        return next((slot for slot in range(self.settings.concurrency) if slot not in self.slots), None)
+
+    def running(self) -> list[RunningJob]:
+        return [job for job in list(self.slots.values()) if job.decision is None]
+
+    def holds(self, job_id: int) -> bool:
+        return any(job.job_id == job_id for job in self.slots.values())
+
+    def start(self, slot: int, queue: str, message: Message, delivery) -> None:
+        section = self.config.runner_for(queue)
+        process = jobs.JobProcess(self.context, section.runner, message, self.config.pybit, self.settings.name,
+                                  log_level=logging.getLogger().getEffectiveLevel())
+        job = RunningJob(slot, queue, message, delivery, process, self.clock(), section.timeout)
+        self.slots[slot] = job
+        log.info(LOG_JOB_START, *job.describe(), slot)
+        try:
+            process.start()
+        except OSError as exc:
+            log.error("job %s (%s): cannot start its process: %s", job.job_id, queue, exc)
+            self._end(job, f"cannot start the job's process: {exc}")
+            return
+        self.wakeup.watch(process.conn.fileno(), ("pipe", slot))
+        self.wakeup.watch(process.process.sentinel, ("exit", slot))
+
+    def service(self) -> None:
+        """Read every job's news, stop jobs past their time, and end the jobs that exited."""
+        now = self.clock()
+        for job in self.running():
+            for event in job.process.receive():
+                self._on_event(job, event)
+            if job.process.eof:
+                self.wakeup.unwatch(("pipe", job.slot))  # a closed pipe stays readable: stop waking on it
+            if job.deadline is not None and now >= job.deadline and job.stop is Stop.NONE:
+                log.warning("job %s (%s): timed out after %g s; stopping it", job.job_id, job.queue, job.timeout)
+                self.stop(job, Stop.TIMEOUT)
+            job.process.tick(now)
+            if job.process.exited():
+                for event in job.process.receive():
+                    self._on_event(job, event)
+                self._end(job, job.process.describe_exit())
+
+    def stop(self, job: RunningJob, why: Stop, grace: float = jobs.KILL_GRACE) -> None:
+        """Stop *job*'s process group; the first reason given is the one that counts."""
+        if job.stop is Stop.NONE:
+            job.stop = why
+        job.process.stop(self.clock(), grace)
+
+    def moments(self) -> list[float]:
+        """When the running jobs next need attention (a timeout, a SIGKILL after SIGTERM)."""
+        return [m for job in self.running() for m in (job.deadline, job.process.kill_at) if m is not None]
+
+    def finish(self, broker) -> None:
+        """Give each ended job's message its one end, then free the slot."""
+        while self.finishing:
+            job = self.finishing[0]
+            if job.decision.fate is Fate.DELAY:
+                queues.delay(broker, job.delivery, job.queue, self.settings.blocked_delay)
+            elif job.decision.fate is Fate.PUT_BACK:
+                queues.put_back(broker, job.delivery, job.queue, self.settings.name)
+            queues.release(broker, self.settings.name, job.slot)
+            self.finishing.pop(0)
+            del self.slots[job.slot]
+
+    def _on_event(self, job: RunningJob, event: tuple) -> None:
+        kind = event[0]
+        if kind == "status":
+            _, status, text = event
+            self._report(job, status, text)
+            if status in FINAL:
+                job.last_final = status
+        elif kind == "log":
+            _, level, name, text = event
+            logging.getLogger(name).log(level, "job %s (%s): %s", job.job_id, job.queue, text)
+        elif kind == "result":
+            job.result = event[1]
+
+    def _report(self, job: RunningJob, status: str, text: str | None = None) -> None:
+        self.reporter.report(job.job_id, job.message.request.web_host, status, text, queue=job.queue)
+
+    def _end(self, job: RunningJob, exit_text: str) -> None:
+        """Decide how the job ended and report it; the message's end follows in :meth:`finish`."""
+        self.wakeup.unwatch(("pipe", job.slot))
+        self.wakeup.unwatch(("exit", job.slot))
+        job.process.close()
+        job.decision = decision = decide(job.result, last_final=job.last_final, stop=job.stop,
+                                         exit_text=exit_text, timeout=job.timeout)
+        if decision.status is not None:
+            self._report(job, decision.status, decision.text)
+        duration = self.clock() - job.started
+        self.metrics.job_ended(job.queue, decision.outcome, duration)
+        if decision.fate is Fate.DROP:
+            log.info(LOG_JOB_DROPPED, *job.describe(), decision.text)
+        else:
+            log.info(LOG_JOB_END, *job.describe(), decision.outcome, duration,
+                     f": {decision.text}" if decision.text else "")
+        self.finishing.append(job)
