@@ -3,7 +3,6 @@
 import dataclasses
 import logging
 import logging.handlers
-import os
 import sys
 
 import click
@@ -140,11 +139,11 @@ def run_command(config_path, poll_time, check, check_connections, daemon, pidfil
 def serve(config):
     """Run a worker on *config* until it stops; return the exit status."""
     from .broker import Broker
+    from .passwords import forget_passwords
     from .worker import Worker
 
     # Job processes must not inherit the passwords (the configuration holds them now).
-    for variable in config_module.PASSWORD_ENV.values():
-        os.environ.pop(variable, None)
+    forget_passwords()
     worker = Worker(config, Broker(config.amqp))
     try:
         worker.run()

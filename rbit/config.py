@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import runners
 from .errors import ConfigError
+from .passwords import PASSWORD_ENV
 
 #: Keys of ``[rbit]`` and their defaults; ``None`` means required or unset.
 RBIT_DEFAULTS = {
@@ -54,9 +55,6 @@ PYBIT_DEFAULTS = {
 
 #: Keys of a ``[runner:QUEUE]`` section that rbit keeps; every other key goes to the runner.
 RUNNER_OWN_KEYS = ("runner", "timeout", "routing_key")
-
-#: Environment variables that override passwords, by section.
-PASSWORD_ENV = {"amqp": "RBIT_AMQP_PASSWORD", "pybit": "RBIT_PYBIT_PASSWORD"}
 
 #: RabbitMQ's well-known default password: no secret, so a readable file holding it is fine.
 PUBLIC_PASSWORD = "guest"

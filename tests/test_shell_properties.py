@@ -12,7 +12,7 @@ import shlex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rbit.config import PASSWORD_ENV
+from rbit.passwords import PASSWORD_ENV
 from rbit.runners.shell import PLACEHOLDERS, job_environment, split, substitute
 
 SETTINGS = settings(max_examples=300, deadline=None)

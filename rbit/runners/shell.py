@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 
-from ..config import PASSWORD_ENV
+from ..passwords import without_passwords
 from ..errors import Blocked, ConfigError, Failed, UnknownStatus
 from . import Runner
 
@@ -78,8 +78,7 @@ def substitute(argv, fields, pattern=_PLACEHOLDER):
 
 def job_environment(fields, settings, base=None):
     """The program's environment: the worker's (less rbit's secrets), the job's fields, the settings."""
-    env = {k: v for k, v in (os.environ if base is None else base).items()
-           if k not in PASSWORD_ENV.values()}
+    env = without_passwords(os.environ if base is None else base)
     env.update({f"RBIT_{name}": fields.get(name, "") for name in PLACEHOLDERS})
     env.update(
         {f"RBIT_SETTING_{_SETTING_NAME.sub('_', key).upper()}": value
