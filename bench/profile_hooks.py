@@ -83,14 +83,14 @@ def install_fixes():
 
     if "purge-nowait" in FIXES:
         def purge(self, queue_name):
-            self.channel.queue_purge(queue_name, nowait=True)
+            self._channel.queue_purge(queue_name, nowait=True)
 
         broker.Broker.purge = purge
 
 
 def install_worker_hooks():
     """Apply the experimental fixes, then wrap the worker's steps; call before the worker is made."""
-    from rbit import broker, jobs, reporting, worker
+    from rbit import broker, jobs, reporting, running, wakeup, worker
 
     install_fixes()
 
@@ -102,26 +102,19 @@ def install_worker_hooks():
     _timed(broker.Broker, "heartbeat_check", "broker.heartbeat_check")
     _timed(worker, "decode_build_request", "decode")
     _timed(worker.Worker, "_on_message", "worker._on_message")
-    _timed(worker.Worker, "_start", "worker._start", job_of=lambda self, slot, queue, message, raw: message.job_id)
-    _timed(worker.Worker, "_end", "worker._end", job_of=lambda self, job: job.job_id)
-    _timed(worker.Worker, "_finish_jobs", "worker._finish_jobs")
     _timed(worker.Worker, "_resume_consuming", "worker._resume_consuming")
-    _timed(worker.Worker, "_service_jobs", "worker._service_jobs")
-    _timed(worker.Worker, "_on_job_event", "worker._on_job_event",
+    _timed(running.Jobs, "start", "jobs.start", job_of=lambda self, slot, queue, message, delivery: message.job_id)
+    _timed(running.Jobs, "_end", "jobs.end", job_of=lambda self, job, exit_text: job.job_id)
+    _timed(running.Jobs, "finish", "jobs.finish")
+    _timed(running.Jobs, "service", "jobs.service")
+    _timed(running.Jobs, "_on_event", "jobs.on_event",
            job_of=lambda self, job, event: f"{job.job_id}:{event[0]}:{event[1] if event[0] == 'status' else ''}")
     _timed(jobs.JobProcess, "start", "jobprocess.start")
     _timed(jobs.JobProcess, "close", "jobprocess.close")
     _timed(jobs.JobProcess, "receive", "jobprocess.receive")
     _timed(jobs.JobProcess, "exited", "jobprocess.exited")
     _timed(reporting.StatusReporter, "report", "reporter.report")
-
-    original_open = worker.Worker._open_wakeup
-
-    def open_wakeup(self):
-        original_open(self)
-        _timed(self.selector, "select", "select")
-
-    worker.Worker._open_wakeup = open_wakeup
+    _timed(wakeup.Wakeup, "wait", "select")
     import amqp.channel
     _timed(amqp.channel.Channel, "basic_ack", "broker.ack")
 
@@ -154,11 +147,11 @@ def _install_child_hooks():
     run = jobs._run
 
     @functools.wraps(child_main)
-    def child_main_hooked(conn, runner, message, pybit, log_level):
+    def child_main_hooked(conn, runner, message, *args):
         _current[0] = message.job_id
         _send("c_enter", message.job_id)
         try:
-            return child_main(conn, runner, message, pybit, log_level)
+            return child_main(conn, runner, message, *args)
         finally:
             _send("c_exit", message.job_id)
 
@@ -170,10 +163,10 @@ def _install_child_hooks():
             _send("c_captured", _current[0])
 
     @functools.wraps(run)
-    def run_hooked(runner, message, pybit, set_status):
+    def run_hooked(runner, message, *args):
         _send("c_run", message.job_id)
         try:
-            return run(runner, message, pybit, set_status)
+            return run(runner, message, *args)
         finally:
             _send("c_ran", message.job_id)
 

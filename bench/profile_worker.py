@@ -97,10 +97,10 @@ def _live_consumers():
     consumers = [obj for obj in gc.get_objects() if isinstance(obj, Consumer)]
     lines = [f"live kombu Consumer objects: {len(consumers)}"]
     for broker in (obj for obj in gc.get_objects() if isinstance(obj, Broker)):
-        if broker.channel is None:
+        if broker._channel is None:
             continue
-        held = {tag for group in broker.consumers.values() for c in group for tag in c._active_tags.values()}
-        registered = set(broker.channel.callbacks)
+        held = {tag for group in broker._consumers.values() for c in group for tag in c._active_tags.values()}
+        registered = set(broker._channel.callbacks)
         lines.append(f"py-amqp channel.callbacks: {len(registered)} consumer tags; Broker.consumers holds "
                      f"{len(held)} active tags; registered but not held: {len(registered - held)} "
                      f"(e.g. {sorted(registered - held)[:5]})")
