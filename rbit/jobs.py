@@ -20,6 +20,8 @@ Messages from the job process to the worker, each a tuple:
     PyBit's history says the job is not to run: see :mod:`rbit.history`).
 """
 
+from __future__ import annotations
+
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -42,7 +44,7 @@ PRELOAD = ["__main__", "rbit.jobs", "rbit.message", "rbit.pybit", "rbit.runners.
 log = logging.getLogger(__name__)
 
 
-def fork_context(preload=()):
+def fork_context(preload=()) -> multiprocessing.context.ForkServerContext:
     """The context that starts job processes; its fork server starts now, with *preload* imported.
 
     Starting it here, not at the first job, keeps its start-up (a fresh
@@ -82,7 +84,7 @@ class JobProcess:
         #: True once the job's end of the pipe is closed: nothing more will come.
         self.eof = False
 
-    def start(self):
+    def start(self) -> None:
         """Start the job's process (not the job's clock: the caller keeps that)."""
         parent_end, child_end = self.context.Pipe(duplex=True)
         self.process = self.context.Process(
@@ -97,10 +99,10 @@ class JobProcess:
         self.conn = parent_end
 
     @property
-    def pid(self):
+    def pid(self) -> int:
         return self.process.pid
 
-    def receive(self):
+    def receive(self) -> list[tuple]:
         """Everything the job has sent so far, without blocking; sets :attr:`eof` at the end."""
         events = []
         try:
@@ -110,7 +112,7 @@ class JobProcess:
             self.eof = True
         return events
 
-    def exited(self):
+    def exited(self) -> bool:
         """True once the job's process has ended (the rest of its group is killed then)."""
         if self.process.exitcode is None:
             return False
@@ -118,31 +120,31 @@ class JobProcess:
         return True
 
     @property
-    def exitcode(self):
+    def exitcode(self) -> int | None:
         return self.process.exitcode
 
-    def stop(self, now, grace=KILL_GRACE):
+    def stop(self, now: float, grace: float = KILL_GRACE) -> None:
         """Ask the whole group to stop (SIGTERM); :meth:`tick` sends SIGKILL after *grace*."""
         if self.kill_at is None:
             self.kill_at = now + grace
             self.signal_group(signal.SIGTERM)
 
-    def kill(self):
+    def kill(self) -> None:
         """Kill the whole group at once."""
         self.signal_group(signal.SIGKILL)
 
-    def tick(self, now):
+    def tick(self, now: float) -> None:
         """Escalate a stop that the group has ignored for its grace period."""
         if self.kill_at is not None and now >= self.kill_at:
             self.kill()
 
-    def signal_group(self, signum):
+    def signal_group(self, signum: int) -> None:
         try:
             os.killpg(self.process.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
 
-    def close(self):
+    def close(self) -> None:
         """Release the pipe and reap the process."""
         if not self.closed and self.conn is not None:
             self.closed = True
@@ -150,7 +152,7 @@ class JobProcess:
             self.conn.close()
             self.process.join(timeout=1)
 
-    def describe_exit(self):
+    def describe_exit(self) -> str:
         code = self.process.exitcode
         if code is not None and code < 0:
             return f"the job's process was killed by {signal.Signals(-code).name}"
@@ -186,7 +188,7 @@ class _ForwardHandler(logging.Handler):
             self.handleError(record)
 
 
-def child_main(conn, runner, message, pybit, worker_name, log_level):
+def child_main(conn, runner, message, pybit, worker_name: str | None, log_level: int) -> None:
     """Run one job in this process; the entry point of every job process."""
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_DFL)

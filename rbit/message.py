@@ -20,6 +20,6 @@ class Message:
     recovered_from: str | None = None
 
     @property
-    def job_id(self):
+    def job_id(self) -> int:
         """The PyBit job id."""
         return self.request.get_job_id()

@@ -17,7 +17,7 @@ ALL = (WAITING, BLOCKED, CANCELLED, BUILDING, FAILED, UPLOADED, DONE)
 FINAL = frozenset({DONE, FAILED, BLOCKED, CANCELLED})
 
 
-def check(status):
+def check(status: str) -> str:
     """Return *status* if PyBit knows it; raise :class:`UnknownStatus` naming the allowed ones."""
     if status not in ALL:
         raise UnknownStatus(
