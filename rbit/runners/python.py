@@ -50,8 +50,6 @@ def check_settings(function, spec, settings):
     check = getattr(function, CHECK_ATTRIBUTE, None)
     if check is None:
         return
-    if not callable(check):
-        raise ConfigError(f"{spec}.{CHECK_ATTRIBUTE} is not callable")
     try:
         check(dict(settings))
     except ConfigError:
