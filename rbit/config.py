@@ -1,7 +1,6 @@
 """Reading the ini file into typed, validated settings, before any connection is made."""
 
 import configparser
-import difflib
 import logging.config
 import math
 import os
@@ -11,6 +10,7 @@ from pathlib import Path
 from . import runners
 from .errors import ConfigError
 from .passwords import PASSWORD_ENV
+from .settings import check_known, parse_flag
 
 #: Keys of ``[rbit]`` and their defaults; ``None`` means required or unset.
 RBIT_DEFAULTS = {
@@ -169,14 +169,17 @@ class _Section:
             self.values = {**defaults, **self.values}
 
     def _check_known(self, defaults):
-        for key in self.values:
-            if key not in defaults:
-                close = difflib.get_close_matches(key, defaults, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(defaults)}"
-                raise self.error(key, f"unknown key{hint}")
+        try:
+            check_known(self.values, defaults)
+        except ConfigError as exc:
+            raise self.located(exc) from None
 
     def error(self, key, message):
         return ConfigError(message, self.path, self.name, key)
+
+    def located(self, exc, key=None):
+        """*exc*, a ConfigError naming at most a key, placed in this file and section."""
+        return self.error(exc.key or key, exc.reason)
 
     def text(self, key, required=False):
         value = (self.values.get(key) or "").strip()
@@ -198,12 +201,10 @@ class _Section:
         return value
 
     def flag(self, key):
-        raw = self.text(key).lower()
-        if raw in ("1", "yes", "true", "on"):
-            return True
-        if raw in ("0", "no", "false", "off"):
-            return False
-        raise self.error(key, f"must be true or false, not {raw!r}")
+        try:
+            return parse_flag(self.text(key), key)
+        except ConfigError as exc:
+            raise self.located(exc) from None
 
     def secret(self, key, env_name, environ, warnings):
         """A password: from the environment, else a file named by ``KEY_file``, else the key.
@@ -363,7 +364,8 @@ def _runner(section, worker):
     try:
         runner = runners.load(line, settings)
     except ConfigError as exc:
-        raise section.error("runner", exc.reason) from exc
+        # A runner's check of its settings names the setting; anything else is the runner line's.
+        raise section.located(exc, "runner") from exc
     return RunnerSection(
         queue=queue,
         routing_key=section.text("routing_key") or _routing_key(section, queue, worker),

@@ -30,7 +30,9 @@ Every command and its output go to ``build-root/logs/JOB.log`` (appended to,
 so a job that was Blocked keeps the log of each attempt). A failure raises
 :class:`rbit.Failed` with the last lines of that log.
 
-Settings (all strings; flags are ``true`` or ``false``):
+Settings (all strings; flags are ``true`` or ``false``), checked when the
+configuration is read (``build.check_settings``), so that a mistake stops
+``rbit CONFIG``, ``--check`` and ``rbit try`` before any connection, naming the key:
 
 ================  ==========================  =========================================
 key               default                     meaning
@@ -66,7 +68,6 @@ Nothing from a message reaches a shell: commands are argument lists, and
 """
 
 import collections
-import difflib
 import logging
 import os
 import re
@@ -79,10 +80,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rbit import statuses
-from rbit.errors import Blocked, Failed
+from rbit.errors import Blocked, ConfigError, Failed
 from rbit.runners.shell import PLACEHOLDERS as REQUEST_PLACEHOLDERS
 from rbit.runners.shell import job_environment, placeholder_pattern
 from rbit.runners.shell import substitute as shell_substitute
+from rbit.settings import check_known, parse_flag
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +121,6 @@ SOURCE_DIR = "source"
 #: Lines of the build log quoted in a Failed message.
 TAIL_LINES = 20
 
-#: Words of a true and a false flag.
-TRUE_WORDS = ("true", "yes", "on", "1")
-FALSE_WORDS = ("false", "no", "off", "0")
-
 #: What ``dpkg-checkbuilddeps`` says (in the C locale) before the dependencies it misses.
 _UNMET = re.compile(r"(Unmet build dependencies|Build conflicts): (.*)")
 
@@ -149,7 +147,7 @@ class Options:
 
 def build(message, set_status, settings):
     """Fetch, check, build and upload the package *message* asks for (contract §4)."""
-    options = parse_settings(settings)
+    options = parse_settings(settings)  # checked at start (build.check_settings): only typed here
     job_id = message.job_id
     prepare_build_root(options.build_root)
     with BuildLog(log_path(options.build_root, job_id)) as build_log:
@@ -216,33 +214,24 @@ def upload_wanted(options):
 
 
 def parse_settings(settings):
-    """The :class:`Options` in *settings* (a dict of str); :class:`rbit.Failed` names a mistake."""
-    for key in settings:
-        if key not in DEFAULTS:
-            close = difflib.get_close_matches(key, DEFAULTS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(DEFAULTS)}"
-            raise Failed(f"rbitext.debian: unknown setting {key!r}{hint}")
+    """The :class:`Options` in *settings* (a dict of str); ConfigError names a mistaken key."""
+    check_known(settings, DEFAULTS)
     values = {key: (settings.get(key) or default).strip() for key, default in DEFAULTS.items()}
     build_root = _path(values, "build-root") or DEFAULT_BUILD_ROOT
     return Options(
         build_root=build_root,
         output_dir=_path(values, "output-dir") or build_root / "output",
         builder=_builder(values["builder"]),
-        check_build_deps=_flag(values, "check-build-deps"),
+        check_build_deps=parse_flag(values["check-build-deps"], "check-build-deps"),
         dput_dest=values["dput-dest"] or None,
         dput_options=tuple(_split(values, "dput-options")),
-        dry_run=_flag(values, "dry-run"),
-        keep_failed=_flag(values, "keep-failed"),
+        dry_run=parse_flag(values["dry-run"], "dry-run"),
+        keep_failed=parse_flag(values["keep-failed"], "keep-failed"),
     )
 
 
-def _flag(values, key):
-    word = values[key].lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise Failed(f"rbitext.debian: setting {key!r} must be true or false, not {values[key]!r}")
+#: rbit checks the settings with this when it reads the configuration.
+build.check_settings = parse_settings
 
 
 def _path(values, key):
@@ -250,7 +239,7 @@ def _path(values, key):
         return None
     path = Path(values[key])
     if not path.is_absolute():
-        raise Failed(f"rbitext.debian: setting {key!r} must be an absolute path, not {values[key]!r}")
+        raise ConfigError(f"must be an absolute path, not {values[key]!r}", key=key)
     return path
 
 
@@ -258,7 +247,7 @@ def _split(values, key):
     try:
         return shlex.split(values[key])
     except ValueError as exc:
-        raise Failed(f"rbitext.debian: cannot split setting {key!r}: {exc}") from None
+        raise ConfigError(f"cannot split like a shell line: {exc}", key=key) from None
 
 
 def _builder(line):
@@ -270,8 +259,8 @@ def _builder(line):
         leftover = _PLACEHOLDER.sub("", arg)
         if "%" in leftover:
             known = ", ".join("%" + name for name in PATH_PLACEHOLDERS + REQUEST_PLACEHOLDERS)
-            raise Failed(f"rbitext.debian: unknown placeholder in builder argument {arg!r}; "
-                         f"known: {known}, %%")
+            raise ConfigError(f"unknown placeholder in argument {arg!r}; known: {known}, %%",
+                              key="builder")
     return tuple(argv)
 
 

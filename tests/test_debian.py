@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rbit.errors import Blocked, Failed
+from rbit.errors import Blocked, ConfigError, Failed
 from rbit.message import Message
 from rbit.pybit import encode, make_request
 from rbitext import debian
@@ -20,6 +20,8 @@ from rbitext import debian
 from .debian_fixtures import MISSING_PACKAGE, PACKAGE, fake_dput, make_repo, require_tools
 from .harness import WorkerProcess, write_config
 from .pybit_models import request_body
+from .test_config import check_one_line
+from .test_tools import closed_port, rbit
 
 #: Seconds a worker test waits for a job's final status (a build takes a few seconds).
 JOB_TIMEOUT = 90
@@ -70,23 +72,65 @@ def test_settings_defaults():
     assert (options.dry_run, options.keep_failed) == (False, False)
 
 
-@pytest.mark.parametrize("settings, words", [
-    ({"dry-run": "maybe"}, ["'dry-run'", "true or false", "'maybe'"]),
-    ({"keep-failed": "2"}, ["'keep-failed'", "true or false"]),
-    ({"build-root": "relative/dir"}, ["'build-root'", "absolute path"]),
-    ({"output-dir": "out"}, ["'output-dir'", "absolute path"]),
-    ({"dryrun": "true"}, ["unknown setting 'dryrun'", "did you mean 'dry-run'"]),
-    ({"builder": "sbuild %NOPE"}, ["unknown placeholder", "'%NOPE'", "%DSC"]),
-    ({"builder": "sbuild 'unclosed"}, ["'builder'", "cannot split"]),
-    ({"dput-options": "-c 'unclosed"}, ["'dput-options'", "cannot split"]),
+@pytest.mark.parametrize("settings, key, words", [
+    ({"dry-run": "maybe"}, "dry-run", ["true or false", "'maybe'"]),
+    ({"keep-failed": "2"}, "keep-failed", ["true or false"]),
+    ({"build-root": "relative/dir"}, "build-root", ["absolute path"]),
+    ({"output-dir": "out"}, "output-dir", ["absolute path"]),
+    ({"dryrun": "true"}, "dryrun", ["unknown key", "did you mean 'dry-run'"]),
+    ({"builder": "sbuild %NOPE"}, "builder", ["unknown placeholder", "'%NOPE'", "%DSC"]),
+    ({"builder": "sbuild 'unclosed"}, "builder", ["cannot split"]),
+    ({"dput-options": "-c 'unclosed"}, "dput-options", ["cannot split"]),
 ])
-def test_bad_settings_fail_with_clear_message(settings, words, tmp_path):
-    """A wrong setting fails the job at once with a message naming the key and the fix."""
-    with pytest.raises(Failed) as failed:
-        run_build(request_for(tmp_path / "repo"), {"build-root": str(tmp_path / "root"), **settings})
+def test_bad_setting_is_refused_by_its_check_naming_the_key(settings, key, words, tmp_path):
+    """Checking settings at start: the runner's check_settings raises ConfigError naming the
+    setting and the fix, and touches nothing on disk."""
+    with pytest.raises(ConfigError) as caught:
+        debian.build.check_settings({"build-root": str(tmp_path / "root"), **settings})
+    assert caught.value.key == key
     for word in words:
-        assert word in failed.value.message
-    assert leftover_work(tmp_path / "root") == []
+        assert word in caught.value.reason
+    assert not (tmp_path / "root").exists()
+
+
+def offline_deb_config(tmp_path, **settings):
+    """A configuration serving one deb queue with the Debian runner; its broker port is closed."""
+    return write_config(tmp_path / "rbit.ini", name="deb-check", vhost=None,
+                        amqp={"port": str(closed_port())},
+                        runners={"Debian_amd64_unstable_deb": {
+                            "runner": RUNNER, "build-root": str(tmp_path / "root"), **settings}})
+
+
+@pytest.mark.parametrize("command", [["{config}"], ["{config}", "--check"], ["try", "{config}"]],
+                         ids=["run", "check", "try"])
+@pytest.mark.parametrize("settings, key, words", [
+    ({"dryrun": "true"}, "dryrun", "did you mean 'dry-run'"),
+    ({"keep-failed": "maybe"}, "keep-failed", "must be true or false, not 'maybe'"),
+], ids=["misspelt-key", "not-a-flag"])
+def test_bad_setting_stops_rbit_before_connecting(tmp_path, command, settings, key, words):
+    """Checking settings at start: a misspelt Debian setting or a flag that is not one ends
+    `rbit CONFIG`, `rbit CONFIG --check` and `rbit try` at once, before any connection (the
+    broker port is closed), with exit status 2 and one line naming the file, the
+    [runner:QUEUE] section and the key, and no traceback."""
+    config = offline_deb_config(tmp_path, **settings)
+    result = rbit(*[arg.format(config=config) for arg in command], timeout=10)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    check_one_line(result.stdout + result.stderr, config, "runner:Debian_amd64_unstable_deb",
+                   f"key '{key}'", words)
+    assert "broker" not in result.stderr.lower()
+    assert not (tmp_path / "root").exists()
+
+
+def test_good_settings_pass_the_check(tmp_path):
+    """Checking settings at start: `rbit CONFIG --check` accepts the Debian runner with every
+    setting written well (flags in any of their spellings) and exits 0."""
+    config = offline_deb_config(tmp_path, **{
+        "output-dir": str(tmp_path / "out"), "builder": "sbuild --dist=%SUITE %DSC",
+        "check-build-deps": "no", "dput-dest": "archive", "dput-options": "-U",
+        "dry-run": "Yes", "keep-failed": "off"})
+    result = rbit(config, "--check", timeout=10)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert "Debian_amd64_unstable_deb" in result.stdout
 
 
 def test_build_root_of_another_user_is_refused(tmp_path, monkeypatch):

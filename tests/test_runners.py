@@ -7,13 +7,15 @@ no command ran.
 """
 
 import os
+import pickle
 import re
 import time
 
 import pytest
 
+from rbit import config as config_module
 from rbit import statuses
-from rbit.errors import Blocked, Failed
+from rbit.errors import Blocked, ConfigError, Failed
 from rbit.message import Message
 from rbit.pybit import decode_build_request
 from rbit.runners import load as load_runner
@@ -64,6 +66,78 @@ def test_python_runner_is_called_with_message_set_status_and_settings():
     assert args[0] is message
     assert args[1] is set_status
     assert args[2] == {"name": "World", "colour": "blue"} and type(args[2]) is dict
+
+
+CHECKS = []
+
+
+def checked_call(*args, **kwargs):
+    """A python! runner with a settings check: ``jobs`` must be a whole number."""
+    CALLS.append((args, kwargs))
+
+
+def check_jobs(settings):
+    CHECKS.append(settings)
+    jobs = settings.get("jobs", "1")
+    if not jobs.isdigit():
+        raise ConfigError(f"must be a whole number, not {jobs!r}", key="jobs")
+    settings["jobs"] = "changed by the check"
+    return {"jobs": int(jobs)}  # ignored: the function gets the settings as written
+
+
+checked_call.check_settings = check_jobs
+
+
+def broken_check_call(message, set_status, settings):
+    """A python! runner whose settings check has a bug."""
+
+
+broken_check_call.check_settings = lambda settings: settings["missing"]
+
+
+def test_settings_check_is_called_once_and_its_return_value_ignored():
+    """Checking settings at start: a function's check_settings gets a copy of the settings when
+    the runner is built; what it returns or changes is ignored, the function still gets the
+    settings as written, and the job's process (which unpickles the runner) does not check
+    again."""
+    CALLS.clear()
+    CHECKS.clear()
+    runner = load_runner("python!tests.test_runners:checked_call", {"jobs": "4"})
+    assert CHECKS == [{"jobs": "changed by the check"}]
+    in_job_process = pickle.loads(pickle.dumps(runner))
+    assert len(CHECKS) == 1
+    in_job_process.run(message_for(7), lambda status, text=None: None)
+    [(args, _)] = CALLS
+    assert args[2] == {"jobs": "4"}
+
+
+def test_settings_check_error_names_file_section_and_key(tmp_path):
+    """Checking settings at start: a ConfigError raised by check_settings becomes a
+    configuration error naming the file, the [runner:QUEUE] section and the setting."""
+    path = write_config(tmp_path / "rbit.ini", name="checked", vhost=None, runners={
+        "cnx_any_latex_pdf": {"runner": "python!tests.test_runners:checked_call", "jobs": "many"}})
+    with pytest.raises(ConfigError) as caught:
+        config_module.load(path, environ={})
+    error = caught.value
+    assert (error.path, error.section, error.key) == (path, "runner:cnx_any_latex_pdf", "jobs")
+    assert str(error) == (f"{path}, section [runner:cnx_any_latex_pdf], key 'jobs': "
+                          "must be a whole number, not 'many'")
+
+
+def test_settings_check_that_crashes_is_a_configuration_error():
+    """Checking settings at start: any other exception from check_settings is a configuration
+    error naming the check and the exception, not a traceback."""
+    with pytest.raises(ConfigError) as caught:
+        load_runner("python!tests.test_runners:broken_check_call", {})
+    assert caught.value.key is None
+    assert caught.value.reason == "tests.test_runners:broken_check_call.check_settings raised KeyError: 'missing'"
+
+
+def test_runner_without_settings_check_takes_any_settings():
+    """Checking settings at start: a function without check_settings is built as before, with
+    whatever settings its section holds, and still pickles to the job's process."""
+    runner = load_runner("python!tests.test_runners:capture_call", {"anything": "goes"})
+    assert pickle.loads(pickle.dumps(runner)).settings == {"anything": "goes"}
 
 
 # -- shell!: splitting and substitution ---------------------------------------------

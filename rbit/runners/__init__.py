@@ -12,11 +12,11 @@ Processors are imported only when a configuration names them.
 """
 
 import abc
-import difflib
 import importlib
 from importlib.metadata import entry_points
 
 from ..errors import ConfigError
+from ..settings import did_you_mean
 
 #: The entry-point group through which plugins register processors.
 ENTRY_POINT_GROUP = "rbit.processors"
@@ -64,10 +64,8 @@ def get_processor(name):
     """The Runner class registered as *name*, imported now."""
     known = processors()
     if name not in known:
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
-            f"unknown processor {name!r}{hint} (known: {', '.join(sorted(known))})"
+            f"unknown processor {name!r}{did_you_mean(name, known)} (known: {', '.join(sorted(known))})"
         )
     target = known[name]
     try:
