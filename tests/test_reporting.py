@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import time
 from types import SimpleNamespace
 
@@ -37,6 +38,12 @@ def make_reporter():
         reporter.stop(timeout=0.2)
 
 
+def known(fake, *job_ids):
+    """PyBit has these jobs (each Waiting), so it takes statuses for them."""
+    for job_id in job_ids:
+        fake.add_job(job_id)
+
+
 def no_secret_logged(caplog, password="secret"):
     """The password, in clear or inside a basic-auth header, is in no log record."""
     header = "YWRtaW46c2VjcmV0"  # base64("admin:secret")
@@ -65,6 +72,7 @@ def test_job_url_uses_configured_url_or_web_host():
 
 def test_fake_pybit_checks_auth_and_status_names(pybit_web):
     """Section 1: the fake refuses bad credentials (401) and unknown statuses (500) like PyBit."""
+    pybit_web.add_job(3)
     url = f"{pybit_web.url}/job/3"
     form = {"status": "Building", "client": CLIENT}
     unauthorized = requests.put(url, data=form, timeout=2)
@@ -76,8 +84,55 @@ def test_fake_pybit_checks_auth_and_status_names(pybit_web):
     assert requests.post(url, data=form, auth=("admin", "secret"), timeout=2).status_code == 200
     assert pybit_web.reports == [(3, "Building", CLIENT)]
     history = requests.get(url + "/status", timeout=2)
-    assert [entry["status"] for entry in history.json()] == ["Building"]
+    assert [entry["status"] for entry in history.json()] == ["Waiting", "Building"]
     assert requests.get(f"{pybit_web.url}/job/4/status", timeout=2).status_code == 404
+
+
+#: One entry of PyBit's answer to ``GET /job/1/status``, as captured in pybit-wire/job_status_history.json.
+WIRE_HISTORY_ENTRY = {"py/object": "pybit.models.JobHistory", "job_id": 1, "status": "Waiting",
+                      "buildclient": "build_client_rbit1", "time": "2013-05-01 12:00:01.000123"}
+
+
+def test_fake_pybit_answers_like_pybit_for_jobs_it_does_not_have(pybit_web):
+    """The PyBit stand-in answers like PyBit: 500 to a status for a job it does not have (never
+    created, or deleted), 404 to the status history of a job that has none, and accepts a status
+    without a client."""
+    auth = ("admin", "secret")
+    url = f"{pybit_web.url}/job/5"
+    assert requests.put(url, data={"status": "Building", "client": CLIENT}, auth=auth, timeout=2).status_code == 500
+    assert requests.post(url, data={"status": "Building"}, auth=auth, timeout=2).status_code == 500
+    assert requests.get(url + "/status", timeout=2).status_code == 404
+    pybit_web.set_history(5, [])
+    assert requests.get(url + "/status", timeout=2).status_code == 404  # known, but no history
+    assert requests.put(url, data={"status": "Building"}, auth=auth, timeout=2).status_code == 200
+    assert requests.put(url, data={"status": "Done", "client": CLIENT}, auth=auth, timeout=2).status_code == 200
+    assert pybit_web.history(5) == [("Building", None), ("Done", CLIENT)]
+    assert pybit_web.reports == [(5, "Building", None), (5, "Done", CLIENT)]
+    pybit_web.delete_job(5)
+    assert requests.put(url, data={"status": "Done", "client": CLIENT}, auth=auth, timeout=2).status_code == 500
+    assert requests.get(url + "/status", timeout=2).status_code == 404
+    assert pybit_web.history(5) == [] and pybit_web.statuses(5) == []
+
+
+def test_fake_pybit_history_is_a_list_of_pybit_jobhistory_objects(pybit_web):
+    """The PyBit stand-in's status history has the shape of PyBit's: JobHistory objects with the
+    same fields in the same order, buildclient a plain string (null when no client was given),
+    oldest first."""
+    pybit_web.add_job(1)
+    pybit_web.add_job(2, ("Waiting", "build_client_rbit1"), "Building")
+    assert pybit_web.history(1) == [("Waiting", None)]
+    assert pybit_web.history(2) == [("Waiting", "build_client_rbit1"), ("Building", None)]
+    pybit_web.set_history(3, ["Waiting", "Blocked"])  # names only, as older tests pass them
+    assert pybit_web.statuses(3) == ["Waiting", "Blocked"]
+    [first, second] = requests.get(f"{pybit_web.url}/job/2/status", timeout=2).json()
+    assert list(first) == list(WIRE_HISTORY_ENTRY)
+    assert {key: type(value) for key, value in first.items()} == {
+        key: type(value) for key, value in WIRE_HISTORY_ENTRY.items()}
+    assert first["py/object"] == WIRE_HISTORY_ENTRY["py/object"]
+    assert (first["job_id"], first["status"], first["buildclient"]) == (2, "Waiting", "build_client_rbit1")
+    assert (second["status"], second["buildclient"]) == ("Building", None)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", first["time"])
+    assert first["time"] <= second["time"]
 
 
 def test_fake_pybit_stop_refuses_connections_and_start_reuses_port(pybit_web):
@@ -97,6 +152,7 @@ def test_fake_pybit_stop_refuses_connections_and_start_reuses_port(pybit_web):
 def test_statuses_arrive_in_order_with_client_name_and_auth(pybit_web, make_reporter, caplog):
     """Sections 1, 5.3-5.5: each status is PUT, in order, with the client's name and basic auth."""
     caplog.set_level(logging.DEBUG)
+    known(pybit_web, 1, 2)
     reporter = make_reporter(settings(pybit_web))
     reporter.start()
     reporter.report(1, pybit_web.web_host, "Building", queue="cnx_any_latex_pdf")
@@ -107,7 +163,7 @@ def test_statuses_arrive_in_order_with_client_name_and_auth(pybit_web, make_repo
     assert pybit_web.reports == [
         (1, "Building", CLIENT), (1, "Uploaded", CLIENT), (2, "Building", CLIENT), (1, "Done", CLIENT),
     ]
-    assert pybit_web.statuses(1) == ["Building", "Uploaded", "Done"]
+    assert pybit_web.statuses(1) == ["Waiting", "Building", "Uploaded", "Done"]
     assert all(method == "PUT" and code == 200 for method, _, code in pybit_web.attempts)
     assert reporter.backlog == 0
     no_secret_logged(caplog)
@@ -115,6 +171,7 @@ def test_statuses_arrive_in_order_with_client_name_and_auth(pybit_web, make_repo
 
 def test_statuses_go_to_the_requests_web_host_when_no_url(pybit_web, make_reporter):
     """Section 3: without [pybit] url, the status goes to the BuildRequest's web_host."""
+    known(pybit_web, 9)
     reporter = make_reporter(settings(pybit_web, url=None))
     reporter.start()
     reporter.report(9, pybit_web.web_host, "Building")
@@ -152,6 +209,7 @@ def test_unknown_status_raises_and_nothing_is_sent(pybit_web, make_reporter):
 def test_pybit_down_then_back_delivers_everything_in_order(pybit_web, make_reporter, caplog):
     """Section 6: PyBit going away: statuses are retried in order, report() never blocks or raises."""
     caplog.set_level(logging.WARNING, logger="rbit.reporting")
+    known(pybit_web, 7)
     reporter = make_reporter(settings(pybit_web))
     reporter.start()
     pybit_web.stop()
@@ -174,6 +232,7 @@ def test_pybit_down_then_back_delivers_everything_in_order(pybit_web, make_repor
 def test_server_errors_are_retried_once_logged_per_attempt(pybit_web, make_reporter, caplog):
     """Section 6: a 5xx is retried (the queue waits behind it); each failed attempt is one WARNING."""
     caplog.set_level(logging.WARNING, logger="rbit.reporting")
+    known(pybit_web, 4)
     pybit_web.fail_next(2, 503)
     reporter = make_reporter(settings(pybit_web))
     reporter.start()
@@ -190,6 +249,7 @@ def test_server_errors_are_retried_once_logged_per_attempt(pybit_web, make_repor
 @pytest.mark.parametrize("code", [408, 429])
 def test_timeout_and_too_many_requests_are_retried(pybit_web, make_reporter, code):
     """Section 6: 408 and 429 mean "try later", so they are retried, not dropped."""
+    known(pybit_web, 4)
     pybit_web.fail_next(1, code)
     reporter = make_reporter(settings(pybit_web))
     reporter.start()
@@ -201,6 +261,7 @@ def test_timeout_and_too_many_requests_are_retried(pybit_web, make_reporter, cod
 def test_client_error_is_dropped_and_the_queue_goes_on(pybit_web, make_reporter, caplog):
     """Section 6: a 4xx cannot be fixed by retrying: logged at ERROR, dropped, the next ones still go."""
     caplog.set_level(logging.WARNING, logger="rbit.reporting")
+    known(pybit_web, 11, 12)
     pybit_web.fail_next(1, 404)
     reporter = make_reporter(settings(pybit_web))
     reporter.start()
@@ -216,6 +277,7 @@ def test_client_error_is_dropped_and_the_queue_goes_on(pybit_web, make_reporter,
 def test_wrong_password_is_dropped_and_never_logged(pybit_web, make_reporter, caplog):
     """Sections 6 and 7: a 401 is dropped, the job goes on; the password appears in no log record."""
     caplog.set_level(logging.DEBUG)
+    known(pybit_web, 1)
     reporter = make_reporter(settings(pybit_web, password="wrong-secret"))
     reporter.start()
     reporter.report(1, pybit_web.web_host, "Building")
@@ -228,6 +290,7 @@ def test_wrong_password_is_dropped_and_never_logged(pybit_web, make_reporter, ca
 def test_password_never_logged_on_errors(pybit_web, make_reporter, caplog):
     """Section 7: passwords never appear in logs, whatever goes wrong while reporting."""
     caplog.set_level(logging.DEBUG)
+    known(pybit_web, 1, 2, 3)
     reporter = make_reporter(settings(pybit_web))
     reporter.start()
     pybit_web.fail_next(1, 500)
@@ -248,6 +311,7 @@ def test_password_never_logged_on_errors(pybit_web, make_reporter, caplog):
 def test_password_in_url_or_in_an_error_is_never_logged(pybit_web, make_reporter, caplog):
     """Section 7: a password written into [pybit] url, or turning up in an error text, is not logged."""
     caplog.set_level(logging.DEBUG, logger="rbit")
+    known(pybit_web, 1, 2)
     in_url = settings(pybit_web, url=f"http://admin:secret@{pybit_web.web_host}", user=None, password=None)
     reporter = make_reporter(in_url)
     reporter.start()
@@ -290,6 +354,7 @@ def test_no_pybit_section_only_logs(pybit_web, make_reporter, caplog):
 
 def test_stop_delivers_what_is_queued(pybit_web, make_reporter):
     """Section 6 (SIGTERM): stop() delivers what is queued before ending the thread."""
+    known(pybit_web, 1, 2, 3, 4, 5)
     reporter = make_reporter(settings(pybit_web))
     reporter.start()
     for job in range(1, 6):
@@ -316,6 +381,7 @@ def test_stop_returns_in_time_when_pybit_is_down(pybit_web, make_reporter):
 def test_spool_survives_a_restart_in_order(pybit_web, make_reporter, tmp_path):
     """Section 6: statuses PyBit could not take are kept across a worker restart, then sent first, in order."""
     spool = tmp_path / "state" / "statuses.jsonl"  # parent made on demand
+    known(pybit_web, 1, 2)
     first = make_reporter(settings(pybit_web), spool_path=spool)
     first.start()
     pybit_web.stop()
@@ -341,6 +407,7 @@ def test_spool_skips_corrupt_lines(pybit_web, make_reporter, tmp_path, caplog):
     """Section 6: a damaged spool line (a crash mid-write, say) is logged and skipped; the rest is sent."""
     caplog.set_level(logging.ERROR, logger="rbit.reporting")
     spool = tmp_path / "statuses.jsonl"
+    known(pybit_web, 1)
     good = {"job_id": 1, "web_host": pybit_web.web_host, "text": None, "queue": "q"}
     spool.write_text(
         json.dumps({**good, "status": "Building"}) + "\n"
@@ -359,6 +426,7 @@ def test_spool_skips_corrupt_lines(pybit_web, make_reporter, tmp_path, caplog):
 def test_spool_is_emptied_once_delivered(pybit_web, make_reporter, tmp_path):
     """Section 6: delivered statuses leave the spool, so a restart does not send them again."""
     spool = tmp_path / "statuses.jsonl"
+    known(pybit_web, 1)
     reporter = make_reporter(settings(pybit_web), spool_path=spool)
     reporter.start()
     reporter.report(1, pybit_web.web_host, "Building")
@@ -382,7 +450,7 @@ def test_fetch_history_and_is_cancelled(pybit_web):
     assert fetch_history(pybit, pybit_web.web_host, 8) == ["Waiting", "Building", "Cancelled"]
     assert is_cancelled(pybit, pybit_web.web_host, 8)
     assert not is_cancelled(pybit, pybit_web.web_host, 9)
-    assert fetch_history(pybit, pybit_web.web_host, 10) == []
+    assert fetch_history(pybit, pybit_web.web_host, 10) is None  # no history: PyBit answers 404
     assert not is_cancelled(pybit, pybit_web.web_host, 10)
     no_url = settings(pybit_web, url=None)
     assert fetch_history(no_url, pybit_web.web_host, 8) == ["Waiting", "Building", "Cancelled"]
