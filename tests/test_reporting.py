@@ -13,6 +13,10 @@ from rbit.errors import UnknownStatus
 from rbit.reporting import StatusReporter, fetch_history, is_cancelled, job_url
 from rbit.statuses import ALL
 
+from .harness import WorkerProcess, wait_until
+from .pybit_web import FakePyBit
+from .test_worker import body_for, make_config, pybit_section, queue_for
+
 CLIENT = "bob-villa"
 FAST = {"retry_initial": 0.02, "retry_max": 0.1}
 
@@ -99,7 +103,8 @@ def test_fake_pybit_answers_like_pybit_for_jobs_it_does_not_have(pybit_web):
     without a client."""
     auth = ("admin", "secret")
     url = f"{pybit_web.url}/job/5"
-    assert requests.put(url, data={"status": "Building", "client": CLIENT}, auth=auth, timeout=2).status_code == 500
+    form = {"status": "Building", "client": CLIENT}
+    assert requests.put(url, data=form, auth=auth, timeout=2).status_code == 500
     assert requests.post(url, data={"status": "Building"}, auth=auth, timeout=2).status_code == 500
     assert requests.get(url + "/status", timeout=2).status_code == 404
     pybit_web.set_history(5, [])
@@ -229,26 +234,30 @@ def test_pybit_down_then_back_delivers_everything_in_order(pybit_web, make_repor
     no_secret_logged(caplog)
 
 
-def test_server_errors_are_retried_once_logged_per_attempt(pybit_web, make_reporter, caplog):
-    """Section 6: a 5xx is retried (the queue waits behind it); each failed attempt is one WARNING."""
+@pytest.mark.parametrize("code", [502, 503, 504])
+def test_busy_answers_are_retried_without_asking_about_the_job(pybit_web, make_reporter, caplog, code):
+    """PyBit's web front end going away: 502, 503 and 504 (a proxy, or a PyBit restarting) are
+    retried with backoff, the job's later statuses waiting behind, without asking PyBit about the
+    job; each failed attempt is one WARNING."""
     caplog.set_level(logging.WARNING, logger="rbit.reporting")
     known(pybit_web, 4)
-    pybit_web.fail_next(2, 503)
+    pybit_web.fail_next(2, code)
     reporter = make_reporter(settings(pybit_web))
     reporter.start()
     reporter.report(4, pybit_web.web_host, "Building", queue="q")
     reporter.report(4, pybit_web.web_host, "Done", queue="q")
     assert reporter.flush(5)
     assert pybit_web.reports == [(4, "Building", CLIENT), (4, "Done", CLIENT)]
-    assert [code for _, _, code in pybit_web.attempts] == [503, 503, 200, 200]
+    assert pybit_web.attempts == [("PUT", "/job/4", code)] * 2 + [("PUT", "/job/4", 200)] * 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2
-    assert all("4" in text and "Building" in text and "503" in text for text in warnings)
+    assert all("job 4 " in text and "Building" in text and str(code) in text for text in warnings)
 
 
 @pytest.mark.parametrize("code", [408, 429])
 def test_timeout_and_too_many_requests_are_retried(pybit_web, make_reporter, code):
-    """Section 6: 408 and 429 mean "try later", so they are retried, not dropped."""
+    """408 and 429 mean "try later": the status is retried, not dropped, without asking PyBit
+    about the job."""
     known(pybit_web, 4)
     pybit_web.fail_next(1, code)
     reporter = make_reporter(settings(pybit_web))
@@ -256,26 +265,35 @@ def test_timeout_and_too_many_requests_are_retried(pybit_web, make_reporter, cod
     reporter.report(4, pybit_web.web_host, "Building")
     assert reporter.flush(5)
     assert pybit_web.reports == [(4, "Building", CLIENT)]
+    assert pybit_web.attempts == [("PUT", "/job/4", code), ("PUT", "/job/4", 200)]
 
 
-def test_client_error_is_dropped_and_the_queue_goes_on(pybit_web, make_reporter, caplog):
-    """Section 6: a 4xx cannot be fixed by retrying: logged at ERROR, dropped, the next ones still go."""
+@pytest.mark.parametrize("code", [400, 403, 404])
+def test_client_error_is_dropped_with_one_warning_and_the_job_goes_on(pybit_web, make_reporter, caplog, code):
+    """A status PyBit refuses for good (a 4xx other than 408 and 429) is dropped with one warning
+    line naming the job, the status and PyBit's answer; the job's next status still goes, and so
+    do other jobs'."""
     caplog.set_level(logging.WARNING, logger="rbit.reporting")
     known(pybit_web, 11, 12)
-    pybit_web.fail_next(1, 404)
+    pybit_web.fail_next(1, code)
     reporter = make_reporter(settings(pybit_web))
     reporter.start()
     reporter.report(11, pybit_web.web_host, "Building", queue="q")
+    reporter.report(11, pybit_web.web_host, "Done", queue="q")
     reporter.report(12, pybit_web.web_host, "Building", queue="q")
     assert reporter.flush(5)
-    assert pybit_web.reports == [(12, "Building", CLIENT)]
-    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert "11" in error.getMessage() and "404" in error.getMessage()
+    assert pybit_web.reports == [(11, "Done", CLIENT), (12, "Building", CLIENT)]
+    assert [method for method, _, _ in pybit_web.attempts] == ["PUT"] * 3  # no question asked
+    [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.levelno == logging.WARNING
+    for part in ("job 11 ", "status Building", f"HTTP {code}"):
+        assert part in warning.getMessage()
     assert reporter.backlog == 0
 
 
 def test_wrong_password_is_dropped_and_never_logged(pybit_web, make_reporter, caplog):
-    """Sections 6 and 7: a 401 is dropped, the job goes on; the password appears in no log record."""
+    """A 401 is a refusal for good: dropped with a warning, the job goes on; the password appears
+    in no log record."""
     caplog.set_level(logging.DEBUG)
     known(pybit_web, 1)
     reporter = make_reporter(settings(pybit_web, password="wrong-secret"))
@@ -283,7 +301,7 @@ def test_wrong_password_is_dropped_and_never_logged(pybit_web, make_reporter, ca
     reporter.report(1, pybit_web.web_host, "Building")
     assert reporter.flush(5)
     assert pybit_web.reports == []
-    assert any(r.levelno == logging.ERROR and "401" in r.getMessage() for r in caplog.records)
+    assert any(r.levelno == logging.WARNING and "401" in r.getMessage() for r in caplog.records)
     no_secret_logged(caplog, password="wrong-secret")
 
 
@@ -436,6 +454,172 @@ def test_spool_is_emptied_once_delivered(pybit_web, make_reporter, tmp_path):
     again.start()
     assert again.flush(1)
     assert pybit_web.reports == [(1, "Building", CLIENT)]
+
+
+# -- one job's status never holds back another's ------------------------------
+
+#: The reporter's own backoff (first retry after 1 s), so that a status retried
+#: ahead of the others would hold them back for more than a second.
+DEFAULT_RETRY = {"retry_initial": 1.0, "retry_max": 60.0}
+
+
+def warnings_about(caplog, job_id):
+    return [r for r in caplog.records if r.levelno >= logging.WARNING and f"job {job_id} " in r.getMessage()]
+
+
+def test_status_of_a_job_deleted_in_pybit_is_dropped_and_holds_back_no_other_job(
+        pybit_web, make_reporter, caplog):
+    """What happens to a job deleted in PyBit: PyBit answers 500 to its status and 404 to its
+    status history, so the status is dropped with one warning line naming the job, the status and
+    PyBit's answer; another job's statuses, reported after it, arrive in order and at once."""
+    caplog.set_level(logging.DEBUG)
+    pybit_web.add_job(1)
+    pybit_web.delete_job(1)  # deleted in PyBit's web UI while Waiting
+    known(pybit_web, 2)
+    reporter = make_reporter(settings(pybit_web), **DEFAULT_RETRY)
+    reporter.start()
+    began = time.monotonic()
+    reporter.report(1, pybit_web.web_host, "Building", queue="q")
+    reporter.report(2, pybit_web.web_host, "Building", queue="q")
+    reporter.report(2, pybit_web.web_host, "Done", queue="q")
+    assert pybit_web.wait_for((2, "Done"), timeout=2)
+    assert time.monotonic() - began < 1.0
+    assert reporter.flush(1)
+    assert pybit_web.reports == [(2, "Building", CLIENT), (2, "Done", CLIENT)]
+    assert pybit_web.statuses(2) == ["Waiting", "Building", "Done"]
+    assert [(m, path, code) for m, path, code in pybit_web.attempts if "/job/1" in path] == [
+        ("PUT", "/job/1", 500), ("GET", "/job/1/status", 404)]
+    [warning] = warnings_about(caplog, 1)
+    assert warning.levelno == logging.WARNING
+    for part in ("status Building", "dropped", "HTTP 500", "/job/1/status answers 404"):
+        assert part in warning.getMessage()
+    assert warnings_about(caplog, 2) == []
+    assert reporter.backlog == 0
+    no_secret_logged(caplog)
+
+
+def test_server_error_for_a_job_pybit_still_has_is_retried_until_it_succeeds(
+        pybit_web, make_reporter, caplog):
+    """A 5xx for a job PyBit still knows (its status history answers 200), or whose history
+    cannot be read, stays retried with backoff until PyBit takes the status; one warning per
+    failed attempt."""
+    caplog.set_level(logging.WARNING, logger="rbit.reporting")
+    known(pybit_web, 4)
+    pybit_web.fail_next(3, 500)
+    pybit_web.fail_next(1, 500, methods=("GET",))
+    reporter = make_reporter(settings(pybit_web))
+    reporter.start()
+    reporter.report(4, pybit_web.web_host, "Building", queue="q")
+    reporter.report(4, pybit_web.web_host, "Done", queue="q")
+    assert reporter.flush(5)
+    assert pybit_web.reports == [(4, "Building", CLIENT), (4, "Done", CLIENT)]
+    assert pybit_web.attempts == [
+        ("PUT", "/job/4", 500), ("GET", "/job/4/status", 500),
+        ("PUT", "/job/4", 500), ("GET", "/job/4/status", 200),
+        ("PUT", "/job/4", 500), ("GET", "/job/4/status", 200),
+        ("PUT", "/job/4", 200), ("PUT", "/job/4", 200),
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 3
+    assert all("status Building not delivered" in text and "HTTP 500" in text for text in warnings)
+
+
+def test_order_is_kept_per_job_while_another_job_is_in_backoff(pybit_web, make_reporter):
+    """Statuses keep their order per job, never across jobs: while one job's statuses wait for a
+    PyBit that refuses connections, another job's go through in order, and the first job's arrive
+    in their own order once its PyBit is back."""
+    other = FakePyBit("admin", "secret").start()  # the first job's PyBit: its port, closed
+    other.stop()
+    try:
+        other.add_job(1)
+        known(pybit_web, 2)
+        reporter = make_reporter(settings(pybit_web, url=None), retry_initial=0.1, retry_max=0.2)
+        reporter.start()
+        reporter.report(1, other.web_host, "Building")
+        reporter.report(2, pybit_web.web_host, "Building")
+        reporter.report(1, other.web_host, "Uploaded")
+        reporter.report(2, pybit_web.web_host, "Uploaded")
+        reporter.report(1, other.web_host, "Done")
+        reporter.report(2, pybit_web.web_host, "Done")
+        assert pybit_web.wait_for((2, "Done"), timeout=2)
+        assert pybit_web.statuses(2) == ["Waiting", "Building", "Uploaded", "Done"]
+        assert reporter.backlog == 3
+        time.sleep(0.5)  # several attempts for job 1, none of its later statuses before its first
+        other.start()
+        assert reporter.flush(5)
+        assert other.reports == [(1, "Building", CLIENT), (1, "Uploaded", CLIENT), (1, "Done", CLIENT)]
+        assert [report.job_id for report in pybit_web.reports] == [2, 2, 2]
+    finally:
+        other.stop()
+
+
+def test_restart_with_a_spool_never_lets_a_deleted_job_hold_back_others(
+        pybit_web, make_reporter, tmp_path, caplog):
+    """Across a restart with a spool: the statuses a stopped worker could not deliver go first in
+    their jobs; those of a job deleted in PyBit meanwhile are dropped with one warning each, and
+    the other jobs' arrive in order at once; the spool ends empty."""
+    spool = tmp_path / "statuses.jsonl"
+    known(pybit_web, 1, 2)
+    first = make_reporter(settings(pybit_web), spool_path=spool, **DEFAULT_RETRY)
+    first.start()
+    pybit_web.stop()
+    first.report(1, pybit_web.web_host, "Building", queue="q")
+    first.report(2, pybit_web.web_host, "Building", queue="q")
+    first.report(1, pybit_web.web_host, "Done", queue="q")
+    first.report(2, pybit_web.web_host, "Done", queue="q")
+    first.stop(timeout=0.2)
+    assert len(spool.read_text().splitlines()) == 4
+
+    pybit_web.delete_job(1)
+    pybit_web.start()
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="rbit.reporting")
+    second = make_reporter(settings(pybit_web), spool_path=spool, **DEFAULT_RETRY)
+    began = time.monotonic()
+    second.start()
+    assert second.flush(2)
+    assert time.monotonic() - began < 1.0
+    assert pybit_web.reports == [(2, "Building", CLIENT), (2, "Done", CLIENT)]
+    dropped = [r.getMessage() for r in warnings_about(caplog, 1)]
+    assert len(dropped) == 2
+    assert "status Building dropped" in dropped[0] and "status Done dropped" in dropped[1]
+    assert all("HTTP 500" in text and "answers 404" in text for text in dropped)
+    assert spool.read_text() == ""
+
+
+def test_worker_restart_with_state_dir_drops_a_deleted_jobs_statuses_and_delivers_the_rest(
+        tmp_path, vhost, unique, pybit_web):
+    """A worker with state_dir that ran two jobs while PyBit was down keeps their statuses across
+    a restart; the restarted worker drops those of the job deleted in PyBit meanwhile, with one
+    warning each, delivers the other job's in order at once, and empties its spool."""
+    state = tmp_path / "state"
+    path, _ = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web),
+                          rbit_keys={"state_dir": str(state)})
+    queue, key = queue_for(unique)
+    pybit_web.add_job(301)
+    pybit_web.add_job(302)
+    pybit_web.stop()
+    with WorkerProcess(path) as worker:
+        worker.wait_ready(timeout=20)
+        vhost.publish_build(body_for(302, unique, package="plain-x"), key)
+        worker.wait_log(r"job 302: .* ended Done")
+        vhost.publish_build(body_for(301, unique, package="uploaded-x"), key)
+        worker.wait_log(r"job 301: .* ended Done")
+    spool = state / f"w{unique}.statuses.jsonl"
+    assert [json.loads(line)["job_id"] for line in spool.read_text().splitlines()] == [302, 302, 301, 301, 301]
+
+    pybit_web.delete_job(302)
+    pybit_web.start()
+    with WorkerProcess(path) as worker:
+        worker.wait_ready(timeout=20)
+        assert pybit_web.wait_for((301, "Done"), timeout=3), worker.log[-3000:]
+        assert wait_until(lambda: spool.read_text() == "", timeout=3)
+    assert pybit_web.reports == [(301, "Building", f"w{unique}"), (301, "Uploaded", f"w{unique}"),
+                                 (301, "Done", f"w{unique}")]
+    for status in ("Building", "Done"):
+        assert len(re.findall(rf"WARNING rbit\.reporting: job 302 queue {re.escape(queue)}: "
+                              rf"status {status} dropped: .*HTTP 500.*answers 404", worker.log)) == 1
+    assert pybit_web.password not in worker.log
 
 
 # -- history and cancellation -------------------------------------------------
