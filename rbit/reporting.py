@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import requests
 
 from . import statuses
-from .errors import UnknownStatus
 from .pybit_http import auth as _auth, job_url, redact as _redact, safe_url
+from .spool import Report, Spool
 
 if TYPE_CHECKING:
     from .config import PybitSettings
@@ -26,66 +24,59 @@ log = logging.getLogger(__name__)
 #: Every status a job reports is logged here, whether or not it goes to PyBit.
 status_log = logging.getLogger("rbit.status")
 
-#: Log templates (lazy ``%`` arguments; each line carries the job id and queue).
+#: Log templates (lazy ``%`` arguments; each line about a status carries the job id and queue).
 STATUS_LOG = "job %s queue %s: %s"
 STATUS_TEXT_LOG = "job %s queue %s: %s: %s"
+DELIVERED_LOG = "job %s queue %s: status %s delivered to %s"
 RETRY_LOG = "job %s queue %s: status %s not delivered to %s (attempt %d: %s); retrying in %.3gs"
-DROP_LOG = "job %s queue %s: status %s dropped, PyBit at %s refused it (%s); retrying cannot help"
-SPOOL_ERROR_LOG = "status spool %s: %s"
+DROP_LOG = "job %s queue %s: status %s dropped: PyBit at %s refuses it for good (%s)"
+UNSENDABLE_LOG = "job %s queue %s: status %s dropped: cannot send it to %s: %s"
+NO_URL_LOG = ("job %s queue %s: status %s not sent: no PyBit url configured "
+              "and the request gives no web_host")
+LEFT_BEHIND_LOG = "status delivery thread still waiting for PyBit; leaving it behind"
+UNDELIVERED_LOG = "%d status report(s) not delivered to PyBit, %s"
 
-#: HTTP answers in the 4xx range that are worth retrying; every 5xx is retried too.
-RETRY_CODES = frozenset({408, 429})
+#: HTTP answers that mean "later", retried without more questions: 408 and 429 say
+#: so; 502, 503 and 504 come from a proxy, or a PyBit that is restarting. Any other
+#: 5xx is retried only while ``GET <job>/status`` shows that PyBit still has the job
+#: (it answers 500 to a status for a job it does not have); any other 4xx is dropped.
+RETRY_CODES = frozenset({408, 429, 502, 503, 504})
 
 #: Seconds ``stop()`` waits for the delivery thread to end after its timeout ran out
 #: (it wakes at once from a backoff; a request in flight may take ``pybit.timeout``).
 STOP_GRACE = 0.5
 
-#: After this many reports are delivered, the spool is compacted even if the queue
-#: is not empty yet; bounds how many statuses a crash can make rbit send twice.
+#: After this many reports are delivered or dropped, the spool is compacted even if
+#: reports are still pending; bounds how many statuses a crash can make rbit send twice.
 COMPACT_EVERY = 64
 
 _DELIVERED, _RETRY, _DROPPED = "delivered", "retry", "dropped"
 
 
-@dataclass(frozen=True)
-class _Report:
-    """One status to deliver; also one line of the spool."""
+@dataclass
+class _Lane:
+    """One job's reports still to deliver (sequence numbers, oldest first) and its own backoff."""
 
-    job_id: int
-    web_host: str | None
-    status: str
-    text: str | None = None
-    queue: str | None = None
-
-    def to_line(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":")) + "\n"
-
-    @classmethod
-    def from_line(cls, line: str) -> _Report:
-        """Parse one spool line; raise ``ValueError`` if it is not a report."""
-        data = json.loads(line)
-        if not isinstance(data, dict) or set(data) != {"job_id", "web_host", "status", "text", "queue"}:
-            raise ValueError("not a status report")
-        if not isinstance(data["job_id"], int) or isinstance(data["job_id"], bool):
-            raise ValueError("job_id is not an integer")
-        for key in ("web_host", "text", "queue"):
-            if data[key] is not None and not isinstance(data[key], str):
-                raise ValueError(f"{key} is not a string")
-        statuses.check(data["status"])  # UnknownStatus is a ValueError
-        return cls(**data)
+    delay: float
+    seqs: collections.deque[int] = field(default_factory=collections.deque)
+    attempt: int = 0  # failed attempts at the first report so far, plus the one in flight
+    due: float = 0.0  # time.monotonic() of the next attempt
 
 
 class StatusReporter:
-    """Sends statuses to PyBit from one background thread, strictly in order.
+    """Sends statuses to PyBit from one background thread, in order for each job.
 
     ``report()`` only logs and queues; the thread started by ``start()`` does
-    the HTTP. A report that PyBit cannot take now (down, timeout, 5xx) is
-    retried with a capped exponential backoff and holds back those queued
-    after it, so PyBit sees every job's statuses in the order they happened.
-    With ``spool_path`` the queue is also kept in a file (one JSON line per
-    report), so a restarted worker delivers what its predecessor could not:
-    at worst a status is sent twice, never lost or reordered. One spool file
-    serves one reporter at a time.
+    the HTTP. Each job has its own queue and its own backoff: a status that
+    PyBit cannot take now (down, timeout, 408, 429, 502-504, or another 5xx
+    for a job PyBit still has) is retried with a capped exponential backoff
+    and holds back the later statuses of its job only, never another job's.
+    A status PyBit refuses for good is dropped with one warning: any other
+    4xx, or a 5xx for a job whose status history answers 404 (PyBit no
+    longer has the job). With ``spool_path`` the queue is also kept in a
+    file (see :class:`~rbit.spool.Spool`), so a restarted worker delivers
+    what its predecessor could not: at worst a status is sent twice, never
+    lost or reordered within its job.
 
     ``pybit=None`` (no ``[pybit]`` section): statuses are only logged.
     """
@@ -95,13 +86,13 @@ class StatusReporter:
                  retry_initial: float = 1.0, retry_max: float = 60.0):
         self._pybit = pybit
         self._client_name = client_name
-        self._spool_path = Path(spool_path) if spool_path is not None else None
+        self._spool = Spool(spool_path) if spool_path is not None else None
         self._retry_initial = retry_initial
         self._retry_max = max(retry_max, retry_initial)
         self._cond = threading.Condition()
-        self._queue: collections.deque[_Report] = collections.deque()
-        self._enqueued = 0  # reports ever queued
-        self._finished = 0  # of which delivered or dropped
+        self._pending: dict[int, Report] = {}  # by sequence number, oldest first
+        self._lanes: dict[int, _Lane] = {}  # by job id, for the jobs with reports pending
+        self._next_seq = 0
         self._since_compact = 0
         self._spool_loaded = False
         self._thread: threading.Thread | None = None
@@ -110,7 +101,7 @@ class StatusReporter:
     # -- the worker's side -------------------------------------------------
 
     def start(self) -> None:
-        """Start the delivery thread; spooled reports of an earlier run go first."""
+        """Start the delivery thread; spooled reports of an earlier run go first in their jobs."""
         if self._pybit is None:
             return
         with self._cond:
@@ -140,22 +131,21 @@ class StatusReporter:
         if self._pybit is None:
             return
         if not self._pybit.url and not web_host:
-            log.error("job %s queue %s: status %s not sent: no PyBit url configured "
-                      "and the request gives no web_host", job_id, queue, status)
+            log.error(NO_URL_LOG, job_id, queue, status)
             return
-        item = _Report(job_id, web_host, status, text, queue)
+        item = Report(job_id, web_host, status, text, queue)
         with self._cond:
             self._load_spool_locked()
-            self._queue.append(item)
-            self._enqueued += 1
-            self._append_spool_locked(item)
+            self._queue_locked(item)
+            if self._spool is not None:
+                self._spool.append(item)
             self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until all reports queued so far are delivered or dropped; False on timeout."""
         with self._cond:
-            target = self._enqueued
-            return self._cond.wait_for(lambda: self._finished >= target, timeout)
+            target = self._next_seq
+            return self._cond.wait_for(lambda: next(iter(self._pending), target) >= target, timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Deliver what is queued within *timeout*, then stop; the rest stays in the spool."""
@@ -169,52 +159,67 @@ class StatusReporter:
             self._cond.notify_all()
         thread.join(max(deadline - time.monotonic(), STOP_GRACE))
         if thread.is_alive():
-            log.warning("status delivery thread still waiting for PyBit; leaving it behind")
+            log.warning(LEFT_BEHIND_LOG)
         left = self.backlog
         if left:
-            where = f"kept in {self._spool_path}" if self._spool_path else "lost"
-            log.warning("%d status report(s) not delivered to PyBit, %s", left, where)
+            log.warning(UNDELIVERED_LOG, left, f"kept in {self._spool}" if self._spool else "lost")
 
     @property
     def backlog(self) -> int:
         """Number of reports not yet delivered (for metrics)."""
         with self._cond:
-            return len(self._queue)
+            return len(self._pending)
 
     # -- the delivery thread ----------------------------------------------
 
     def _run(self, stop: threading.Event) -> None:
         session = requests.Session()
-        delay = self._retry_initial
-        attempt = 0
         try:
             while True:
                 with self._cond:
-                    self._cond.wait_for(lambda: self._queue or stop.is_set())
-                    if stop.is_set():
+                    lane = self._due_lane_locked(stop)
+                    if lane is None:
                         return
-                    item = self._queue[0]
-                attempt += 1
+                    item = self._pending[lane.seqs[0]]
+                    lane.attempt += 1
+                    attempt, delay = lane.attempt, lane.delay
                 outcome = self._attempt(session, item, attempt, delay)
-                if outcome == _RETRY:
-                    if stop.wait(delay):
-                        return
-                    delay = min(delay * 2, self._retry_max)
-                    continue
-                delay, attempt = self._retry_initial, 0
                 with self._cond:
-                    self._queue.popleft()
-                    self._finished += 1
-                    self._since_compact += 1
-                    # A thread left behind by stop() must not rewrite a spool
-                    # that a new reporter may own by now.
-                    if not stop.is_set() and (not self._queue or self._since_compact >= COMPACT_EVERY):
-                        self._compact_spool_locked()
-                    self._cond.notify_all()
+                    self._settle_locked(lane, item, outcome, stop)
         finally:
             session.close()
 
-    def _attempt(self, session: requests.Session, item: _Report, attempt: int, delay: float) -> str:
+    def _due_lane_locked(self, stop: threading.Event) -> _Lane | None:
+        """Wait for a job whose next report is due (the oldest first); None once stopped."""
+        while not stop.is_set():
+            now = time.monotonic()
+            due = [lane for lane in self._lanes.values() if lane.due <= now]
+            if due:
+                return min(due, key=lambda lane: lane.seqs[0])
+            wake = min((lane.due for lane in self._lanes.values()), default=None)
+            self._cond.wait(None if wake is None else wake - now)
+        return None
+
+    def _settle_locked(self, lane: _Lane, item: Report, outcome: str, stop: threading.Event) -> None:
+        """Back the job off after a failed attempt, or take its report off the queue."""
+        if outcome == _RETRY:
+            lane.due = time.monotonic() + lane.delay
+            lane.delay = min(lane.delay * 2, self._retry_max)
+            return
+        del self._pending[lane.seqs.popleft()]
+        lane.attempt, lane.delay, lane.due = 0, self._retry_initial, 0.0
+        if not lane.seqs:
+            del self._lanes[item.job_id]
+        self._since_compact += 1
+        # A thread left behind by stop() must not rewrite a spool that a new
+        # reporter may own by now.
+        if not stop.is_set() and (not self._pending or self._since_compact >= COMPACT_EVERY):
+            self._since_compact = 0
+            if self._spool is not None:
+                self._spool.rewrite(self._pending.values())
+        self._cond.notify_all()
+
+    def _attempt(self, session: requests.Session, item: Report, attempt: int, delay: float) -> str:
         """Send one report once; log what went wrong; return what to do with it."""
         pybit = self._pybit
         url = job_url(pybit, item.web_host, item.job_id)
@@ -233,72 +238,54 @@ class StatusReporter:
                         _redact(pybit, exc), delay)
             return _RETRY
         except Exception as exc:  # noqa: BLE001 - a bad URL must not kill the thread
-            log.error(DROP_LOG, item.job_id, item.queue, item.status, shown, _redact(pybit, exc))
+            log.error(UNSENDABLE_LOG, item.job_id, item.queue, item.status, shown, _redact(pybit, exc))
             return _DROPPED
         with response:
             code, reason = response.status_code, response.reason
         if 200 <= code < 300:
-            log.debug("job %s queue %s: status %s delivered to %s", item.job_id, item.queue,
-                      item.status, shown)
+            log.debug(DELIVERED_LOG, item.job_id, item.queue, item.status, shown)
             return _DELIVERED
-        if code >= 500 or code in RETRY_CODES:
-            log.warning(RETRY_LOG, item.job_id, item.queue, item.status, shown, attempt,
-                        f"HTTP {code} {reason}", delay)
-            return _RETRY
-        log.error(DROP_LOG, item.job_id, item.queue, item.status, shown, f"HTTP {code} {reason}")
-        return _DROPPED
+        answer = f"HTTP {code} {reason}"
+        if code in RETRY_CODES:
+            refused = False
+        elif code >= 500:
+            refused, history_answer = self._job_gone(session, url)
+            answer = f"{answer}, and GET {shown}/status {history_answer}"
+        else:
+            refused = True  # a 4xx; a 3xx too, as redirects are not followed
+        if refused:
+            log.warning(DROP_LOG, item.job_id, item.queue, item.status, shown, answer)
+            return _DROPPED
+        log.warning(RETRY_LOG, item.job_id, item.queue, item.status, shown, attempt, answer, delay)
+        return _RETRY
 
-    # -- the spool (all called with self._cond held) -----------------------
+    def _job_gone(self, session: requests.Session, url: str) -> tuple[bool, str]:
+        """Whether PyBit no longer has the job (its status history answers 404), and its answer."""
+        pybit = self._pybit
+        try:
+            response = session.get(url + "/status", auth=_auth(pybit), timeout=pybit.timeout,
+                                   headers={"Accept": "application/json"}, allow_redirects=False)
+        except requests.RequestException as exc:
+            return False, f"failed: {_redact(pybit, exc)}"
+        with response:
+            return response.status_code == 404, f"answers {response.status_code} {response.reason}"
+
+    # -- the queues (called with self._cond held) ---------------------------
+
+    def _queue_locked(self, item: Report) -> None:
+        """Put *item* last in its job's queue."""
+        seq = self._next_seq
+        self._next_seq += 1
+        self._pending[seq] = item
+        lane = self._lanes.get(item.job_id)
+        if lane is None:
+            lane = self._lanes[item.job_id] = _Lane(self._retry_initial)
+        lane.seqs.append(seq)
 
     def _load_spool_locked(self) -> None:
-        """Put the reports left in the spool at the head of the queue (once)."""
-        if self._spool_path is None or self._spool_loaded:
+        """Queue the reports left in the spool, before any of this run (once)."""
+        if self._spool is None or self._spool_loaded:
             return
         self._spool_loaded = True
-        path = self._spool_path
-        found = []
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, encoding="utf-8") as spool:
-                for number, line in enumerate(spool, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        found.append(_Report.from_line(line))
-                    except (ValueError, TypeError, UnknownStatus) as exc:
-                        log.error("status spool %s line %d skipped: %s", path, number, exc)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            log.error(SPOOL_ERROR_LOG, path, exc)
-            return
-        if found:
-            log.info("status spool %s: %d report(s) from an earlier run to deliver first",
-                     path, len(found))
-        self._queue.extendleft(reversed(found))
-        self._enqueued += len(found)
-
-    def _append_spool_locked(self, item: _Report) -> None:
-        if self._spool_path is None:
-            return
-        try:
-            with open(self._spool_path, "a", encoding="utf-8") as spool:
-                spool.write(item.to_line())
-                spool.flush()
-        except OSError as exc:
-            log.error(SPOOL_ERROR_LOG, self._spool_path, exc)
-
-    def _compact_spool_locked(self) -> None:
-        """Rewrite the spool with the undelivered reports only, atomically."""
-        self._since_compact = 0
-        if self._spool_path is None:
-            return
-        temporary = self._spool_path.with_name(self._spool_path.name + ".tmp")
-        try:
-            with open(temporary, "w", encoding="utf-8") as spool:
-                spool.writelines(item.to_line() for item in self._queue)
-                spool.flush()
-                os.fsync(spool.fileno())
-            os.replace(temporary, self._spool_path)
-        except OSError as exc:
-            log.error(SPOOL_ERROR_LOG, self._spool_path, exc)
+        for item in self._spool.load():
+            self._queue_locked(item)

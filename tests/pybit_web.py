@@ -8,6 +8,7 @@ import re
 import threading
 import time
 from collections import namedtuple
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from urllib.parse import parse_qs
@@ -27,12 +28,16 @@ _JOB_STATUS = re.compile(r"^/job/(\d+)/status/?$")
 
 
 class FakePyBit:
-    """PyBit's web front end, as far as a build client sees it.
+    """PyBit's web front end, as far as a build client sees it, answering as PyBit does.
 
-    ``PUT``/``POST /job/<id>`` (form fields ``status`` and ``client``, basic
-    auth when created with credentials) records a status; ``GET
-    /job/<id>/status`` returns the job's history as JSON, 404 for a job never
-    heard of. ``stop()`` and ``start()`` really close and reopen the port.
+    PyBit knows only the jobs a test adds (``add_job``, ``set_history``) and
+    has not deleted (``delete_job``). ``PUT``/``POST /job/<id>`` (form fields
+    ``status`` and ``client``, basic auth when created with credentials)
+    records a status for a known job; ``client`` may be missing. For a job
+    PyBit does not have it answers 500, as PyBit's database code fails.
+    ``GET /job/<id>/status`` returns the job's history as a JSON list of
+    ``pybit.models.JobHistory`` objects, oldest first; 404 when the job has no
+    history. ``stop()`` and ``start()`` really close and reopen the port.
     """
 
     def __init__(self, user: str | None = None, password: str | None = None, *,
@@ -44,7 +49,7 @@ class FakePyBit:
         self._lock = threading.Lock()
         self._reports: list[Report] = []
         self._attempts: list[Attempt] = []
-        self._history: dict[int, list[dict]] = {}
+        self._jobs: dict[int, list[dict]] = {}  # the jobs PyBit has, each with its history
         self._failures: list[tuple[int, tuple[str, ...]]] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -110,13 +115,32 @@ class FakePyBit:
 
     def statuses(self, job_id: int) -> list[str]:
         """The job's status names, oldest first ([] for an unknown job)."""
-        with self._lock:
-            return [entry["status"] for entry in self._history.get(int(job_id), [])]
+        return [status for status, _ in self.history(job_id)]
 
-    def set_history(self, job_id: int, names) -> None:
-        """Make PyBit's history of the job exactly *names* (oldest first)."""
+    def history(self, job_id: int) -> list[tuple[str, str | None]]:
+        """The job's ``(status, buildclient)`` pairs, oldest first ([] for an unknown job)."""
         with self._lock:
-            self._history[int(job_id)] = [_entry(name, None) for name in names]
+            return [(entry["status"], entry["buildclient"]) for entry in self._jobs.get(int(job_id), [])]
+
+    def add_job(self, job_id: int, *entries) -> None:
+        """PyBit has the job, with history *entries* (default ``Waiting``, as PyBit creates it).
+
+        Each entry is a status name or a ``(status, buildclient)`` pair.
+        """
+        self.set_history(job_id, entries or (statuses.WAITING,))
+
+    def set_history(self, job_id: int, entries) -> None:
+        """PyBit has the job, with exactly the history *entries* (oldest first; see add_job)."""
+        job_id = int(job_id)
+        made = [_entry(job_id, *((entry, None) if isinstance(entry, str) else entry))
+                for entry in entries]
+        with self._lock:
+            self._jobs[job_id] = made
+
+    def delete_job(self, job_id: int) -> None:
+        """PyBit no longer has the job (deleted in its web UI): PUT answers 500, GET 404."""
+        with self._lock:
+            self._jobs.pop(int(job_id), None)
 
     def fail_next(self, n: int, code: int = 500, *, methods=("PUT", "POST")) -> None:
         """Answer the next *n* requests with one of *methods* with HTTP *code*."""
@@ -127,14 +151,15 @@ class FakePyBit:
         """Poll until *condition* holds; False if it did not within *timeout*.
 
         *condition* is a callable, or ``(job_id, status)``: the job has been
-        reported with that status.
+        reported with that status (the history a test gave the job does not count).
         """
         if callable(condition):
             predicate = condition
         else:
-            job_id, status = condition
+            job_id, status = int(condition[0]), condition[1]
             def predicate():
-                return status in self.statuses(job_id)
+                return any(report.job_id == job_id and report.status == status
+                           for report in self.reports)
         deadline = time.monotonic() + timeout
         while True:
             if predicate():
@@ -175,18 +200,25 @@ class FakePyBit:
             self._attempts.append(Attempt(method, path, code))
             if report is not None:
                 self._reports.append(report)
-                self._history.setdefault(report.job_id, []).append(
-                    _entry(report.status, report.client))
+                history = self._jobs.get(report.job_id)
+                if history is not None:  # unless deleted since the handler looked
+                    history.append(_entry(report.job_id, report.status, report.client))
+
+    def _knows(self, job_id: int) -> bool:
+        with self._lock:
+            return job_id in self._jobs
 
     def _history_of(self, job_id: int) -> list[dict] | None:
+        """The JSON body of ``GET /job/<id>/status``; None (404) when the job has no history."""
         with self._lock:
-            history = self._history.get(job_id)
-            return None if history is None else [dict(entry) for entry in history]
+            history = self._jobs.get(job_id)
+            return [dict(entry) for entry in history] if history else None
 
 
-def _entry(status: str, client: str | None) -> dict:
-    return {"status": status, "client": client,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+def _entry(job_id: int, status: str, buildclient: str | None) -> dict:
+    """One ``pybit.models.JobHistory``, as jsonpickle writes it (see pybit-wire/job_status_history.json)."""
+    return {"py/object": "pybit.models.JobHistory", "job_id": job_id, "status": status,
+            "buildclient": buildclient, "time": datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")}
 
 
 class _Server(ThreadingHTTPServer):
@@ -235,9 +267,11 @@ class _Handler(BaseHTTPRequestHandler):
         if status not in statuses.ALL:
             # PyBit's insert into its status table fails on an unknown name.
             return self._answer(500, f"unknown status {status!r}")
-        if not client:
-            return self._answer(400, "no client")
-        self._answer(200, "ok", report=Report(int(match.group(1)), status, client))
+        job_id = int(match.group(1))
+        if not fake._knows(job_id):
+            # PyBit's database code fails on a job it does not have: 500, not 404.
+            return self._answer(500, "Internal Server Error")
+        self._answer(200, "ok", report=Report(job_id, status, client or None))
 
     do_POST = do_PUT
 

@@ -314,6 +314,7 @@ class DebWorker:
 
     def publish(self, job_id, uri, vcs_id=None):
         """Publish, as PyBit's controller does, the master request to build the test package."""
+        self.pybit_web.add_job(job_id)  # PyBit records the job, Waiting, before publishing it
         body = request_body(job_id, package=PACKAGE, version="1.0", dist="Debian", arch="amd64",
                             suite=self.suite, fmt="deb", web_host=self.pybit_web.web_host,
                             method="git", uri=str(uri), vcs_id=vcs_id)
@@ -343,7 +344,7 @@ def test_worker_builds_the_commit_asked_for(tmp_path, vhost, unique, pybit_web):
         worker.publish(11, repo, first)
         worker.wait_status(11, "Done")
         log = worker.process.log
-    assert pybit_web.statuses(11) == ["Building", "Done"]
+    assert pybit_web.statuses(11) == ["Waiting", "Building", "Done"]
     output = worker.build_root / "output" / "11"
     assert (output / f"{PACKAGE}_1.0_all.deb").is_file()
     assert not list(output.glob("*1.1*"))
@@ -366,7 +367,7 @@ def test_worker_uploads_with_dput(tmp_path, vhost, unique, pybit_web):
     with DebWorker(tmp_path, vhost, unique, pybit_web, settings) as worker:
         worker.publish(12, repo, commit)
         worker.wait_status(12, "Done")
-    assert pybit_web.statuses(12) == ["Building", "Uploaded", "Done"]
+    assert pybit_web.statuses(12) == ["Waiting", "Building", "Uploaded", "Done"]
     (changes,) = (worker.build_root / "output" / "12").glob("*.changes")
     assert worker.dput_calls() == ["-U", "test-archive", str(changes)]
 
@@ -382,7 +383,7 @@ def test_worker_blocks_on_unmet_build_depends(tmp_path, vhost, unique, pybit_web
         assert vhost.wait_depth(delay_queue, 1), worker.process.log[-4000:]
         assert vhost.depth(worker.queue) == 0
         assert MISSING_PACKAGE in worker.process.log
-    assert pybit_web.statuses(13) == ["Building", "Blocked"]
+    assert pybit_web.statuses(13) == ["Waiting", "Building", "Blocked"]
     assert leftover_work(worker.build_root) == []
 
 
@@ -392,5 +393,5 @@ def test_worker_fails_on_bad_uri(tmp_path, vhost, unique, pybit_web):
         worker.publish(14, tmp_path / "no-such-repo")
         worker.wait_status(14, "Failed")
         worker.process.wait_log(r"git clone of \S*no-such-repo failed")
-    assert pybit_web.statuses(14) == ["Building", "Failed"]
+    assert pybit_web.statuses(14) == ["Waiting", "Building", "Failed"]
     assert leftover_work(worker.build_root) == []

@@ -63,6 +63,22 @@ def test_fetch_reads_pybits_job_history():
     assert fetch(pybit, None, 8) is Answer.UNAVAILABLE
 
 
+def test_fetch_without_a_url_follows_web_host_and_refuses_nonsense(pybit_web, monkeypatch, caplog):
+    """Without [pybit] url the history comes from the request's web_host; an answer that is
+    not a list of JobHistory objects counts as 'PyBit cannot be asked', logged as a warning."""
+    import logging
+
+    pybit_web.user = pybit_web.password = None
+    pybit_web.add_job(8, "Waiting", "Cancelled")
+    no_url = pybit_web.settings(use_url=False, user=None, password=None)
+    assert fetch(no_url, pybit_web.web_host, 8)[-1] == Entry("Cancelled", None)
+    caplog.set_level(logging.WARNING, logger="rbit.history")
+    for bad in ({"status": "Cancelled"}, [{"state": "Cancelled"}], [{"status": 3}], "nope"):
+        monkeypatch.setattr(pybit_web, "_history_of", lambda job_id, bad=bad: bad)
+        assert fetch(no_url, pybit_web.web_host, 8) is Answer.UNAVAILABLE, bad
+    assert len(caplog.records) == 4
+
+
 def test_each_case_through_the_worker(tmp_path, vhost, unique):
     """Each case of the rule through the real worker: jobs whose history ends in Waiting,
     Blocked or this worker's own Building run; jobs PyBit does not know, or whose history ends

@@ -16,6 +16,7 @@ def test_one_line_at_start_and_end_with_id_package_queue_status_and_duration(tmp
     final status and the duration; with -v each status delivered to PyBit is logged too."""
     path, _ = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web))
     queue, key = queue_for(unique)
+    pybit_web.add_job(501)
     with WorkerProcess(path, "-v") as worker:
         worker.wait_ready()
         vhost.publish_build(body_for(501, unique, package="logpkg", version="2.1"), key)

@@ -80,6 +80,8 @@ def test_healthz_and_metrics_of_a_serving_worker(tmp_path, vhost, unique, pybit_
         # The package name decides the outcome: "fail" fails, anything else is Done.
         runners={queue: {"runner": "shell!/bin/sh -c 'test \"$0\" != fail' %PACKAGE"}},
     )
+    pybit_web.add_job(9101)
+    pybit_web.add_job(9102)
     with WorkerProcess(config) as worker:
         worker.wait_ready()
         code, content_type, body = http_get(f"{base}/healthz")

@@ -43,13 +43,14 @@ def test_echo_plugin_runs_a_job_through_the_worker(tmp_path, vhost, unique, pybi
     config = write_config(tmp_path / "rbit.ini", name=f"plugin-{unique}", vhost=vhost,
                           pybit={"url": pybit_web.url, "user": "admin", "password": "secret"},
                           runners={queue: {"runner": "echo!hello from a plugin", "output": str(output)}})
+    pybit_web.add_job(8801)
     with WorkerProcess(config, env={"PYTHONPATH": PLUGIN_PATH}) as worker:
         worker.wait_ready()
         vhost.publish_build(request_body(8801, dist), key)
         worker.wait_log(r"job 8801: .* ended Done")
         assert pybit_web.wait_for((8801, "Done"))
     assert output.read_text() == f"hello from a plugin 8801 {queue}\n"
-    assert pybit_web.statuses(8801) == ["Building", "Done"]
+    assert pybit_web.statuses(8801) == ["Waiting", "Building", "Done"]
     assert vhost.depth(queue) == 0
 
 

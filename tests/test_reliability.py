@@ -106,7 +106,9 @@ class Rig:
         return request_body(job_id, f"pkg{job_id}", "1.0", dist, arch, suite, fmt, web_host=self.web.web_host)
 
     def publish(self, n, queue):
-        """Publish job *n* to *queue* as PyBit does (declaring the queue first, as PyBit does)."""
+        """Publish job *n* to *queue* as PyBit does (recording the job, Waiting, and declaring
+        the queue first, as PyBit does)."""
+        self.web.add_job(self.job(n))
         key = self.routing_key(queue)
         self.vhost.declare_build_queue(queue, key)
         self.vhost.publish_build(self.body(self.job(n), queue), key)
@@ -175,7 +177,8 @@ class Rig:
         return queue, config, worker, job_pid, self.child_pid(1)
 
     def statuses(self, n):
-        return self.web.statuses(self.job(n))
+        """The statuses the workers reported for job *n*, in the order PyBit got them."""
+        return [report.status for report in self.web.reports if report.job_id == self.job(n)]
 
     def wait_status(self, n, status, timeout=30):
         assert self.web.wait_for((self.job(n), status), timeout), (

@@ -269,6 +269,8 @@ def test_shell_exit_status_gives_the_outcome(tmp_path, vhost, unique, pybit_web)
     line = ("/bin/sh -c 'case \"$RBIT_PACKAGE\" in blocked*) exit 75;; fail*) exit 3;; esac"
             "; exit 0'")
     worker, queue, key = shell_worker(tmp_path, vhost, unique, line, pybit=pybit_keys(pybit_web))
+    for job_id in (221, 222, 223):
+        pybit_web.add_job(job_id)
     with worker:
         worker.wait_ready(timeout=20)
         publish(vhost, key, unique, 221, package="ok-x")
@@ -276,9 +278,9 @@ def test_shell_exit_status_gives_the_outcome(tmp_path, vhost, unique, pybit_web)
         publish(vhost, key, unique, 223, package="fail-x")
         for job_id, final in ((221, "Done"), (222, "Blocked"), (223, "Failed")):
             assert pybit_web.wait_for((job_id, final), timeout=10), (job_id, pybit_web.statuses(job_id), worker.log)
-    assert pybit_web.statuses(221) == ["Building", "Done"]
-    assert pybit_web.statuses(222)[:2] == ["Building", "Blocked"]
-    assert pybit_web.statuses(223) == ["Building", "Failed"]
+    assert pybit_web.statuses(221) == ["Waiting", "Building", "Done"]
+    assert pybit_web.statuses(222)[:3] == ["Waiting", "Building", "Blocked"]
+    assert pybit_web.statuses(223) == ["Waiting", "Building", "Failed"]
     assert re.search(r"job 223: .* ended Failed.*status 3", worker.log)
 
 
@@ -288,11 +290,12 @@ def test_shell_status_lines_on_the_status_fd_are_reported(tmp_path, vhost, uniqu
     line = ("/bin/sh -c 'echo Uploaded to the archive >&$RBIT_STATUS_FD"
             " && echo Bogus >&$RBIT_STATUS_FD && echo hello from the build'")
     worker, queue, key = shell_worker(tmp_path, vhost, unique, line, pybit=pybit_keys(pybit_web))
+    pybit_web.add_job(231)
     with worker:
         worker.wait_ready(timeout=20)
         publish(vhost, key, unique, 231)
         assert pybit_web.wait_for((231, "Done"), timeout=10), worker.log
-    assert pybit_web.statuses(231) == ["Building", "Uploaded", "Done"]
+    assert pybit_web.statuses(231) == ["Waiting", "Building", "Uploaded", "Done"]
     assert all(report.status in statuses.ALL for report in pybit_web.reports)
     assert "hello from the build" in worker.log
 
@@ -304,12 +307,13 @@ def test_shell_runner_past_its_timeout_is_stopped_and_failed(tmp_path, vhost, un
     sleep = f"sleep 30.{int(unique, 16) % 99991}"  # a command line no other process has
     line = f"/bin/sh -c '{sleep} & wait; touch {marker}'"
     worker, queue, key = shell_worker(tmp_path, vhost, unique, line, pybit=pybit_keys(pybit_web), timeout="1")
+    pybit_web.add_job(241)
     with worker:
         worker.wait_ready(timeout=20)
         publish(vhost, key, unique, 241)
         assert pybit_web.wait_for((241, "Failed"), timeout=15), worker.log
         worker.wait_log(r"job 241: .* ended Failed.*timed out", timeout=5)
-    assert pybit_web.statuses(241) == ["Building", "Failed"]
+    assert pybit_web.statuses(241) == ["Waiting", "Building", "Failed"]
     assert not marker.exists()
     assert not any(_cmdline(pid).startswith(sleep) for pid in os.listdir("/proc") if pid.isdigit())
 
@@ -329,12 +333,13 @@ def test_shell_program_that_leaves_a_background_process_ends_with_its_exit_statu
     sleep = f"sleep 40.{int(unique, 16) % 99991}"  # a command line no other process has
     line = f"/bin/sh -c '{sleep} > /dev/null 2>&1 & exit 0'"
     worker, queue, key = shell_worker(tmp_path, vhost, unique, line, pybit=pybit_keys(pybit_web), timeout="4")
+    pybit_web.add_job(251)
     with worker:
         worker.wait_ready(timeout=20)
         publish(vhost, key, unique, 251)
         assert pybit_web.wait_for((251, "Done"), timeout=3), (pybit_web.statuses(251), worker.log)
         worker.wait_log(r"job 251: .* ended Done", timeout=5)
-    assert pybit_web.statuses(251) == ["Building", "Done"]
+    assert pybit_web.statuses(251) == ["Waiting", "Building", "Done"]
     assert wait_gone(sleep)
 
 

@@ -279,6 +279,8 @@ def secret_worker(vhost, tmp_path_factory):
             },
         )
         config.chmod(0o600)
+        web.add_job(6101)
+        web.add_job(6102)
         worker = WorkerProcess(config, "-v", env={"RBIT_AMQP_PASSWORD": amqp_pw}).start()
         worker.wait_ready()
         vhost.publish_build(request_body(6101, dist), f"{dist}.any.latex.sh")
@@ -316,8 +318,8 @@ def test_the_worker_authenticates_with_the_secret_passwords(secret_worker):
     """Issue 4.5: the worker reached the broker with RBIT_AMQP_PASSWORD and PyBit with the
     password_file's password (both jobs' statuses arrived), then stopped cleanly."""
     web = secret_worker["web"]
-    assert web.statuses(6101) == ["Building", "Done"]
-    assert web.statuses(6102) == ["Building", "Done"]
+    assert web.statuses(6101) == ["Waiting", "Building", "Done"]
+    assert web.statuses(6102) == ["Waiting", "Building", "Done"]
     assert secret_worker["exit"] == 0, secret_worker["log"][-3000:]
 
 

@@ -144,6 +144,7 @@ class Rig:
 
     def publish(self, job_id):
         """Publish a build request exactly as PyBit does (through the node's plain listener)."""
+        self.web.add_job(job_id)  # PyBit records the job, Waiting, before publishing it
         self.vhost.declare_build_queue(self.queue, self.key)
         self.vhost.publish_build(request_body(job_id, dist=self.dist, arch=self.arch, suite=self.suite,
                                               fmt=self.fmt, web_host=self.web.web_host), self.key)
@@ -194,7 +195,7 @@ def assert_serves_over_tls(rig, worker, job_id):
     rig.publish(job_id)
     assert rig.web.wait_for((job_id, statuses.DONE), timeout=30), (
         f"job {job_id}: {rig.web.statuses(job_id)}\n{worker.log[-3000:]}")
-    assert rig.web.statuses(job_id) == [statuses.BUILDING, statuses.DONE]
+    assert rig.web.statuses(job_id) == [statuses.WAITING, statuses.BUILDING, statuses.DONE]
     assert [entry[1] for entry in events(rig.record, "end")] == [job_id]
     assert rig.vhost.wait_depth(rig.queue, 0)
     assert worker.process.poll() is None

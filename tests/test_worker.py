@@ -346,6 +346,8 @@ def test_statuses_building_runner_statuses_then_done(tmp_path, vhost, unique, py
     order, and Done is added only when the runner reported no final status itself."""
     queue, key = queue_for(unique)
     path, record = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web))
+    for job_id in (51, 52, 53):
+        pybit_web.add_job(job_id)
     with WorkerProcess(path) as worker:
         worker.wait_ready(timeout=20)
         vhost.publish_build(body_for(51, unique, package="uploaded-x"), key)
@@ -354,9 +356,9 @@ def test_statuses_building_runner_statuses_then_done(tmp_path, vhost, unique, py
         for job_id in (51, 52, 53):
             assert pybit_web.wait_for((job_id, "Done"), timeout=10), pybit_web.statuses(job_id)
             ended(worker, job_id, "Done")
-    assert pybit_web.statuses(51) == ["Building", "Uploaded", "Done"]
-    assert pybit_web.statuses(52) == ["Building", "Done"]
-    assert pybit_web.statuses(53) == ["Building", "Done"]
+    assert pybit_web.statuses(51) == ["Waiting", "Building", "Uploaded", "Done"]
+    assert pybit_web.statuses(52) == ["Waiting", "Building", "Done"]
+    assert pybit_web.statuses(53) == ["Waiting", "Building", "Done"]
     assert [entry["job_id"] for entry in records(record)] == [51, 52, 53]
 
 
@@ -365,6 +367,8 @@ def test_failed_and_other_exceptions_report_failed(tmp_path, vhost, unique, pybi
     Failed with the traceback in the worker's log."""
     queue, key = queue_for(unique)
     path, _ = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web))
+    pybit_web.add_job(61)
+    pybit_web.add_job(62)
     with WorkerProcess(path) as worker:
         worker.wait_ready(timeout=20)
         vhost.publish_build(body_for(61, unique, package="fail-x"), key)
@@ -373,8 +377,8 @@ def test_failed_and_other_exceptions_report_failed(tmp_path, vhost, unique, pybi
         ended(worker, 62, "Failed")
         assert pybit_web.wait_for((62, "Failed"), timeout=10)
         assert pybit_web.wait_for((61, "Failed"), timeout=10)
-    assert pybit_web.statuses(61) == ["Building", "Failed"]
-    assert pybit_web.statuses(62) == ["Building", "Failed"]
+    assert pybit_web.statuses(61) == ["Waiting", "Building", "Failed"]
+    assert pybit_web.statuses(62) == ["Waiting", "Building", "Failed"]
     assert "the build broke on purpose" in worker.log
     assert "Traceback (most recent call last)" in worker.log
     assert "RuntimeError: kaboom crash-x" in worker.log
@@ -385,12 +389,13 @@ def test_unknown_status_fails_the_job_and_never_reaches_pybit(tmp_path, vhost, u
     the allowed ones: the job ends Failed and PyBit is never sent the unknown name."""
     queue, key = queue_for(unique)
     path, _ = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web))
+    pybit_web.add_job(71)
     with WorkerProcess(path) as worker:
         worker.wait_ready(timeout=20)
         vhost.publish_build(body_for(71, unique, package="unknown-x"), key)
         ended(worker, 71, "Failed")
         assert pybit_web.wait_for((71, "Failed"), timeout=10)
-    assert pybit_web.statuses(71) == ["Building", "Failed"]
+    assert pybit_web.statuses(71) == ["Waiting", "Building", "Failed"]
     assert all(report.status in statuses.ALL for report in pybit_web.reports)
     puts = [a for a in pybit_web.attempts if a.method in ("PUT", "POST")]
     assert [a for a in puts if a.code != 200] == []
@@ -404,6 +409,7 @@ def test_status_reports_carry_client_name_and_basic_auth(tmp_path, vhost, unique
     queue, key = queue_for(unique)
     path, _ = make_config(tmp_path, vhost, unique,
                           pybit=pybit_section(pybit_web, password="not-the-password"))
+    pybit_web.add_job(81)
     with WorkerProcess(path, env={"RBIT_PYBIT_PASSWORD": pybit_web.password}) as worker:
         worker.wait_ready(timeout=20)
         vhost.publish_build(body_for(81, unique), key)
@@ -418,11 +424,12 @@ def test_statuses_go_to_pybit_url_when_configured(tmp_path, vhost, unique, pybit
     """§3: with [pybit] url, statuses go there, not to the request's web_host."""
     queue, key = queue_for(unique)
     path, _ = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web, url=True))
+    pybit_web.add_job(82)
     with WorkerProcess(path) as worker:
         worker.wait_ready(timeout=20)
         vhost.publish_build(body_for(82, unique, web_host="127.0.0.1:9"), key)
         assert pybit_web.wait_for((82, "Done"), timeout=10), worker.log
-    assert pybit_web.statuses(82) == ["Building", "Done"]
+    assert pybit_web.statuses(82) == ["Waiting", "Building", "Done"]
 
 
 def test_statuses_go_to_web_host_without_url(tmp_path, vhost, unique):
@@ -487,6 +494,7 @@ def test_blocked_job_is_held_by_the_broker_then_offered_again(tmp_path, vhost, u
     delay_queue = f"rbit.delay.{queue}.2000ms"
     path, record = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web),
                                rbit_keys={"blocked_delay": "2"})
+    pybit_web.add_job(101)
     body = body_for(101, unique, package="blocked-x")
     worker = WorkerProcess(path)
     try:
@@ -510,7 +518,7 @@ def test_blocked_job_is_held_by_the_broker_then_offered_again(tmp_path, vhost, u
     returned = vhost.get(queue)
     returned_body = returned.body if isinstance(returned.body, str) else returned.body.decode()
     assert returned_body == body
-    assert pybit_web.statuses(101) == ["Building", "Blocked"]
+    assert pybit_web.statuses(101) == ["Waiting", "Building", "Blocked"]
     assert len(records(record)) == 1
 
 
@@ -535,6 +543,7 @@ def test_bad_messages_are_moved_unchanged_to_the_rejected_queue(tmp_path, vhost,
         json.dumps({"py/reduce": [{"py/function": "os.system"}, {"py/tuple": [f"touch {pwned}"]}]}).encode(),
     ]
     path, record = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web))
+    pybit_web.add_job(112)
     rejected = f"rbit.rejected.w{unique}"
     with WorkerProcess(path) as worker:
         worker.wait_ready(timeout=20)
