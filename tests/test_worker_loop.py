@@ -450,6 +450,26 @@ def test_a_second_signal_with_the_broker_away_kills_the_job_and_leaves_its_copy_
     assert nothing_left(server, again)
 
 
+@pytest.mark.parametrize("answered", [True, False], ids=["before the acknowledgement", "before the confirm"])
+def test_a_copy_whose_original_came_back_does_not_outlive_it(harness, server, answered):
+    """The connection breaks after the in-progress copy reached the broker but before the original
+    was acknowledged: the original comes back and runs (here on a second worker), and the first
+    worker removes its copy when it reconnects, so that its next start does not run the job again."""
+    first, second = harness.worker("w1"), harness.worker("w2")  # w1 consumes first: it gets the job
+    first.broker.drop_after("publish", lambda message, routing_key, *_: routing_key == in_progress(first),
+                            answered=answered)
+    harness.publish(80)
+    turn_until(first, lambda: first.broker.connections == 2)
+    assert not first.slots and server.depth(in_progress(first)) == 0
+    turn_until(second, lambda: not second.slots and "Done" in reports(second).statuses(80))
+
+    harness.stop(first)
+    harness.worker("w1")  # starts again, recovering what it left unfinished: nothing
+    assert server.depth(QUEUE) == 0 and server.unacked() == []
+    assert reports(first).reports == [] and reports(second).statuses(80) == ["Building", "Done"]
+    assert harness.runs() == [(80, 1)]
+
+
 # -- Holding only what it runs -----------------------------------------------------------
 
 
