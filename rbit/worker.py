@@ -74,6 +74,10 @@ class Worker:
         self.jobs.context = context
         self._subscribing = False
         self._held = []
+        #: Slots whose in-progress copy may be on the broker although their job never
+        #: started (the connection broke between the copy and the acknowledgement):
+        #: the original comes back, so the copy is removed on reconnecting.
+        self._unsure: set[int] = set()
         self.stopping = False
         self.stop_deadline = None
         self.hurry = False
@@ -147,6 +151,9 @@ class Worker:
         self.broker.consume(CANCELS, [queues.cancel_queue(self.settings.name)], self._on_cancel, no_ack=True)
         self.wakeup.watch(self.broker.fileno(), "broker")
         self.jobs.finish(self.broker)
+        for slot in sorted(self._unsure):
+            queues.release(self.broker, self.settings.name, slot)
+            self._unsure.discard(slot)
         self._resume_consuming()
         log.info("serving %s as %s (concurrency %d)", ", ".join(s.queue for s in self.config.runners),
                  self.settings.name, self.settings.concurrency)
@@ -228,8 +235,10 @@ class Worker:
             return
         if len(self.slots) + 1 >= self.settings.concurrency:
             self.broker.cancel(JOBS)
+        self._unsure.add(slot)
         queues.hold(self.broker, delivery, queue, self.settings.name, slot)
         delivery.ack()
+        self._unsure.discard(slot)
         self.jobs.start(slot, queue, message, delivery)
 
     # -- Cancelling and stopping ---------------------------------------------------
