@@ -9,17 +9,17 @@ when connecting again cures it). Which queues rbit uses, and why, is
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import ssl
-from dataclasses import dataclass, field
-from typing import Callable
 from urllib.parse import quote
 
 import amqp
 import kombu.exceptions
 from kombu import Connection, Consumer, Exchange, Queue
 
+from .delivery import Delivery, Outgoing
 from .errors import BrokerError, ConnectionLost, QueueLocked, QueueMissing, Unroutable
 from .queues import PYBIT_EXCHANGE, QueueSpec
 
@@ -38,66 +38,30 @@ _LIBRARY_ERRORS = (amqp.exceptions.AMQPError, amqp.exceptions.MessageNacked,
 LOG_CONNECT_FAILED = "cannot reach the broker (%s); next attempt in %.0f s"
 
 
-@dataclass(frozen=True)
-class Outgoing:
-    """A message to publish: persistent, with its body, headers and other properties."""
-
-    body: bytes | str
-    headers: dict = field(default_factory=dict)
-    properties: dict = field(default_factory=dict)
-
-
-@dataclass
-class Delivery:
-    """A message taken off a queue; :meth:`ack` or :meth:`requeue` settles it once."""
-
-    body: bytes | str
-    headers: dict
-    properties: dict
-    redelivered: bool = False
-    _settle: Callable[[bool], None] | None = field(default=None, repr=False)
-
-    @property
-    def text(self) -> str:
-        """The body as text (bodies rbit handles are UTF-8 JSON; a bad byte shows as U+FFFD)."""
-        return self.body if isinstance(self.body, str) else self.body.decode("utf-8", "replace")
-
-    def ack(self) -> None:
-        self._settled(True)
-
-    def requeue(self) -> None:
-        self._settled(False)
-
-    def _settled(self, ack):
-        settle, self._settle = self._settle, None
-        if settle is not None:
-            settle(ack)
-
-    def copy(self, extra_headers: dict | None = None, drop=()) -> Outgoing:
-        """This message's body and properties, plus *extra_headers*, less the headers in *drop*."""
-        headers = {**self.headers, **(extra_headers or {})}
-        for name in drop:
-            headers.pop(name, None)
-        return Outgoing(self.body, headers, dict(self.properties))
+@contextlib.contextmanager
+def _as_rbit_errors():
+    """Let the library's errors leave as rbit's own."""
+    try:
+        yield
+    except BrokerError:
+        raise
+    except amqp.exceptions.NotFound as exc:
+        raise QueueMissing(getattr(exc, "reply_text", None) or str(exc)) from exc
+    except amqp.exceptions.ResourceLocked as exc:
+        raise QueueLocked(getattr(exc, "reply_text", None) or str(exc)) from exc
+    except amqp.exceptions.PreconditionFailed as exc:
+        raise BrokerError(f"the broker refused a queue declaration: {exc.reply_text}") from exc
+    except _LIBRARY_ERRORS as exc:
+        raise ConnectionLost(_short(exc)) from exc
 
 
 def _translated(method):
-    """Let the library's errors leave as rbit's own."""
+    """A Broker method whose library errors leave as rbit's own."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        try:
+        with _as_rbit_errors():
             return method(self, *args, **kwargs)
-        except BrokerError:
-            raise
-        except amqp.exceptions.NotFound as exc:
-            raise QueueMissing(getattr(exc, "reply_text", None) or str(exc)) from exc
-        except amqp.exceptions.ResourceLocked as exc:
-            raise QueueLocked(getattr(exc, "reply_text", None) or str(exc)) from exc
-        except amqp.exceptions.PreconditionFailed as exc:
-            raise BrokerError(f"the broker refused a queue declaration: {exc.reply_text}") from exc
-        except _LIBRARY_ERRORS as exc:
-            raise ConnectionLost(_short(exc)) from exc
 
     return wrapper
 
@@ -144,10 +108,22 @@ def _kombu_queue(spec: QueueSpec) -> Queue:
 
 
 def _delivery(message, settle) -> Delivery:
+    if settle is not None:
+        settle = _settled_as_rbit(settle)
     properties = dict(message.properties)
     headers = dict(properties.pop("application_headers", None) or {})
     return Delivery(message.body, headers, properties,
                     bool(message.delivery_info.get("redelivered")), settle)
+
+
+def _settled_as_rbit(settle):
+    """*settle* (an ack or a requeue) with the library's errors translated, like every Broker call."""
+
+    def settled(ack):
+        with _as_rbit_errors():
+            settle(ack)
+
+    return settled
 
 
 def _amqp_message(outgoing: Outgoing) -> amqp.Message:

@@ -141,7 +141,14 @@ class JobProcess:
     def signal_group(self, signum: int) -> None:
         try:
             os.killpg(self.process.pid, signum)
-        except (ProcessLookupError, PermissionError):
+        except ProcessLookupError:
+            # The job has not made its process group yet (it does so first
+            # thing): the process alone is all there is to stop.
+            try:
+                os.kill(self.process.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+        except PermissionError:
             pass
 
     def close(self) -> None:

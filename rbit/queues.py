@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
-    from .broker import Broker, Delivery
+    from .broker import Broker
+    from .delivery import Delivery
 
 log = logging.getLogger(__name__)
 

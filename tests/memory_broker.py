@@ -36,7 +36,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from rbit.broker import Delivery, Outgoing, StopWaiting
+from rbit.broker import StopWaiting
+from rbit.delivery import Delivery, Outgoing
 from rbit.errors import BrokerError, ConnectionLost, QueueLocked, QueueMissing, Unroutable
 from rbit.queues import PYBIT_EXCHANGE, QueueSpec
 

@@ -18,7 +18,7 @@ import pytest
 import rbit
 from rbit import config as rbit_config
 from rbit import jobs, queues
-from rbit.broker import Outgoing
+from rbit.delivery import Outgoing
 from rbit.errors import ConnectionLost, JobOutcome, NameInUse, QueueLocked
 from rbit.queues import HEADER_QUEUE, HEADER_REASON, HEADER_RECOVERED, PYBIT_EXCHANGE, QueueSpec
 from rbit.worker import JOBS, Worker

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .. import queues
-from ..broker import Broker, Outgoing
+from ..broker import Broker
+from ..delivery import Outgoing
 from ..pybit import BuildRequest, encode, make_request
 
 
