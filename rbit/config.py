@@ -133,18 +133,18 @@ class Config:
     warnings: tuple = ()
 
     @property
-    def has_logging(self):
+    def has_logging(self) -> bool:
         """True when the file carries ``logging.config.fileConfig`` sections."""
         return self.parser.has_section("loggers")
 
-    def runner_for(self, queue):
+    def runner_for(self, queue: str) -> "RunnerSection":
         """The :class:`RunnerSection` serving *queue*."""
         for section in self.runners:
             if section.queue == queue:
                 return section
         raise KeyError(queue)
 
-    def configure_logging(self):
+    def configure_logging(self) -> None:
         """Apply the file's logging sections, when it has them."""
         if not self.has_logging:
             return
@@ -227,7 +227,7 @@ class _Section:
         return self.values.get(key)
 
 
-def read_parser(path):
+def read_parser(path) -> configparser.RawConfigParser:
     """Read *path* without ``%`` interpolation; a missing or broken file is a ConfigError."""
     parser = configparser.RawConfigParser(
         interpolation=None, inline_comment_prefixes=("#", ";"), strict=True
@@ -244,7 +244,7 @@ def read_parser(path):
     return parser
 
 
-def load(path, environ=None):
+def load(path, environ=None) -> Config:
     """Parse and check the file at *path*, importing every runner; raise ConfigError on a mistake."""
     environ = os.environ if environ is None else environ
     path = Path(path)

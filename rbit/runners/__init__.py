@@ -43,7 +43,7 @@ class Runner(abc.ABC):
         self.settings = dict(settings)
 
     @abc.abstractmethod
-    def run(self, message, set_status):
+    def run(self, message, set_status) -> None:
         """Do one job: return when it is done, raise Blocked or Failed otherwise."""
 
     def __reduce__(self):
@@ -53,14 +53,14 @@ class Runner(abc.ABC):
         return f"{type(self).__name__}({self.spec!r})"
 
 
-def processors():
+def processors() -> dict:
     """All processors available here, by name: ``{name: import string or EntryPoint}``."""
     found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     found.update(BUILTIN)
     return found
 
 
-def get_processor(name):
+def get_processor(name: str) -> type:
     """The Runner class registered as *name*, imported now."""
     known = processors()
     if name not in known:
@@ -81,7 +81,7 @@ def get_processor(name):
     return cls
 
 
-def load(line, settings):
+def load(line: str, settings: dict) -> Runner:
     """Build the runner for a ``PROCESSOR!SPEC`` line with the section's *settings*."""
     name, bang, spec = line.partition("!")
     if not bang or not name.strip():

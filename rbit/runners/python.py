@@ -22,7 +22,7 @@ from . import Runner
 CHECK_ATTRIBUTE = "check_settings"
 
 
-def resolve(spec):
+def resolve(spec: str):
     """Import ``package.module:function`` (the function may be dotted) and return it."""
     module_name, colon, attr = spec.partition(":")
     if not colon or not module_name or not attr:
@@ -72,5 +72,5 @@ class PythonRunner(Runner):
         # the runner for each job, does not check again.
         return (type(self), (self.spec, self.settings, False))
 
-    def run(self, message, set_status):
+    def run(self, message, set_status) -> None:
         self.function(message, set_status, dict(self.settings))

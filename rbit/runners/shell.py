@@ -29,7 +29,7 @@ PLACEHOLDERS = (
 
 
 
-def placeholder_pattern(names):
+def placeholder_pattern(names) -> re.Pattern:
     """A regex matching ``%NAME`` for *names* and ``%%``; longest names first, so that
     ``%VCS_ID`` is not read as ``%VCS`` + ``_ID``."""
     return re.compile("%(%|" + "|".join(sorted(names, key=len, reverse=True)) + ")")
@@ -50,7 +50,7 @@ STATUS_FD_VARIABLE = "RBIT_STATUS_FD"
 _SETTING_NAME = re.compile(r"[^A-Za-z0-9]")
 
 
-def split(line):
+def split(line: str) -> list[str]:
     """Split a runner line into arguments like a POSIX shell, without expanding anything."""
     try:
         argv = shlex.split(line, comments=False, posix=True)
@@ -66,7 +66,7 @@ def split(line):
     return argv
 
 
-def substitute(argv, fields, pattern=_PLACEHOLDER):
+def substitute(argv: list[str], fields: dict, pattern: re.Pattern = _PLACEHOLDER) -> list[str]:
     """Replace placeholders inside each argument; the number of arguments never changes."""
 
     def value(match):
@@ -76,7 +76,7 @@ def substitute(argv, fields, pattern=_PLACEHOLDER):
     return [pattern.sub(value, arg) for arg in argv]
 
 
-def job_environment(fields, settings, base=None):
+def job_environment(fields: dict, settings: dict, base=None) -> dict[str, str]:
     """The program's environment: the worker's (less rbit's secrets), the job's fields, the settings."""
     env = without_passwords(os.environ if base is None else base)
     env.update({f"RBIT_{name}": fields.get(name, "") for name in PLACEHOLDERS})
@@ -97,7 +97,7 @@ class ShellRunner(Runner):
         if "%" not in program and shutil.which(program) is None:
             raise ConfigError(f"program {program!r} is not found or not executable")
 
-    def run(self, message, set_status):
+    def run(self, message, set_status) -> None:
         fields = {**message.request.fields(), "QUEUE": message.queue}
         argv = substitute(self.argv, fields)
         read_end, write_end = os.pipe()
