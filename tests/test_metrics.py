@@ -19,7 +19,7 @@ from rbit.broker import Broker
 from rbit.worker import Worker
 
 from .broker import rabbitmqctl
-from .harness import WorkerProcess, write_config
+from .harness import WorkerProcess, wait_until, write_config
 from .test_tools import request_body
 
 
@@ -100,6 +100,9 @@ def test_healthz_and_metrics_of_a_serving_worker(tmp_path, vhost, unique, pybit_
         assert vhost.wait_depth(f"rbit.rejected.metrics-{unique}", 1)
         assert pybit_web.wait_for((9102, "Failed"))
 
+        rejected = ("rbit_rejected_messages_total", (("queue", queue),))
+        # The counter moves just after the rejected copy is confirmed: give it a moment.
+        wait_until(lambda: rejected in samples(http_get(f"{base}/metrics")[2].decode()), 10)
         code, content_type, body = http_get(f"{base}/metrics")
         assert code == 200
         assert content_type.startswith("text/plain")
