@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from click.testing import CliRunner
 
 from rbit.cli import load_config, main
 
-from .harness import ROOT, WorkerProcess, write_config
+from .harness import WorkerProcess, alive, environment, offline_config, write_config
 from .pybit_models import request_body
 
 #: The options `rbit --help` must list.
@@ -30,31 +29,16 @@ OPTIONS = ("--poll-time", "--daemon", "--pidfile", "--logfile", "--check", "--ve
 SECRET = "pw-never-shown-4711"
 
 
-def closed_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def offline_config(tmp_path, name="bob-villa", **rbit_keys):
-    """A good configuration whose broker port is closed: only what needs no broker works."""
-    return write_config(
-        tmp_path / "rbit.ini", name=name, vhost=None, rbit=rbit_keys or None,
-        amqp={"port": str(closed_port()), "password": SECRET},
-        runners={
-            "cnx_any_latex_pdf": {"runner": "python!rbitext.hello:hello", "name": "World"},
-            "cnx_any_html_pdf": {"runner": "shell!/bin/echo %PACKAGE", "timeout": "60"},
-        },
-    )
+#: The runner sections of the configurations that need no broker.
+RUNNERS = {
+    "cnx_any_latex_pdf": {"runner": "python!rbitext.hello:hello", "name": "World"},
+    "cnx_any_html_pdf": {"runner": "shell!/bin/echo %PACKAGE", "timeout": "60"},
+}
 
 
 def broken_config(tmp_path):
     """A configuration whose [rbit] polling_time is not a number."""
-    return offline_config(tmp_path, polling_time="soon")
-
-
-def environment(**extra):
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **extra}
+    return offline_config(tmp_path / "rbit.ini", RUNNERS, rbit={"polling_time": "soon"}, amqp={"password": SECRET})
 
 
 def python_m_rbit(*args, timeout=10, **env):
@@ -111,7 +95,7 @@ def test_console_script_help():
 def test_check_exits_0_and_lists_the_queues(tmp_path):
     """§2: `rbit CONFIG --check` (CliRunner) exits 0 and lists each queue served with its routing
     key and runner, without connecting (the broker port is closed)."""
-    path = offline_config(tmp_path)
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": SECRET})
     result = invoke(path, "--check")
     assert result.exit_code == 0, result.output
     for queue, key in (("cnx_any_latex_pdf", "cnx.any.latex.pdf"), ("cnx_any_html_pdf", "cnx.any.html.pdf")):
@@ -123,7 +107,7 @@ def test_check_exits_0_and_lists_the_queues(tmp_path):
 
 def test_python_m_rbit_check_exits_0_and_lists_the_queues(tmp_path):
     """§2: `python -m rbit CONFIG --check` exits 0 at once and lists the queues."""
-    path = offline_config(tmp_path)
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": SECRET})
     done = python_m_rbit(path, "--check")
     assert done.returncode == 0, done.stderr
     assert "cnx_any_latex_pdf" in done.stdout and "cnx_any_html_pdf" in done.stdout
@@ -153,7 +137,7 @@ def test_check_refuses_a_bad_configuration_with_status_2(tmp_path):
 ], ids=["no-config", "unknown-option", "poll-time-not-a-number", "poll-time-zero", "extra-argument", "bad-umask"])
 def test_usage_error_exits_2(tmp_path, args):
     """§2: a usage error (CliRunner) exits 2 with click's usage message and no traceback."""
-    path = offline_config(tmp_path)
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": SECRET})
     result = invoke(*[arg.format(config=path) for arg in args])
     assert result.exit_code == 2, result.output
     assert "Usage" in result.output or "Error" in result.output
@@ -162,7 +146,8 @@ def test_usage_error_exits_2(tmp_path, args):
 
 def test_python_m_rbit_usage_error_exits_2(tmp_path):
     """§2: `python -m rbit CONFIG --poll-time soon` exits 2 with the usage message."""
-    done = python_m_rbit(offline_config(tmp_path), "--poll-time", "soon")
+    done = python_m_rbit(offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": SECRET}),
+                         "--poll-time", "soon")
     assert done.returncode == 2
     assert "--poll-time" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
@@ -196,7 +181,7 @@ def test_python_m_rbit_config_error_exits_2_with_one_line(tmp_path):
 
 def test_poll_time_overrides_the_configuration(tmp_path):
     """§2: --poll-time overrides [rbit] polling_time; without it the file's value holds."""
-    path = offline_config(tmp_path, polling_time="42")
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, rbit={"polling_time": "42"}, amqp={"password": SECRET})
     assert load_config(str(path)).worker.polling_time == 42
     assert load_config(str(path), 0.5).worker.polling_time == 0.5
 
@@ -303,23 +288,14 @@ def test_daemon_with_pidfile(tmp_path, vhost, unique):
         os.kill(pid, 0)
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
-        while pidfile.exists() or _alive(pid):
+        while pidfile.exists() or alive(pid):
             assert time.monotonic() < deadline, "the daemon did not stop"
             time.sleep(0.05)
         pid = None
     finally:
-        if pid is not None and _alive(pid):
+        if pid is not None and alive(pid):
             os.kill(pid, signal.SIGKILL)
     assert "stopped" in log_file.read_text()
-
-
-def _alive(pid):
-    """True while *pid* runs (a zombie that nobody reaped yet counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_sigterm_lets_the_running_job_finish_then_exits_0(tmp_path, vhost, unique):

@@ -6,8 +6,6 @@ against a closed port, so a worker that tried to connect first would not answer
 at once.
 """
 
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +16,9 @@ import pytest
 from rbit import config as config_module
 from rbit.errors import ConfigError
 
-from .harness import ROOT, WorkerProcess, write_config
+from .harness import WorkerProcess, environment, free_port, write_config
 
 QUEUE = "cnx_any_latex_pdf"
-
-
-def closed_port():
-    """A local TCP port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ini(sections):
@@ -50,7 +41,7 @@ def base_sections(port=5672):
 
 def run_rbit(path, *args, env=None, timeout=10):
     """``python -m rbit PATH ARGS``; returns (exit status, stdout, stderr, seconds taken)."""
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **(env or {})}
+    environ = environment(**(env or {}))
     started = time.monotonic()
     try:
         done = subprocess.run([sys.executable, "-m", "rbit", str(path), *args], capture_output=True,
@@ -163,7 +154,7 @@ def test_mistake_is_refused_in_one_line_before_connecting(tmp_path, spoil, secti
     connection (the broker port is closed), with exit status 2 and one line naming the file,
     the section and the key, and no traceback."""
     path = tmp_path / "rbit.ini"
-    path.write_text(ini(spoil(base_sections(port=closed_port()))))
+    path.write_text(ini(spoil(base_sections(port=free_port()))))
     code, out, err, took = run_rbit(path)
     assert code == 2, (out, err)
     check_one_line(out + err, path, section, key, words)
@@ -211,7 +202,7 @@ def test_logging_mistake_is_refused_in_one_line_before_connecting(tmp_path, logg
     """§2, §3, §7: a mistake in the logging sections is a configuration mistake too: exit
     status 2 at once, one line naming the file and a section, no traceback."""
     path = tmp_path / "rbit.ini"
-    path.write_text(ini({**base_sections(port=closed_port()), **logging_part}))
+    path.write_text(ini({**base_sections(port=free_port()), **logging_part}))
     code, out, err, took = run_rbit(path)
     assert "Traceback" not in out + err
     assert code == 2, (out, err)
@@ -225,7 +216,7 @@ def test_check_refuses_a_logging_mistake(tmp_path):
     """§2, §3: `rbit CONFIG --check` refuses a configuration that `rbit CONFIG` would refuse:
     here, logging sections naming a handler class that does not exist."""
     path = tmp_path / "rbit.ini"
-    path.write_text(ini({**base_sections(port=closed_port()), **LOGGING_MISTAKES["unknown-handler-class"]}))
+    path.write_text(ini({**base_sections(port=free_port()), **LOGGING_MISTAKES["unknown-handler-class"]}))
     code, out, err, _ = run_rbit(path)
     assert code == 2, (out, err)
     code, out, err, _ = run_rbit(path, "--check")
@@ -264,7 +255,7 @@ def test_binary_file_is_refused_in_one_line(tmp_path):
 
 def test_error_line_never_shows_a_password(tmp_path):
     """§7: a mistake in [amqp] is reported without the password written beside it."""
-    sections = base_sections(port=closed_port())
+    sections = base_sections(port=free_port())
     sections["amqp"].update(password="hunter2-very-secret", heartbeat="often")
     path = tmp_path / "rbit.ini"
     path.write_text(ini(sections))
@@ -390,7 +381,7 @@ def test_pybit_password_from_the_environment_needs_a_url(tmp_path, monkeypatch):
 
 def test_unreadable_password_file_names_section_and_key(tmp_path):
     """§3: a password_file that cannot be read is a configuration error naming the key."""
-    sections = base_sections(port=closed_port())
+    sections = base_sections(port=free_port())
     sections["amqp"] = {"port": sections["amqp"]["port"], "password_file": str(tmp_path / "missing.secret")}
     path = tmp_path / "rbit.ini"
     path.write_text(ini(sections))

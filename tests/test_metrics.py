@@ -7,7 +7,6 @@ broker; the unit tests need no broker.
 """
 
 import json
-import socket
 import urllib.error
 import urllib.request
 
@@ -19,14 +18,8 @@ from rbit.broker import Broker
 from rbit.worker import Worker
 
 from .broker import rabbitmqctl
-from .harness import WorkerProcess, write_config
+from .harness import WorkerProcess, free_port, write_config
 from .test_tools import request_body
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http_get(url):

@@ -31,7 +31,7 @@ from rbit.queues import HEADER_RECOVERED, in_progress_name
 from rbit.jobs import KILL_GRACE
 
 from .broker import rabbitmqctl
-from .harness import ROOT, WorkerProcess, wait_until, write_config
+from .harness import ROOT, WorkerProcess, alive, cmdline, environment, wait_until, write_config
 from .pybit_models import cancel_body, request_body
 from .rabbit_node import RabbitNode
 from .reliability_runners import events
@@ -41,24 +41,6 @@ RUNNERS = "python!reliability_runners"
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def alive(pid):
-    """True while process *pid* exists and is not a zombie (nothing here may reap orphans)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            state = handle.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def rss_kb(pid):
@@ -478,7 +460,7 @@ def recover(config):
     return subprocess.run(
         [sys.executable, "-m", "rbit", "recover", str(config)], capture_output=True, text=True,
         timeout=60, cwd=str(ROOT),
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
+        env=environment(),
     )
 
 

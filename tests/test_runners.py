@@ -22,7 +22,7 @@ from rbit.runners import load as load_runner
 from rbit.runners.python import PythonRunner
 from rbit.runners.shell import ShellRunner
 
-from .harness import WorkerProcess, write_config
+from .harness import WorkerProcess, cmdline, write_config
 from .pybit_models import queue_name, request_body, routing_key
 
 #: ``printf '%s\0'`` each argument the program got into OUT_DIR/<job id>.argv (``%%`` is a ``%``).
@@ -315,15 +315,7 @@ def test_shell_runner_past_its_timeout_is_stopped_and_failed(tmp_path, vhost, un
         worker.wait_log(r"job 241: .* ended Failed.*timed out", timeout=5)
     assert pybit_web.statuses(241) == ["Waiting", "Building", "Failed"]
     assert not marker.exists()
-    assert not any(_cmdline(pid).startswith(sleep) for pid in os.listdir("/proc") if pid.isdigit())
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+    assert not any(cmdline(pid).startswith(sleep) for pid in os.listdir("/proc") if pid.isdigit())
 
 
 def test_shell_program_that_leaves_a_background_process_ends_with_its_exit_status(
@@ -346,7 +338,7 @@ def test_shell_program_that_leaves_a_background_process_ends_with_its_exit_statu
 def wait_gone(command, timeout=5.0):
     """True once no process runs *command*."""
     deadline = time.monotonic() + timeout
-    while any(_cmdline(pid).startswith(command) for pid in os.listdir("/proc") if pid.isdigit()):
+    while any(cmdline(pid).startswith(command) for pid in os.listdir("/proc") if pid.isdigit()):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)

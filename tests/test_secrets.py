@@ -27,11 +27,14 @@ from rbit.config import load
 from rbit.errors import ConfigError
 
 from .broker import rabbitmqctl
-from .harness import WorkerProcess, write_config
+from .harness import WorkerProcess, free_port, offline_config, write_config
 from .pybit_web import FakePyBit
-from .test_tools import closed_port, rbit, request_body
+from .test_tools import rbit, request_body
 
 QUEUE = "s_any_latex_pdf"
+
+#: The runner section of the configurations that need no broker.
+RUNNERS = {QUEUE: {"runner": "python!rbitext.hello:hello"}}
 
 
 def env_runner(message, set_status, settings):
@@ -39,15 +42,6 @@ def env_runner(message, set_status, settings):
     rbit_vars = {k: v for k, v in os.environ.items() if k.startswith("RBIT_")}
     Path(settings["record"]).write_text(json.dumps(rbit_vars))
     time.sleep(float(settings.get("sleep", "0")))
-
-
-def offline_config(path, amqp=None, pybit=None, mode=0o600, extra=""):
-    """A config whose broker port is closed; *mode* is applied to the file."""
-    path = write_config(path, name="secrets-offline", vhost=None,
-                        amqp={"port": str(closed_port()), **(amqp or {})}, pybit=pybit,
-                        runners={QUEUE: {"runner": "python!rbitext.hello:hello"}}, extra=extra)
-    path.chmod(mode)
-    return path
 
 
 def secret_file(path, text, mode=0o600):
@@ -71,7 +65,7 @@ def leaks(text, passwords):
 def test_environment_overrides_the_file(tmp_path):
     """Issue 4.5 / contract §3: RBIT_AMQP_PASSWORD and RBIT_PYBIT_PASSWORD win over the file's
     ``password`` keys; without them the file's passwords are used."""
-    path = offline_config(tmp_path / "rbit.ini", amqp={"password": "from-file-a"},
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": "from-file-a"},
                           pybit={"url": "http://pybit.example", "user": "admin", "password": "from-file-p"})
     plain = load(path, environ={})
     assert (plain.amqp.password, plain.pybit.password) == ("from-file-a", "from-file-p")
@@ -85,7 +79,7 @@ def test_password_file_is_read_and_the_environment_still_wins(tmp_path):
     the environment variable still wins over it; a 0600 file draws no warning."""
     amqp_file = secret_file(tmp_path / "amqp.pw", "amqp-from-file\n")
     pybit_file = secret_file(tmp_path / "pybit.pw", "pybit-from-file\n")
-    path = offline_config(tmp_path / "rbit.ini", amqp={"password": "", "password_file": amqp_file},
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": "", "password_file": amqp_file},
                           pybit={"url": "http://pybit.example", "user": "admin", "password_file": pybit_file})
     config = load(path, environ={})
     assert (config.amqp.password, config.pybit.password) == ("amqp-from-file", "pybit-from-file")
@@ -102,7 +96,7 @@ def test_unreadable_password_file_is_a_config_error(tmp_path, section, kind):
     target = tmp_path / "nothing-here.pw" if kind == "missing" else tmp_path
     settings = {"password_file": str(target)}
     pybit = {"url": "http://pybit.example", "user": "admin", **settings} if section == "pybit" else None
-    path = offline_config(tmp_path / "rbit.ini", amqp=settings if section == "amqp" else None, pybit=pybit)
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp=settings if section == "amqp" else None, pybit=pybit)
     with pytest.raises(ConfigError) as caught:
         load(path, environ={})
     assert (caught.value.section, caught.value.key) == (section, "password_file")
@@ -121,7 +115,7 @@ def test_unreadable_password_file_is_a_config_error(tmp_path, section, kind):
 def test_world_readable_config_with_a_password_is_warned_about(tmp_path):
     """Issue 4.5 / README: a world-readable file holding a password gives a warning (in
     ``Config.warnings`` and on ``--check``'s stderr); the same file at 0600 does not."""
-    path = offline_config(tmp_path / "rbit.ini", amqp={"password": "hunter2-readable"}, mode=0o644)
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": "hunter2-readable"}, mode=0o644)
     config = load(path, environ={})
     assert len(config.warnings) == 1
     assert str(path) in config.warnings[0] and "[amqp] password" in config.warnings[0]
@@ -140,7 +134,7 @@ def test_world_readable_config_with_a_password_is_warned_about(tmp_path):
 def test_world_readable_password_file_is_warned_about(tmp_path):
     """Issue 4.5 / README: a world-readable ``password_file`` is named in a warning; a 0600 one is not."""
     secret = secret_file(tmp_path / "amqp.pw", "pw-in-file", mode=0o644)
-    path = offline_config(tmp_path / "rbit.ini", amqp={"password": "", "password_file": secret})
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": "", "password_file": secret})
     warnings = load(path, environ={}).warnings
     assert len(warnings) == 1 and str(secret) in warnings[0] and "password_file" in warnings[0]
     secret.chmod(0o600)
@@ -191,7 +185,7 @@ DISTINCT = "Zq7-distinct/p@ss;w0rd"
 def test_config_errors_never_show_passwords(tmp_path, amqp, pybit, extra):
     """Issue 4.5 / contract §7: a configuration error's message (the exception and ``rbit``'s
     stderr, exit 2) never contains a password written in the file."""
-    path = offline_config(tmp_path / "rbit.ini", amqp=amqp, pybit=pybit, extra=extra)
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp=amqp, pybit=pybit, extra=extra)
     with pytest.raises(ConfigError) as caught:
         load(path, environ={})
     assert not leaks(str(caught.value), [DISTINCT]), str(caught.value)
@@ -204,8 +198,8 @@ def test_check_connections_never_shows_pybit_credentials(tmp_path):
     """Issue 4.5 / contract §7: ``--check-connections`` reporting an unreachable PyBit whose url
     carries user:password shows the url without the password."""
     password = f"UrlPw-{uuid.uuid4().hex[:8]}"
-    path = offline_config(tmp_path / "rbit.ini",
-                          pybit={"url": f"http://admin:{password}@127.0.0.1:{closed_port()}", "timeout": "2"})
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS,
+                          pybit={"url": f"http://admin:{password}@127.0.0.1:{free_port()}", "timeout": "2"})
     result = rbit("run", "--check-connections", path, timeout=60)
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert not leaks(result.stdout + result.stderr, [password]), result.stdout + result.stderr
@@ -364,7 +358,7 @@ def test_wrong_password_and_closed_port_log_no_password(tmp_path):
     """Issue 4.5 / contract §6-7: a worker whose broker is down logs each connection attempt and the
     world-readable-file warning, at debug level, without the (wrong) password."""
     password = f"Wrong-{uuid.uuid4().hex[:8]}-p@ss/word"
-    path = offline_config(tmp_path / "rbit.ini", amqp={"password": password}, mode=0o644)
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": password}, mode=0o644)
     worker = WorkerProcess(path, "-v").start()
     try:
         worker.wait_log(r"every user can read it", timeout=15)

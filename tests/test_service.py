@@ -20,8 +20,8 @@ import pytest
 from rbit import statuses
 from rbit.config import RBIT_DEFAULTS
 
-from .harness import ROOT
-from .test_reliability import alive, cmdline, rig, wait_until  # noqa: F401  (rig is a fixture)
+from .harness import ROOT, alive, cmdline, environment, wait_until
+from .test_reliability import rig  # noqa: F401  (a fixture)
 
 UNIT_FILE = ROOT / "contrib" / "rbit.service"
 
@@ -45,7 +45,7 @@ class Daemon:
             [sys.executable, "-m", "rbit", str(self.config), "--daemon",
              "--pidfile", str(self.pidfile), "--logfile", str(self.logfile)],
             capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
+            env=environment(),
         )
         return result, time.monotonic() - started
 

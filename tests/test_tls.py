@@ -17,7 +17,6 @@ under test) use to publish and look at queues. The shared broker on
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -27,9 +26,9 @@ import pytest
 
 from rbit import statuses
 
-from .harness import ROOT, WorkerProcess, write_config
+from .harness import WorkerProcess, environment, free_port, write_config
 from .pybit_models import queue_name, request_body, routing_key
-from .rabbit_node import RabbitNode, free_port
+from .rabbit_node import RabbitNode
 from .reliability_runners import events
 from .tls_certs import TempCerts
 
@@ -222,7 +221,7 @@ def check_connections(config):
     return subprocess.run(
         [sys.executable, "-m", "rbit", str(config), "--check", "--check-connections"],
         capture_output=True, text=True, timeout=60, cwd=str(config.parent),
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
+        env=environment(),
     )
 
 

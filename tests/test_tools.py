@@ -10,10 +10,8 @@ subprocesses (the repository root is on their PYTHONPATH).
 """
 
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +20,7 @@ import time
 from rbit import Failed
 from rbit.pybit import decode_build_request, encode, make_request
 
-from .harness import ROOT, WorkerProcess, write_config
+from .harness import ROOT, WorkerProcess, environment, free_port, offline_config, write_config
 
 
 # -- Runners the rbit subprocesses import ---------------------------------------
@@ -50,17 +48,8 @@ def failing_runner(message, set_status, settings):
 
 def rbit(*args, env=None, timeout=60):
     """``python -m rbit ARGS`` as an operator runs it; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-                **(env or {})}
     return subprocess.run([sys.executable, "-m", "rbit", *map(str, args)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=str(ROOT))
-
-
-def closed_port():
-    """A TCP port on 127.0.0.1 that nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+                          text=True, env=environment(**(env or {})), timeout=timeout, cwd=str(ROOT))
 
 
 def names(unique):
@@ -92,15 +81,6 @@ def status_rows(output):
             kind, queue, messages, consumers, note = match.groups()
             rows[queue] = (kind, messages, consumers, note)
     return rows
-
-
-def wait_until(predicate, timeout=20, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- rbit publish (issue 5.1, contract §1) -----------------------------------------------
@@ -210,8 +190,8 @@ def test_status_shows_queues_slots_and_the_job_in_progress(tmp_path, vhost, uniq
 def try_config(tmp_path, unique, record):
     """Two runner sections and an [amqp] port nothing listens on: ``try`` must not need a broker."""
     _, queue, _ = names(unique)
-    return write_config(
-        tmp_path / "try.ini", name=f"try-{unique}", vhost=None, amqp={"port": str(closed_port())},
+    return offline_config(
+        tmp_path / "try.ini", name=f"try-{unique}",
         runners={queue: {"runner": "python!tests.test_tools:record_runner", "record": str(record)},
                  f"f{unique}_any_latex_pdf": {"runner": "python!tests.test_tools:failing_runner",
                                               "record": str(record)}},
@@ -389,7 +369,7 @@ def test_tools_report_a_broker_that_is_down(tmp_path, unique):
     """Contract §2 / issue 5.1-5.2: with nothing listening on [amqp] port, ``publish``, ``status``,
     ``rejected`` and ``recover`` exit 1 at once, without a traceback, with a message that says
     the broker cannot be reached and why (the host:port, or "refused")."""
-    port = closed_port()
+    port = free_port()
     _, queue, _ = names(unique)
     config = write_config(tmp_path / "down.ini", name=f"down-{unique}", vhost=None,
                           amqp={"port": str(port)}, runners={queue: {"runner": "python!rbitext.hello:hello"}})
