@@ -1,4 +1,4 @@
-"""The Debian runner ``rbitext.debian:build`` (issue 6): fetch, check, build, upload, clean.
+"""The Debian runner ``rbitext.debian:build``: fetch, check, build, upload, clean.
 
 The unit tests call the runner in this process; the worker tests run the whole
 ``python -m rbit`` on the real broker, building a real (tiny) package with

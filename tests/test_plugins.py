@@ -1,8 +1,10 @@
-"""Processors added by plugins through the ``rbit.processors`` entry-point group (issue 5.5).
+"""Processors added by plugins through the ``rbit.processors`` entry-point group (the README's
+"Processors from plugins").
 
-Contract §4: "Other processors can be added by plugins without changing rbit";
-contract §3: a processor other than those registered is a configuration error
-reported before any connection. ``tests/plugin/`` is a plugin as a
+A package adds a processor beside ``python`` and ``shell`` without changing
+rbit; an unknown processor, or a plugin processor that cannot be imported or is
+not a Runner, is a configuration error reported before any connection
+("Configuration errors"). ``tests/plugin/`` is a plugin as a
 distribution ships it: a module and a ``.dist-info`` folder whose
 ``entry_points.txt`` registers ``echo`` (a working Runner), ``notarunner`` (a
 class that is not a Runner) and ``broken`` (a module that does not exist).
@@ -31,7 +33,7 @@ QUEUE = "p_any_latex_pdf"
 
 
 def test_echo_plugin_runs_a_job_through_the_worker(tmp_path, vhost, unique, pybit_web):
-    """Issue 5.5 / contract §4-5: an ``echo!`` job from the broker runs in a real worker that
+    """An ``echo!`` job from the broker runs in a real worker that
     found the processor by its entry point only; the job ends Done and the file is written."""
     dist = f"e{unique}"
     queue, key = f"{dist}_any_latex_pdf", f"{dist}.any.latex.pdf"
@@ -51,7 +53,7 @@ def test_echo_plugin_runs_a_job_through_the_worker(tmp_path, vhost, unique, pybi
 
 
 def test_processors_lists_the_plugin_when_it_is_on_the_path(monkeypatch, tmp_path):
-    """Issue 5.5 / style §5: ``processors()`` finds ``echo`` through the entry-point group once the
+    """``processors()`` finds ``echo`` through the entry-point group once the
     plugin's folder is on ``sys.path`` (and not before); the config builds an EchoRunner."""
     assert "echo" not in processors(), "the test plugin must not be installed for real"
     monkeypatch.syspath_prepend(str(PLUGIN_DIR))
@@ -70,7 +72,7 @@ def test_processors_lists_the_plugin_when_it_is_on_the_path(monkeypatch, tmp_pat
 
 
 def test_plugin_runner_checks_its_settings_at_config_time(monkeypatch, tmp_path):
-    """Issue 5.5 / contract §3: a plugin's own ConfigError (no ``output``) names section and key."""
+    """A plugin's own ConfigError (no ``output``) names section and key."""
     monkeypatch.syspath_prepend(str(PLUGIN_DIR))
     with pytest.raises(ConfigError) as caught:
         load(offline_config(tmp_path / "plugin.ini", {QUEUE: {"runner": "echo!no output given"}}))
@@ -84,7 +86,7 @@ def test_plugin_runner_checks_its_settings_at_config_time(monkeypatch, tmp_path)
     ("pythn!rbitext.hello:hello", "did you mean 'python'?"),
 ])
 def test_unknown_processor_is_a_config_error_with_a_hint(tmp_path, line, expected):
-    """Issue 5.5 / contract §2-3: an unknown processor stops ``rbit CONFIG`` before connecting,
+    """An unknown processor stops ``rbit CONFIG`` before connecting,
     exit 2, one message naming file, section and key with "did you mean"; no traceback."""
     output = tmp_path / "out"
     config = offline_config(tmp_path / "plugin.ini", {QUEUE: {"runner": line, "output": str(output)}})
@@ -102,7 +104,7 @@ def test_unknown_processor_is_a_config_error_with_a_hint(tmp_path, line, expecte
     ("broken!x", "cannot be loaded"),
 ])
 def test_a_bad_plugin_is_refused_at_config_time(tmp_path, line, expected):
-    """Issue 5.5 / contract §3: a registered processor that is not a Runner subclass, or whose
+    """A registered processor that is not a Runner subclass, or whose
     module cannot be imported, is refused when the configuration is read: exit 2, no traceback."""
     config = offline_config(tmp_path / "plugin.ini", {QUEUE: {"runner": line}})
     for args in ((config,), ("run", "--check", config)):
@@ -114,7 +116,7 @@ def test_a_bad_plugin_is_refused_at_config_time(tmp_path, line, expected):
 
 
 def test_not_a_runner_is_refused_by_load(monkeypatch, tmp_path):
-    """Issue 5.5 / contract §3: ``rbit.config.load`` raises ConfigError for a non-Runner plugin class."""
+    """``rbit.config.load`` raises ConfigError for a non-Runner plugin class."""
     monkeypatch.syspath_prepend(str(PLUGIN_DIR))
     with pytest.raises(ConfigError) as caught:
         load(offline_config(tmp_path / "plugin.ini", {QUEUE: {"runner": "notarunner!x"}}))
