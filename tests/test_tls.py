@@ -1,4 +1,5 @@
-"""TLS to the broker (issue 4 point 6): ``[amqp] ssl``, ``ca_file``, ``cert_file``, ``key_file``, ``verify``.
+"""TLS to the broker, against "an eavesdropper between worker and broker": ``[amqp] ssl``,
+``ca_file``, ``cert_file``, ``key_file``, ``verify``.
 
 The real ``python -m rbit CONFIG`` talks amqps to PRIVATE RabbitMQ nodes
 (tests/rabbit_node.py) that this module starts with a TLS listener of their
