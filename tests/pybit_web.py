@@ -1,4 +1,5 @@
-"""A real HTTP server that plays PyBit's web front end in tests (contract section 1)."""
+"""A real HTTP server that plays PyBit's web front end in tests: it takes status reports and
+answers a job's history (``GET /job/ID/status``) as PyBit does."""
 
 from __future__ import annotations
 
