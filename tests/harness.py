@@ -1,8 +1,9 @@
-"""Test helpers: writing configurations and running the real ``rbit`` command."""
+"""Test helpers: writing configurations, running the real ``rbit`` command, and waiting."""
 
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,15 +14,53 @@ from .broker import AMQP_HOST, AMQP_PORT
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_until(predicate, timeout=10.0, interval=0.05):
-    """Poll *predicate* until it is true; False if it never was within *timeout*."""
+def wait_until(predicate, timeout=10.0, interval=0.05, message=None):
+    """Poll *predicate* until it is true; False if it never was within *timeout*.
+
+    With *message*, a timeout raises ``AssertionError(message)`` instead of returning False.
+    """
     deadline = time.monotonic() + timeout
     while True:
         if predicate():
             return True
         if time.monotonic() >= deadline:
+            if message is not None:
+                raise AssertionError(message)
             return False
         time.sleep(interval)
+
+
+def free_port(host="127.0.0.1"):
+    """A TCP port at *host* that nothing listens on right now: connecting to it is refused at
+    once (a broker that is down), and a server of the test's own can bind it."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def environment(**extra):
+    """The environment for an rbit subprocess: this one's, with the repository and ``tests/``
+    on PYTHONPATH (so that runners defined in the tests import), then *extra*."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **extra}
+
+
+def alive(pid):
+    """True while process *pid* exists and is not a zombie (nothing here may reap orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def cmdline(pid):
+    """The command line of process *pid*, its arguments joined by spaces; "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def write_config(path, *, name, vhost, runners, rbit=None, pybit=None, amqp=None, extra=""):
@@ -41,6 +80,18 @@ def write_config(path, *, name, vhost, runners, rbit=None, pybit=None, amqp=None
     return path
 
 
+def offline_config(path, runners, *, name="offline", rbit=None, amqp=None, pybit=None, mode=0o600, extra=""):
+    """A good configuration whose broker port nothing listens on: only what needs no broker works.
+
+    The arguments are :func:`write_config`'s; *amqp* adds to (or overrides) the closed port, and
+    the file gets *mode* (by default readable by its owner only, as a file holding a password is).
+    """
+    path = write_config(path, name=name, vhost=None, runners=runners, rbit=rbit, pybit=pybit, extra=extra,
+                        amqp={"port": str(free_port()), **(amqp or {})})
+    path.chmod(mode)
+    return path
+
+
 class WorkerProcess:
     """``python -m rbit CONFIG`` in a subprocess, its output in a file the test can read."""
 
@@ -48,7 +99,7 @@ class WorkerProcess:
         self.config_path = Path(config_path)
         self.args = args
         self.log_path = Path(log_path or self.config_path.with_suffix(".log"))
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **(env or {})}
+        self.env = environment(**(env or {}))
         self.process = None
         self._offset = 0
 

@@ -1,6 +1,7 @@
 """PyBit's own ``pybit.models`` classes, test-side, to publish requests exactly as PyBit does.
 
-The real ``pybit.models`` is never importable on a worker (contract §1), so the
+The real ``pybit.models`` is never importable on a worker (rbit reads bodies as plain JSON,
+never unpickled), so the
 tests carry copies of its classes, shaped like PyBit's (same constructors,
 same attribute order, same accessors) and claiming the module name
 ``pybit.models`` so that jsonpickle tags them as PyBit's controller does.

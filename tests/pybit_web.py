@@ -1,4 +1,5 @@
-"""A real HTTP server that plays PyBit's web front end in tests (contract section 1)."""
+"""A real HTTP server that plays PyBit's web front end in tests: it takes status reports and
+answers a job's history (``GET /job/ID/status``) as PyBit does."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import base64
 import json
 import re
 import threading
-import time
 from collections import namedtuple
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +16,8 @@ from urllib.parse import parse_qs
 import pytest
 
 from rbit import statuses
+
+from .harness import wait_until
 
 #: One status report as the fake received it.
 Report = namedtuple("Report", "job_id status client")
@@ -160,13 +162,7 @@ class FakePyBit:
             def predicate():
                 return any(report.job_id == job_id and report.status == status
                            for report in self.reports)
-        deadline = time.monotonic() + timeout
-        while True:
-            if predicate():
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.01)
+        return wait_until(predicate, timeout, interval=0.01)
 
     def settings(self, *, use_url: bool = True, **overrides):
         """``[pybit]`` settings pointing at this fake (rbit.config's class if it exists)."""

@@ -33,6 +33,7 @@ from urllib.parse import quote
 import pytest
 
 from .broker import Vhost
+from .harness import free_port
 
 #: Where rabbitmq-server and rabbitmqctl are looked for, first match wins. Debian's
 #: /usr/sbin ones are wrappers that switch to the rabbitmq user (who cannot read a
@@ -49,13 +50,6 @@ START_TIMEOUT = 90.0
 
 #: Seconds one rabbitmqctl call may take.
 CTL_TIMEOUT = 60.0
-
-
-def free_port(host="127.0.0.1"):
-    """A TCP port that nothing listens on right now at *host*."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def find_scripts():

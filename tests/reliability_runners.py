@@ -1,4 +1,5 @@
-"""Runners that misbehave on purpose, for the reliability tests (contract section 6).
+"""Runners that misbehave on purpose, for the reliability tests (the README's
+"What happens to a job when something fails").
 
 The worker imports this module in its job processes as
 ``python!reliability_runners:NAME`` (the tests put ``tests/`` on its

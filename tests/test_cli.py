@@ -1,4 +1,5 @@
-"""The command line (contract §2): options, exit statuses and messages.
+"""The command line: its options, exit statuses ("0 after a clean stop, 2 for a usage or
+configuration error, 1 for anything else") and messages.
 
 Checked twice where it matters: in-process with click's CliRunner on
 ``rbit.cli.main``, and as a real ``python -m rbit`` subprocess (and the ``rbit``
@@ -9,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from rbit.cli import load_config, main
 
-from .harness import ROOT, WorkerProcess, write_config
+from .harness import WorkerProcess, alive, environment, offline_config, write_config
 from .pybit_models import request_body
 
 #: The options `rbit --help` must list.
@@ -30,31 +30,16 @@ OPTIONS = ("--poll-time", "--daemon", "--pidfile", "--logfile", "--check", "--ve
 SECRET = "pw-never-shown-4711"
 
 
-def closed_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def offline_config(tmp_path, name="bob-villa", **rbit_keys):
-    """A good configuration whose broker port is closed: only what needs no broker works."""
-    return write_config(
-        tmp_path / "rbit.ini", name=name, vhost=None, rbit=rbit_keys or None,
-        amqp={"port": str(closed_port()), "password": SECRET},
-        runners={
-            "cnx_any_latex_pdf": {"runner": "python!rbitext.hello:hello", "name": "World"},
-            "cnx_any_html_pdf": {"runner": "shell!/bin/echo %PACKAGE", "timeout": "60"},
-        },
-    )
+#: The runner sections of the configurations that need no broker.
+RUNNERS = {
+    "cnx_any_latex_pdf": {"runner": "python!rbitext.hello:hello", "name": "World"},
+    "cnx_any_html_pdf": {"runner": "shell!/bin/echo %PACKAGE", "timeout": "60"},
+}
 
 
 def broken_config(tmp_path):
     """A configuration whose [rbit] polling_time is not a number."""
-    return offline_config(tmp_path, polling_time="soon")
-
-
-def environment(**extra):
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **extra}
+    return offline_config(tmp_path / "rbit.ini", RUNNERS, rbit={"polling_time": "soon"}, amqp={"password": SECRET})
 
 
 def python_m_rbit(*args, timeout=10, **env):
@@ -74,7 +59,7 @@ def invoke(*args, **env):
 
 
 def test_help_lists_the_options_and_no_password():
-    """§2, §7: `rbit --help` (CliRunner) exits 0, lists poll-time, daemon, pidfile, logfile,
+    """`rbit --help` (CliRunner) exits 0, lists poll-time, daemon, pidfile, logfile,
     check and verbose, and shows no password, not even one set in the environment."""
     result = invoke("--help", RBIT_AMQP_PASSWORD=SECRET, RBIT_PYBIT_PASSWORD=SECRET)
     assert result.exit_code == 0, result.output
@@ -86,7 +71,7 @@ def test_help_lists_the_options_and_no_password():
 
 
 def test_python_m_rbit_help_lists_the_options_and_no_password():
-    """§2: `python -m rbit --help` does the same as the rbit command."""
+    """`python -m rbit --help` does the same as the rbit command."""
     done = python_m_rbit("--help", RBIT_AMQP_PASSWORD=SECRET, RBIT_PYBIT_PASSWORD=SECRET)
     assert done.returncode == 0, done.stderr
     for option in OPTIONS:
@@ -95,7 +80,7 @@ def test_python_m_rbit_help_lists_the_options_and_no_password():
 
 
 def test_console_script_help():
-    """§2: the `rbit` console script installed beside this Python (the README's install) lists
+    """The `rbit` console script installed beside this Python (the README's install) lists
     the same options."""
     script = shutil.which("rbit", path=str(Path(sys.executable).parent))
     assert script is not None, "no rbit console script beside this Python: install rbit with pip first"
@@ -109,9 +94,9 @@ def test_console_script_help():
 
 
 def test_check_exits_0_and_lists_the_queues(tmp_path):
-    """§2: `rbit CONFIG --check` (CliRunner) exits 0 and lists each queue served with its routing
+    """`rbit CONFIG --check` (CliRunner) exits 0 and lists each queue served with its routing
     key and runner, without connecting (the broker port is closed)."""
-    path = offline_config(tmp_path)
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": SECRET})
     result = invoke(path, "--check")
     assert result.exit_code == 0, result.output
     for queue, key in (("cnx_any_latex_pdf", "cnx.any.latex.pdf"), ("cnx_any_html_pdf", "cnx.any.html.pdf")):
@@ -122,8 +107,8 @@ def test_check_exits_0_and_lists_the_queues(tmp_path):
 
 
 def test_python_m_rbit_check_exits_0_and_lists_the_queues(tmp_path):
-    """§2: `python -m rbit CONFIG --check` exits 0 at once and lists the queues."""
-    path = offline_config(tmp_path)
+    """`python -m rbit CONFIG --check` exits 0 at once and lists the queues."""
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": SECRET})
     done = python_m_rbit(path, "--check")
     assert done.returncode == 0, done.stderr
     assert "cnx_any_latex_pdf" in done.stdout and "cnx_any_html_pdf" in done.stdout
@@ -131,7 +116,7 @@ def test_python_m_rbit_check_exits_0_and_lists_the_queues(tmp_path):
 
 
 def test_check_refuses_a_bad_configuration_with_status_2(tmp_path):
-    """§2: `--check` on a bad configuration exits 2 with one line and no traceback."""
+    """`--check` on a bad configuration exits 2 with one line and no traceback."""
     path = broken_config(tmp_path)
     result = invoke(path, "--check")
     assert result.exit_code == 2
@@ -152,8 +137,8 @@ def test_check_refuses_a_bad_configuration_with_status_2(tmp_path):
     ["{config}", "--umask", "999"],
 ], ids=["no-config", "unknown-option", "poll-time-not-a-number", "poll-time-zero", "extra-argument", "bad-umask"])
 def test_usage_error_exits_2(tmp_path, args):
-    """§2: a usage error (CliRunner) exits 2 with click's usage message and no traceback."""
-    path = offline_config(tmp_path)
+    """A usage error (CliRunner) exits 2 with click's usage message and no traceback."""
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": SECRET})
     result = invoke(*[arg.format(config=path) for arg in args])
     assert result.exit_code == 2, result.output
     assert "Usage" in result.output or "Error" in result.output
@@ -161,15 +146,16 @@ def test_usage_error_exits_2(tmp_path, args):
 
 
 def test_python_m_rbit_usage_error_exits_2(tmp_path):
-    """§2: `python -m rbit CONFIG --poll-time soon` exits 2 with the usage message."""
-    done = python_m_rbit(offline_config(tmp_path), "--poll-time", "soon")
+    """`python -m rbit CONFIG --poll-time soon` exits 2 with the usage message."""
+    done = python_m_rbit(offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": SECRET}),
+                         "--poll-time", "soon")
     assert done.returncode == 2
     assert "--poll-time" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
 
 
 def test_config_error_exits_2_with_one_line(tmp_path):
-    """§2: a configuration error (CliRunner) exits 2 with one line naming file, section and key,
+    """A configuration error (CliRunner) exits 2 with one line naming file, section and key,
     and no traceback."""
     path = broken_config(tmp_path)
     result = invoke(path)
@@ -182,7 +168,7 @@ def test_config_error_exits_2_with_one_line(tmp_path):
 
 
 def test_python_m_rbit_config_error_exits_2_with_one_line(tmp_path):
-    """§2: `python -m rbit BAD.ini` exits 2 at once with one line on stderr, no traceback."""
+    """`python -m rbit BAD.ini` exits 2 at once with one line on stderr, no traceback."""
     path = broken_config(tmp_path)
     started = time.monotonic()
     done = python_m_rbit(path)
@@ -195,8 +181,8 @@ def test_python_m_rbit_config_error_exits_2_with_one_line(tmp_path):
 
 
 def test_poll_time_overrides_the_configuration(tmp_path):
-    """§2: --poll-time overrides [rbit] polling_time; without it the file's value holds."""
-    path = offline_config(tmp_path, polling_time="42")
+    """--poll-time overrides [rbit] polling_time; without it the file's value holds."""
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, rbit={"polling_time": "42"}, amqp={"password": SECRET})
     assert load_config(str(path)).worker.polling_time == 42
     assert load_config(str(path), 0.5).worker.polling_time == 0.5
 
@@ -212,7 +198,7 @@ def worker_config(tmp_path, vhost, unique, name=None):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_clean_stop_exits_0(tmp_path, vhost, unique, signum):
-    """§2: `python -m rbit CONFIG` runs in the foreground until SIGTERM or Ctrl+C (SIGINT),
+    """`python -m rbit CONFIG` runs in the foreground until SIGTERM or Ctrl+C (SIGINT),
     then stops cleanly with exit status 0 and no traceback."""
     worker = WorkerProcess(worker_config(tmp_path, vhost, unique))
     try:
@@ -228,7 +214,7 @@ def test_clean_stop_exits_0(tmp_path, vhost, unique, signum):
 
 
 def test_other_failure_exits_1(tmp_path, vhost, unique):
-    """§2: a failure that is not a usage or configuration error exits 1 with a message: here a
+    """A failure that is not a usage or configuration error exits 1 with a message: here a
     second worker with the same name on the same broker."""
     first = WorkerProcess(worker_config(tmp_path, vhost, unique, name=f"w{unique}"))
     second = WorkerProcess(worker_config(tmp_path / "second", vhost, unique, name=f"w{unique}"),
@@ -246,7 +232,7 @@ def test_other_failure_exits_1(tmp_path, vhost, unique):
 
 
 def test_logfile_option(tmp_path, vhost, unique):
-    """§2: --logfile sends the log to that file instead of standard error."""
+    """--logfile sends the log to that file instead of standard error."""
     log_file = tmp_path / "worker.log"
     worker = WorkerProcess(worker_config(tmp_path, vhost, unique), "--logfile", str(log_file),
                            log_path=tmp_path / "stderr.log")
@@ -265,7 +251,7 @@ def test_logfile_option(tmp_path, vhost, unique):
 
 
 def test_verbose_and_quiet_options(tmp_path, vhost, unique):
-    """§2: -v logs debugging detail; -q logs warnings and errors only."""
+    """-v logs debugging detail; -q logs warnings and errors only."""
     path = worker_config(tmp_path, vhost, unique)
     for flag, log_name in (("-v", "verbose.log"), ("-q", "quiet.log")):
         worker = WorkerProcess(path, flag, log_path=tmp_path / log_name)
@@ -286,7 +272,7 @@ def test_verbose_and_quiet_options(tmp_path, vhost, unique):
 
 
 def test_daemon_with_pidfile(tmp_path, vhost, unique):
-    """§2: --daemon detaches (the command returns 0 at once), the pid file names the running
+    """--daemon detaches (the command returns 0 at once), the pid file names the running
     daemon, which serves until SIGTERM and then removes its pid file."""
     path = worker_config(tmp_path, vhost, unique)
     pidfile = tmp_path / "rbit.pid"
@@ -303,27 +289,18 @@ def test_daemon_with_pidfile(tmp_path, vhost, unique):
         os.kill(pid, 0)
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
-        while pidfile.exists() or _alive(pid):
+        while pidfile.exists() or alive(pid):
             assert time.monotonic() < deadline, "the daemon did not stop"
             time.sleep(0.05)
         pid = None
     finally:
-        if pid is not None and _alive(pid):
+        if pid is not None and alive(pid):
             os.kill(pid, signal.SIGKILL)
     assert "stopped" in log_file.read_text()
 
 
-def _alive(pid):
-    """True while *pid* runs (a zombie that nobody reaped yet counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_sigterm_lets_the_running_job_finish_then_exits_0(tmp_path, vhost, unique):
-    """§2, §6: SIGTERM during a job: the worker takes no new job, lets the running one end (Done,
+    """SIGTERM during a job: the worker takes no new job, lets the running one end (Done,
     its message acknowledged), then exits 0; the job published after the signal stays queued."""
     queue, key = f"t{unique}_any_a_pdf", f"t{unique}.any.a.pdf"
     release = tmp_path / "release"

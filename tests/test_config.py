@@ -1,4 +1,5 @@
-"""The ini configuration (contract §3, §7): what it sets, and how each mistake is refused.
+"""The ini configuration (the README's "Configuration reference"): what it sets, and how each
+mistake is refused ("Configuration errors").
 
 A mistake is refused before any connection with exit status 2 and one line naming
 the file, the section and the key; the error cases run the real ``python -m rbit``
@@ -6,8 +7,6 @@ against a closed port, so a worker that tried to connect first would not answer
 at once.
 """
 
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,9 @@ import pytest
 from rbit import config as config_module
 from rbit.errors import ConfigError
 
-from .harness import ROOT, WorkerProcess, write_config
+from .harness import WorkerProcess, environment, free_port, write_config
 
 QUEUE = "cnx_any_latex_pdf"
-
-
-def closed_port():
-    """A local TCP port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ini(sections):
@@ -50,7 +42,7 @@ def base_sections(port=5672):
 
 def run_rbit(path, *args, env=None, timeout=10):
     """``python -m rbit PATH ARGS``; returns (exit status, stdout, stderr, seconds taken)."""
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **(env or {})}
+    environ = environment(**(env or {}))
     started = time.monotonic()
     try:
         done = subprocess.run([sys.executable, "-m", "rbit", str(path), *args], capture_output=True,
@@ -159,11 +151,11 @@ def check_one_line(output, path, section, key, words):
 
 @pytest.mark.parametrize("spoil, section, key, words", [m[1:] for m in MISTAKES], ids=[m[0] for m in MISTAKES])
 def test_mistake_is_refused_in_one_line_before_connecting(tmp_path, spoil, section, key, words):
-    """§2, §3, §7: each configuration mistake ends `python -m rbit CONFIG` at once, before any
+    """Each configuration mistake ends `python -m rbit CONFIG` at once, before any
     connection (the broker port is closed), with exit status 2 and one line naming the file,
     the section and the key, and no traceback."""
     path = tmp_path / "rbit.ini"
-    path.write_text(ini(spoil(base_sections(port=closed_port()))))
+    path.write_text(ini(spoil(base_sections(port=free_port()))))
     code, out, err, took = run_rbit(path)
     assert code == 2, (out, err)
     check_one_line(out + err, path, section, key, words)
@@ -173,7 +165,7 @@ def test_mistake_is_refused_in_one_line_before_connecting(tmp_path, spoil, secti
 
 @pytest.mark.parametrize("spoil, section, key, words", [m[1:] for m in MISTAKES], ids=[m[0] for m in MISTAKES])
 def test_mistake_raises_config_error_naming_section_and_key(tmp_path, spoil, section, key, words):
-    """§3: rbit.config.load raises ConfigError whose section and key point at the mistake."""
+    """rbit.config.load raises ConfigError whose section and key point at the mistake."""
     path = tmp_path / "rbit.ini"
     path.write_text(ini(spoil(base_sections())))
     with pytest.raises(ConfigError) as caught:
@@ -208,10 +200,10 @@ LOGGING_MISTAKES = {
 
 @pytest.mark.parametrize("logging_part", list(LOGGING_MISTAKES.values()), ids=list(LOGGING_MISTAKES))
 def test_logging_mistake_is_refused_in_one_line_before_connecting(tmp_path, logging_part):
-    """§2, §3, §7: a mistake in the logging sections is a configuration mistake too: exit
+    """A mistake in the logging sections is a configuration mistake too: exit
     status 2 at once, one line naming the file and a section, no traceback."""
     path = tmp_path / "rbit.ini"
-    path.write_text(ini({**base_sections(port=closed_port()), **logging_part}))
+    path.write_text(ini({**base_sections(port=free_port()), **logging_part}))
     code, out, err, took = run_rbit(path)
     assert "Traceback" not in out + err
     assert code == 2, (out, err)
@@ -222,10 +214,10 @@ def test_logging_mistake_is_refused_in_one_line_before_connecting(tmp_path, logg
 
 
 def test_check_refuses_a_logging_mistake(tmp_path):
-    """§2, §3: `rbit CONFIG --check` refuses a configuration that `rbit CONFIG` would refuse:
+    """`rbit CONFIG --check` refuses a configuration that `rbit CONFIG` would refuse:
     here, logging sections naming a handler class that does not exist."""
     path = tmp_path / "rbit.ini"
-    path.write_text(ini({**base_sections(port=closed_port()), **LOGGING_MISTAKES["unknown-handler-class"]}))
+    path.write_text(ini({**base_sections(port=free_port()), **LOGGING_MISTAKES["unknown-handler-class"]}))
     code, out, err, _ = run_rbit(path)
     assert code == 2, (out, err)
     code, out, err, _ = run_rbit(path, "--check")
@@ -234,7 +226,7 @@ def test_check_refuses_a_logging_mistake(tmp_path):
 
 
 def test_missing_file_is_refused_in_one_line(tmp_path):
-    """§2, §3: a configuration file that does not exist: exit 2, one line naming it."""
+    """A configuration file that does not exist: exit 2, one line naming it."""
     path = tmp_path / "nowhere.ini"
     code, out, err, took = run_rbit(path)
     assert code == 2
@@ -243,7 +235,7 @@ def test_missing_file_is_refused_in_one_line(tmp_path):
 
 
 def test_file_that_is_not_ini_is_refused_in_one_line(tmp_path):
-    """§2, §3: a file that is not ini at all: exit 2, one line naming it, no traceback."""
+    """A file that is not ini at all: exit 2, one line naming it, no traceback."""
     path = tmp_path / "rbit.ini"
     path.write_text("name = bob-villa\nthis is not an ini file\n")
     code, out, err, took = run_rbit(path)
@@ -253,7 +245,7 @@ def test_file_that_is_not_ini_is_refused_in_one_line(tmp_path):
 
 
 def test_binary_file_is_refused_in_one_line(tmp_path):
-    """§2, §3: a file that is not even text: exit 2, one line naming it, no traceback."""
+    """A file that is not even text: exit 2, one line naming it, no traceback."""
     path = tmp_path / "rbit.ini"
     path.write_bytes(b"\xff\xfe\x00[rbit]\x00\x80")
     code, out, err, took = run_rbit(path)
@@ -263,8 +255,8 @@ def test_binary_file_is_refused_in_one_line(tmp_path):
 
 
 def test_error_line_never_shows_a_password(tmp_path):
-    """§7: a mistake in [amqp] is reported without the password written beside it."""
-    sections = base_sections(port=closed_port())
+    """A mistake in [amqp] is reported without the password written beside it."""
+    sections = base_sections(port=free_port())
     sections["amqp"].update(password="hunter2-very-secret", heartbeat="often")
     path = tmp_path / "rbit.ini"
     path.write_text(ini(sections))
@@ -284,7 +276,7 @@ def load(tmp_path, sections, environ=None):
 
 
 def test_required_sections_only_and_pybit_optional(tmp_path):
-    """§3: [rbit] and [amqp] (with a runner section) are enough; without [pybit] there is no
+    """[rbit] and [amqp] (with a runner section) are enough; without [pybit] there is no
     PyBit to report to, and the documented defaults apply."""
     sections = base_sections()
     sections["rbit"] = {"name": "bob-villa"}
@@ -300,7 +292,7 @@ def test_required_sections_only_and_pybit_optional(tmp_path):
 
 
 def test_every_runner_section_serves_its_queue_with_pybits_routing_key(tmp_path):
-    """§1, §3: every [runner:QUEUE] makes the worker serve QUEUE, bound with the key
+    """Every [runner:QUEUE] makes the worker serve QUEUE, bound with the key
     DIST.ARCH.SUITE.FORMAT; [rbit]'s declared capabilities name the key of a queue whose
     parts contain underscores; routing_key can be given."""
     sections = base_sections()
@@ -320,7 +312,7 @@ def test_every_runner_section_serves_its_queue_with_pybits_routing_key(tmp_path)
 
 
 def test_other_runner_keys_reach_the_runner_as_settings(tmp_path):
-    """§3, §4: every key of a runner section but rbit's own (runner, timeout, routing_key) is
+    """Every key of a runner section but rbit's own (runner, timeout, routing_key) is
     handed to the runner as its settings."""
     sections = base_sections()
     sections[f"runner:{QUEUE}"].update(timeout="3600", colour="blue", **{"out-dir": "/srv/out"})
@@ -332,7 +324,7 @@ def test_other_runner_keys_reach_the_runner_as_settings(tmp_path):
 
 
 def test_no_percent_interpolation(tmp_path):
-    """§3: the file is read without % interpolation: a runner line with %ID and %% and a setting
+    """The file is read without % interpolation: a runner line with %ID and %% and a setting
     with %(foo)s survive as written."""
     sections = base_sections()
     sections[f"runner:{QUEUE}"] = {
@@ -346,7 +338,7 @@ def test_no_percent_interpolation(tmp_path):
 
 
 def test_passwords_from_the_environment(tmp_path, monkeypatch):
-    """§3: RBIT_AMQP_PASSWORD and RBIT_PYBIT_PASSWORD give the passwords, over the file's."""
+    """RBIT_AMQP_PASSWORD and RBIT_PYBIT_PASSWORD give the passwords, over the file's."""
     sections = base_sections()
     sections["pybit"] = {"url": "http://pybit.example:8080", "user": "admin", "password": "in-file"}
     path = tmp_path / "rbit.ini"
@@ -361,7 +353,7 @@ def test_passwords_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_passwords_from_password_files(tmp_path):
-    """§3: password_file names a file holding the password (its trailing newline dropped)."""
+    """password_file names a file holding the password (its trailing newline dropped)."""
     (tmp_path / "amqp.secret").write_text("amqp-from-file\n")
     (tmp_path / "pybit.secret").write_text("pybit-from-file\n")
     sections = base_sections()
@@ -389,8 +381,8 @@ def test_pybit_password_from_the_environment_needs_a_url(tmp_path, monkeypatch):
 
 
 def test_unreadable_password_file_names_section_and_key(tmp_path):
-    """§3: a password_file that cannot be read is a configuration error naming the key."""
-    sections = base_sections(port=closed_port())
+    """A password_file that cannot be read is a configuration error naming the key."""
+    sections = base_sections(port=free_port())
     sections["amqp"] = {"port": sections["amqp"]["port"], "password_file": str(tmp_path / "missing.secret")}
     path = tmp_path / "rbit.ini"
     path.write_text(ini(sections))
@@ -401,7 +393,7 @@ def test_unreadable_password_file_names_section_and_key(tmp_path):
 
 
 def test_password_from_environment_reaches_the_broker(tmp_path, vhost, unique):
-    """§3: with a wrong password in the file, RBIT_AMQP_PASSWORD lets the worker connect."""
+    """With a wrong password in the file, RBIT_AMQP_PASSWORD lets the worker connect."""
     path = write_config(tmp_path / "rbit.ini", name=f"w{unique}", vhost=vhost,
                         runners={f"t{unique}_any_a_pdf": {"runner": "python!rbitext.hello:hello"}},
                         amqp={"password": "wrong-password"})
@@ -411,7 +403,7 @@ def test_password_from_environment_reaches_the_broker(tmp_path, vhost, unique):
 
 
 def test_logging_sections_configure_logging(tmp_path, vhost, unique):
-    """§3: the logging.config.fileConfig sections, when present, configure the worker's logging
+    """The logging.config.fileConfig sections, when present, configure the worker's logging
     (here: a file handler with a format of its own)."""
     log_file = tmp_path / "custom.log"
     extra = "\n".join([

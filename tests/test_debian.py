@@ -1,4 +1,4 @@
-"""The Debian runner ``rbitext.debian:build`` (issue 6): fetch, check, build, upload, clean.
+"""The Debian runner ``rbitext.debian:build``: fetch, check, build, upload, clean.
 
 The unit tests call the runner in this process; the worker tests run the whole
 ``python -m rbit`` on the real broker, building a real (tiny) package with
@@ -18,10 +18,10 @@ from rbit.pybit import encode, make_request
 from rbitext import debian
 
 from .debian_fixtures import MISSING_PACKAGE, PACKAGE, fake_dput, make_repo, require_tools
-from .harness import WorkerProcess, write_config
+from .harness import WorkerProcess, offline_config, write_config
 from .pybit_models import request_body
 from .test_config import check_one_line
-from .test_tools import closed_port, rbit
+from .test_tools import rbit
 
 #: Seconds a worker test waits for a job's final status (a build takes a few seconds).
 JOB_TIMEOUT = 90
@@ -95,10 +95,9 @@ def test_bad_setting_is_refused_by_its_check_naming_the_key(settings, key, words
 
 def offline_deb_config(tmp_path, **settings):
     """A configuration serving one deb queue with the Debian runner; its broker port is closed."""
-    return write_config(tmp_path / "rbit.ini", name="deb-check", vhost=None,
-                        amqp={"port": str(closed_port())},
-                        runners={"Debian_amd64_unstable_deb": {
-                            "runner": RUNNER, "build-root": str(tmp_path / "root"), **settings}})
+    return offline_config(tmp_path / "rbit.ini", name="deb-check",
+                          runners={"Debian_amd64_unstable_deb": {
+                              "runner": RUNNER, "build-root": str(tmp_path / "root"), **settings}})
 
 
 @pytest.mark.parametrize("command", [["{config}"], ["{config}", "--check"], ["try", "{config}"]],

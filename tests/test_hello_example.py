@@ -1,4 +1,4 @@
-"""The README's hello example: rbit.ini.example, as shipped, runs a request to Done (§2, §3, §4).
+"""The README's hello example ("Quick start"): rbit.ini.example, as shipped, runs a request to Done.
 
 The test copies the example and rewrites only what must differ on the test
 broker: the virtual host, the broker's address, and the names (worker, rejected
@@ -43,7 +43,7 @@ def example_copy(tmp_path, vhost, unique):
 
 
 def test_hello_example_runs_a_request_to_done(tmp_path, vhost, unique):
-    """§3, §4: the shipped example, pointed at the test broker, serves its queue with
+    """The shipped example, pointed at the test broker, serves its queue with
     python!rbitext.hello:hello: a request published as PyBit's controller does logs
     "Hello, World!" and ends Done."""
     path, dist = example_copy(tmp_path, vhost, unique)
@@ -60,7 +60,7 @@ def test_hello_example_runs_a_request_to_done(tmp_path, vhost, unique):
 
 
 def test_readme_quick_start_with_rbit_publish(tmp_path, vhost, unique):
-    """README quick start (§2): `rbit publish CONFIG --job-id 1 --package hello --version 1.0`
+    """The README's quick start: `rbit publish CONFIG --job-id 1 --package hello --version 1.0`
     gives the running example worker a job; it logs "Hello, World! Job 1 asks for hello 1.0"
     and the job ends Done."""
     path, dist = example_copy(tmp_path, vhost, unique)

@@ -1,5 +1,5 @@
-"""What the worker's log says (issue 5.6): a line at each job's start and end, each status
-report with -v, and silence from an idle worker."""
+"""What the worker's log says (the README's "Looking at the worker"): a line at each job's start
+and end, each status report with -v, and silence from an idle worker."""
 
 import re
 import time
@@ -12,7 +12,7 @@ LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ", re.MULTILIN
 
 
 def test_one_line_at_start_and_end_with_id_package_queue_status_and_duration(tmp_path, vhost, unique, pybit_web):
-    """Issue 5.6: the job's start line names job id, package and queue; its end line also the
+    """The job's start line names job id, package and queue; its end line also the
     final status and the duration; with -v each status delivered to PyBit is logged too."""
     path, _ = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web))
     queue, key = queue_for(unique)
@@ -28,7 +28,7 @@ def test_one_line_at_start_and_end_with_id_package_queue_status_and_duration(tmp
 
 
 def test_idle_worker_logs_nothing_above_debug(tmp_path, vhost, unique):
-    """Issue 5.6: once it serves its queues, an idle worker writes nothing at INFO or above,
+    """Once it serves its queues, an idle worker writes nothing at INFO or above,
     even with a short poll time that makes it wake often."""
     path, _ = make_config(tmp_path, vhost, unique, rbit_keys={"polling_time": "0.2"})
     with WorkerProcess(path) as worker:

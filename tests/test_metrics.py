@@ -1,4 +1,5 @@
-"""``/healthz`` and ``/metrics``: what a monitoring system sees of a worker (issue 5.4).
+"""``/healthz`` and ``/metrics``: what a monitoring system sees of a worker (the README's
+"Looking at the worker").
 
 With ``[rbit] http = HOST:PORT`` the worker serves ``/healthz`` (200 with a
 JSON summary while connected and serving, 503 otherwise) and ``/metrics`` in
@@ -7,7 +8,6 @@ broker; the unit tests need no broker.
 """
 
 import json
-import socket
 import urllib.error
 import urllib.request
 
@@ -19,14 +19,8 @@ from rbit.broker import Broker
 from rbit.worker import Worker
 
 from .broker import rabbitmqctl
-from .harness import WorkerProcess, wait_until, write_config
+from .harness import WorkerProcess, free_port, wait_until, write_config
 from .test_tools import request_body
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http_get(url):
@@ -61,11 +55,11 @@ def families(text):
     return {family.name: family.type for family in text_string_to_metric_families(text)}
 
 
-# -- A real worker (issue 5.4) ------------------------------------------------------------------
+# -- A real worker ------------------------------------------------------------------------------
 
 
 def test_healthz_and_metrics_of_a_serving_worker(tmp_path, vhost, unique, pybit_web):
-    """Issue 5.4: while serving, ``/healthz`` is 200 ``{"healthy": true, "broker": "connected",
+    """While serving, ``/healthz`` is 200 ``{"healthy": true, "broker": "connected",
     "queues": [...]}``; after a Done job, a Failed job and a bad body, ``/metrics`` counts
     ``rbit_jobs_total{queue,status}``, the duration histogram, ``rbit_rejected_messages_total``,
     and has ``rbit_status_backlog`` and ``rbit_reconnects_total``; other paths are 404."""
@@ -138,7 +132,7 @@ def test_healthz_and_metrics_of_a_serving_worker(tmp_path, vhost, unique, pybit_
 
 
 def test_metrics_count_without_a_broker():
-    """Issue 5.4: ``Metrics`` counts in a registry of its own; two instances never clash."""
+    """``Metrics`` counts in a registry of its own; two instances never clash."""
     first, second = Metrics(), Metrics()
     first.job_ended("q1", "Done", 2.5)
     first.job_ended("q1", "Done", 400)
@@ -162,7 +156,7 @@ def test_metrics_count_without_a_broker():
 
 
 def test_health_server_answers_503_when_unhealthy():
-    """Issue 5.4: ``/healthz`` is 503 (with the JSON summary) when the worker is not serving."""
+    """``/healthz`` is 503 (with the JSON summary) when the worker is not serving."""
     state = {"healthy": False, "broker": "disconnected", "queues": ["a_b_c_d"]}
     server = HealthServer(("127.0.0.1", 0), Metrics(), lambda: state)
     server.start()
@@ -181,7 +175,7 @@ def test_health_server_answers_503_when_unhealthy():
 
 
 def test_worker_health_before_connecting_is_unhealthy(tmp_path):
-    """Issue 5.4 / style §6: a Worker built without a broker reports itself not healthy, disconnected."""
+    """A Worker built without a broker reports itself not healthy, disconnected."""
     config_path = write_config(tmp_path / "rbit.ini", name="health-unit", vhost=None,
                                rbit={"http": "127.0.0.1:0"},
                                runners={"a_any_latex_pdf": {"runner": "python!rbitext.hello:hello"}})
@@ -198,7 +192,7 @@ def test_worker_health_before_connecting_is_unhealthy(tmp_path):
 
 
 def test_healthz_is_503_while_stopping(tmp_path, vhost, unique):
-    """Issue 5.4 (README: 200 "while the worker is connected and serving (503 otherwise)"): during
+    """``/healthz`` answers 200 "while the worker is connected and serving (503 otherwise)": during
     a SIGTERM's grace period the worker takes no new job, so ``/healthz`` says 503, stopping;
     ``rbit_jobs_running`` counts the job still running."""
     dist = f"h{unique}"

@@ -1,8 +1,10 @@
-"""Processors added by plugins through the ``rbit.processors`` entry-point group (issue 5.5).
+"""Processors added by plugins through the ``rbit.processors`` entry-point group (the README's
+"Processors from plugins").
 
-Contract §4: "Other processors can be added by plugins without changing rbit";
-contract §3: a processor other than those registered is a configuration error
-reported before any connection. ``tests/plugin/`` is a plugin as a
+A package adds a processor beside ``python`` and ``shell`` without changing
+rbit; an unknown processor, or a plugin processor that cannot be imported or is
+not a Runner, is a configuration error reported before any connection
+("Configuration errors"). ``tests/plugin/`` is a plugin as a
 distribution ships it: a module and a ``.dist-info`` folder whose
 ``entry_points.txt`` registers ``echo`` (a working Runner), ``notarunner`` (a
 class that is not a Runner) and ``broken`` (a module that does not exist).
@@ -18,24 +20,20 @@ from rbit.config import load
 from rbit.errors import ConfigError
 from rbit.runners import Runner, processors
 
-from .harness import ROOT, WorkerProcess, write_config
-from .test_tools import closed_port, rbit, request_body
+from .harness import ROOT, WorkerProcess, offline_config, write_config
+from .test_tools import rbit, request_body
 
 PLUGIN_DIR = ROOT / "tests" / "plugin"
 
 #: PYTHONPATH for rbit subprocesses: what the harness sets, plus the plugin folder.
 PLUGIN_PATH = os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(PLUGIN_DIR)])
 
-
-def offline_config(tmp_path, runner, **settings):
-    """A configuration with one runner section and an [amqp] port nothing listens on."""
-    return write_config(tmp_path / "plugin.ini", name="plugin-offline", vhost=None,
-                        amqp={"port": str(closed_port())},
-                        runners={"p_any_latex_pdf": {"runner": runner, **settings}})
+#: The queue of the configurations that need no broker.
+QUEUE = "p_any_latex_pdf"
 
 
 def test_echo_plugin_runs_a_job_through_the_worker(tmp_path, vhost, unique, pybit_web):
-    """Issue 5.5 / contract §4-5: an ``echo!`` job from the broker runs in a real worker that
+    """An ``echo!`` job from the broker runs in a real worker that
     found the processor by its entry point only; the job ends Done and the file is written."""
     dist = f"e{unique}"
     queue, key = f"{dist}_any_latex_pdf", f"{dist}.any.latex.pdf"
@@ -55,7 +53,7 @@ def test_echo_plugin_runs_a_job_through_the_worker(tmp_path, vhost, unique, pybi
 
 
 def test_processors_lists_the_plugin_when_it_is_on_the_path(monkeypatch, tmp_path):
-    """Issue 5.5 / style §5: ``processors()`` finds ``echo`` through the entry-point group once the
+    """``processors()`` finds ``echo`` through the entry-point group once the
     plugin's folder is on ``sys.path`` (and not before); the config builds an EchoRunner."""
     assert "echo" not in processors(), "the test plugin must not be installed for real"
     monkeypatch.syspath_prepend(str(PLUGIN_DIR))
@@ -67,16 +65,17 @@ def test_processors_lists_the_plugin_when_it_is_on_the_path(monkeypatch, tmp_pat
     runner = runners.load("echo!some text", {"output": str(tmp_path / "out")})
     assert isinstance(runner, cls) and runner.spec == "some text"
 
-    config = load(offline_config(tmp_path, "echo!configured", output=str(tmp_path / "out")))
+    config = load(offline_config(tmp_path / "plugin.ini",
+                                 {QUEUE: {"runner": "echo!configured", "output": str(tmp_path / "out")}}))
     assert type(config.runners[0].runner).__name__ == "EchoRunner"
     assert config.runners[0].settings == {"output": str(tmp_path / "out")}
 
 
 def test_plugin_runner_checks_its_settings_at_config_time(monkeypatch, tmp_path):
-    """Issue 5.5 / contract §3: a plugin's own ConfigError (no ``output``) names section and key."""
+    """A plugin's own ConfigError (no ``output``) names section and key."""
     monkeypatch.syspath_prepend(str(PLUGIN_DIR))
     with pytest.raises(ConfigError) as caught:
-        load(offline_config(tmp_path, "echo!no output given"))
+        load(offline_config(tmp_path / "plugin.ini", {QUEUE: {"runner": "echo!no output given"}}))
     assert caught.value.section == "runner:p_any_latex_pdf" and caught.value.key == "runner"
     assert "output" in str(caught.value)
 
@@ -87,10 +86,10 @@ def test_plugin_runner_checks_its_settings_at_config_time(monkeypatch, tmp_path)
     ("pythn!rbitext.hello:hello", "did you mean 'python'?"),
 ])
 def test_unknown_processor_is_a_config_error_with_a_hint(tmp_path, line, expected):
-    """Issue 5.5 / contract §2-3: an unknown processor stops ``rbit CONFIG`` before connecting,
+    """An unknown processor stops ``rbit CONFIG`` before connecting,
     exit 2, one message naming file, section and key with "did you mean"; no traceback."""
     output = tmp_path / "out"
-    config = offline_config(tmp_path, line, output=str(output))
+    config = offline_config(tmp_path / "plugin.ini", {QUEUE: {"runner": line, "output": str(output)}})
     result = rbit(config, env={"PYTHONPATH": PLUGIN_PATH}, timeout=30)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert expected in result.stderr
@@ -105,9 +104,9 @@ def test_unknown_processor_is_a_config_error_with_a_hint(tmp_path, line, expecte
     ("broken!x", "cannot be loaded"),
 ])
 def test_a_bad_plugin_is_refused_at_config_time(tmp_path, line, expected):
-    """Issue 5.5 / contract §3: a registered processor that is not a Runner subclass, or whose
+    """A registered processor that is not a Runner subclass, or whose
     module cannot be imported, is refused when the configuration is read: exit 2, no traceback."""
-    config = offline_config(tmp_path, line)
+    config = offline_config(tmp_path / "plugin.ini", {QUEUE: {"runner": line}})
     for args in ((config,), ("run", "--check", config)):
         result = rbit(*args, env={"PYTHONPATH": PLUGIN_PATH}, timeout=30)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
@@ -117,9 +116,9 @@ def test_a_bad_plugin_is_refused_at_config_time(tmp_path, line, expected):
 
 
 def test_not_a_runner_is_refused_by_load(monkeypatch, tmp_path):
-    """Issue 5.5 / contract §3: ``rbit.config.load`` raises ConfigError for a non-Runner plugin class."""
+    """``rbit.config.load`` raises ConfigError for a non-Runner plugin class."""
     monkeypatch.syspath_prepend(str(PLUGIN_DIR))
     with pytest.raises(ConfigError) as caught:
-        load(offline_config(tmp_path, "notarunner!x"))
+        load(offline_config(tmp_path / "plugin.ini", {QUEUE: {"runner": "notarunner!x"}}))
     assert caught.value.section == "runner:p_any_latex_pdf"
     assert "not a rbit.runners.Runner subclass" in caught.value.reason

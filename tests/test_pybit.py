@@ -1,4 +1,4 @@
-"""rbit.pybit: PyBit's wire format, read safely (contract §1 and §7) and written as PyBit does."""
+"""rbit.pybit: PyBit's wire format, read safely ("Code in messages") and written as PyBit does."""
 
 import copy
 import json
@@ -123,7 +123,7 @@ def no_calls(monkeypatch, tmp_path):
 @pytest.mark.parametrize("stamped", [False, True])
 @pytest.mark.parametrize("as_text", [False, True])
 def test_reads_what_pybit_controller_writes(build_env, stamped, as_text):
-    """§1: a BuildRequest jsonpickled by PyBit decodes with every accessor as PyBit's own gives."""
+    """A BuildRequest jsonpickled by PyBit decodes with every accessor as PyBit's own gives."""
     original = pybit_request(build_env=build_env, buildclient=BuildD(3, "bob-villa"))
     if stamped:
         original.stamp_request()
@@ -140,7 +140,7 @@ def test_reads_what_pybit_controller_writes(build_env, stamped, as_text):
 
 
 def test_reads_pybit_request_with_default_make_refs():
-    """§1: PyBit encodes with jsonpickle's defaults; a request with no shared objects has no py/id."""
+    """PyBit encodes with jsonpickle's defaults; a request with no shared objects has no py/id."""
     text = pickled(pybit_request())
     assert "py/id" not in text
     assert pybit.decode_build_request(text).get_package() == "hello"
@@ -173,14 +173,14 @@ def test_buildclient_is_read_as_strictly_as_every_other_class():
 
 
 def test_decode_tells_the_two_requests_apart():
-    """§1: decode() returns whichever of BuildRequest and CancelRequest the body holds."""
+    """decode() returns whichever of BuildRequest and CancelRequest the body holds."""
     assert isinstance(pybit.decode(controller_body(pybit_request())), pybit.BuildRequest)
     cancel = controller_body(CancelRequest(pybit_job(), "h:1"))
     assert isinstance(pybit.decode(cancel), pybit.CancelRequest)
 
 
 def test_build_request_is_not_a_cancel_request():
-    """§7: each reader accepts only its own kind of request, and says what it got."""
+    """Each reader accepts only its own kind of request, and says what it got."""
     build = controller_body(pybit_request())
     cancel = controller_body(CancelRequest(pybit_job(), "h:1"))
     assert rejected(cancel) == "expected a BuildRequest, got CancelRequest"
@@ -188,27 +188,27 @@ def test_build_request_is_not_a_cancel_request():
 
 
 def test_other_pybit_class_at_top_is_not_a_request():
-    """§7: a known PyBit object that is not a request (a Job) is rejected."""
+    """A known PyBit object that is not a request (a Job) is rejected."""
     reason = rejected(controller_body(pybit_job()), pybit.decode)
     assert reason == "expected a BuildRequest or CancelRequest, got Job"
 
 
 def test_vcs_id_may_be_an_integer():
-    """§1: a Subversion revision may come as an integer; it is kept as a string."""
+    """A Subversion revision may come as an integer; it is kept as a string."""
     request = pybit.decode_build_request(controller_body(pybit_request(vcs_id=1234)))
     assert request.transport.vcs_id == "1234"
     assert pybit.decode_build_request(controller_body(pybit_request(vcs_id=None))).transport.vcs_id is None
 
 
 def test_older_pybit_without_build_env():
-    """§1: a PackageInstance without build_env (older PyBit) reads as having none."""
+    """A PackageInstance without build_env (older PyBit) reads as having none."""
     data = request_data()
     del data["job"]["packageinstance"]["build_env"]
     assert pybit.decode_build_request(body(data)).get_buildenv() is None
 
 
 def test_unknown_plain_fields_are_ignored():
-    """§1: attributes PyBit may add (``commands``, anything new) are ignored, not refused."""
+    """Attributes PyBit may add (``commands``, anything new) are ignored, not refused."""
     data = request_data()
     data["commands"] = "fakeroot debian/rules binary"
     data["job"]["priority"] = [1, {"deep": None}]
@@ -219,7 +219,7 @@ def test_unknown_plain_fields_are_ignored():
 
 
 def test_timestamp_number_or_null():
-    """§1: the timestamp is an int, a float or null."""
+    """The timestamp is an int, a float or null."""
     for stamp in (1700000000, 1700000000.5, None):
         data = request_data()
         data["timestamp"] = stamp
@@ -240,7 +240,7 @@ def sample():
 
 
 def test_accessors_of_a_made_request():
-    """§1: rbit's BuildRequest has PyBit's accessors."""
+    """rbit's BuildRequest has PyBit's accessors."""
     request = sample()
     assert [getattr(request, accessor)() for accessor in ACCESSORS] == [
         42, "hello", "1.0-1", "any", "cnx", "latex", "pdf", "squeeze", None,
@@ -249,7 +249,7 @@ def test_accessors_of_a_made_request():
 
 
 def test_stamp_request(monkeypatch):
-    """§1: stamp_request() sets the timestamp to the current time in whole seconds."""
+    """stamp_request() sets the timestamp to the current time in whole seconds."""
     monkeypatch.setattr(time, "time", lambda: 1700000000.75)
     request = sample()
     request.stamp_request()
@@ -257,7 +257,7 @@ def test_stamp_request(monkeypatch):
 
 
 def test_fields_for_the_shell_runner():
-    """§4: fields() gives every placeholder's value as a string, "" for none."""
+    """fields() gives every placeholder's value as a string, "" for none."""
     assert sample().fields() == {
         "ID": "42", "PACKAGE": "hello", "VERSION": "1.0-1", "DIST": "cnx", "ARCH": "any",
         "SUITE": "latex", "FORMAT": "pdf", "BUILDENV": "squeeze", "METHOD": "git",
@@ -269,7 +269,7 @@ def test_fields_for_the_shell_runner():
 
 
 def test_requests_pickle_compare_and_repr():
-    """§4: the decoded request goes to the job's process: it pickles, compares and shows itself."""
+    """The decoded request goes to the job's process: it pickles, compares and shows itself."""
     request = sample()
     assert pickle.loads(pickle.dumps(request)) == request
     other = sample()
@@ -279,7 +279,7 @@ def test_requests_pickle_compare_and_repr():
 
 
 def test_make_request_refuses_what_a_worker_would():
-    """§7: make_request() never makes a request that a worker would reject."""
+    """make_request() never makes a request that a worker would reject."""
     with pytest.raises(BadMessage, match=r"\$\.job\.id must be an integer"):
         pybit.make_request("42", "hello", "1.0", "cnx", "any", "latex", "pdf")
     with pytest.raises(BadMessage, match="NUL"):
@@ -290,9 +290,9 @@ def test_make_request_refuses_what_a_worker_would():
 
 
 def test_encode_writes_exactly_what_pybit_writes():
-    """§1: encode() gives, byte for byte, what jsonpickle gives for PyBit's own objects."""
+    """encode() gives, byte for byte, what jsonpickle gives for PyBit's own objects."""
     original = pybit_request()
-    del original.commands  # rbit's BuildRequest has the contract's fields only
+    del original.commands  # rbit's BuildRequest has only the fields rbit reads
     assert pybit.encode(sample()) == pickled(original, make_refs=False)
     cancel = CancelRequest(pybit_job(), "pybit.example:8080")
     ours = pybit.CancelRequest(sample().job, "pybit.example:8080")
@@ -300,7 +300,7 @@ def test_encode_writes_exactly_what_pybit_writes():
 
 
 def test_encode_tags_and_no_references():
-    """§1: every object is tagged pybit.models.<Class>; no py/id appears, even for shared objects."""
+    """Every object is tagged pybit.models.<Class>; no py/id appears, even for shared objects."""
     request = sample()
     request.job.packageinstance.build_env = pybit.BuildEnv(5, "squeeze")
     shared = pybit.CancelRequest(request.job, "h:1")
@@ -315,7 +315,7 @@ def test_encode_tags_and_no_references():
 
 
 def test_round_trip():
-    """§1: what rbit writes, rbit reads back equal."""
+    """What rbit writes, rbit reads back equal."""
     request = sample()
     request.stamp_request()
     assert pybit.decode_build_request(pybit.encode(request)) == request
@@ -324,7 +324,7 @@ def test_round_trip():
 
 
 def test_pybit_reads_what_rbit_writes(pybit_installed):
-    """§1: PyBit's client, unpickling rbit's request, gets its own classes with the same values."""
+    """PyBit's client, unpickling rbit's request, gets its own classes with the same values."""
     request = sample()
     request.stamp_request()
     theirs = unpickled(pybit.encode(request))
@@ -335,12 +335,12 @@ def test_pybit_reads_what_rbit_writes(pybit_installed):
     assert theirs.transport.uri == "https://git.example/hello.git"
 
 
-# -- hostile bodies (§7) ------------------------------------------------------
+# -- hostile bodies: code in messages -----------------------------------------
 
 
 @pytest.mark.parametrize("tag", FORBIDDEN_TAGS)
 def test_forbidden_tag_at_top(tag):
-    """§7: a jsonpickle tag other than py/object is rejected, naming the tag."""
+    """A jsonpickle tag other than py/object is rejected, naming the tag."""
     data = request_data()
     data[tag] = ["os.system", "true"]
     assert rejected(data) == f"forbidden jsonpickle tag {tag!r} at $"
@@ -348,7 +348,7 @@ def test_forbidden_tag_at_top(tag):
 
 @pytest.mark.parametrize("tag", FORBIDDEN_TAGS)
 def test_forbidden_tag_deep(tag):
-    """§7: a forbidden tag is found at any depth, in known and in ignored fields."""
+    """A forbidden tag is found at any depth, in known and in ignored fields."""
     data = request_data()
     data["job"]["packageinstance"]["arch"]["name"] = {tag: "os.system"}
     assert rejected(data) == f"forbidden jsonpickle tag {tag!r} at $.job.packageinstance.arch.name"
@@ -373,7 +373,7 @@ def test_reduce_payload_is_live(no_calls, tmp_path):
 
 @pytest.mark.parametrize("where", ["body", "job", "arch", "extra", "web_host"])
 def test_reduce_payload_never_runs(no_calls, where):
-    """§7: a body that would call os.system is rejected; nothing is called or imported."""
+    """A body that would call os.system is rejected; nothing is called or imported."""
     payload = json.loads(json.dumps(REDUCE).replace("SENTINEL", str(no_calls.sentinel)))
     data = request_data()
     if where == "body":
@@ -398,7 +398,7 @@ def test_reduce_payload_never_runs(no_calls, where):
     {"py/object": "pybit.models.Arch", "id": 1, "name": {"py/object": "this.X"}},
 ])
 def test_nothing_named_is_imported(no_calls, payload):
-    """§7: a class or module named in a body is never imported (``this`` stays unimported)."""
+    """A class or module named in a body is never imported (``this`` stays unimported)."""
     assert "this" not in sys.modules
     data = request_data()
     data["job"]["packageinstance"]["arch"] = payload
@@ -409,7 +409,7 @@ def test_nothing_named_is_imported(no_calls, payload):
                                   "pybit.models.Evil", "pybit.models", "pybit.models.Model",
                                   "pybit.models.BuildRequest.__init__", "Pybit.models.Job", ""])
 def test_unknown_class(name):
-    """§7: a py/object naming anything but a known pybit.models class is rejected."""
+    """A py/object naming anything but a known pybit.models class is rejected."""
     data = request_data()
     data["py/object"] = name
     assert rejected(data) == f"unknown class {name!r} at $"
@@ -420,14 +420,14 @@ def test_unknown_class(name):
 
 @pytest.mark.parametrize("value", [None, 1, ["pybit.models.Job"], {"a": 1}, True])
 def test_class_name_must_be_a_string(value):
-    """§7: a py/object that is not a string is rejected."""
+    """A py/object that is not a string is rejected."""
     data = request_data()
     data["job"]["py/object"] = value
     assert rejected(data).startswith("py/object at $.job must be a class name, not ")
 
 
 def test_known_class_in_the_wrong_place():
-    """§7: each position must hold the expected class ($.job must be a Job)."""
+    """Each position must hold the expected class ($.job must be a Job)."""
     data = request_data()
     data["job"]["py/object"] = "pybit.models.Arch"
     assert rejected(data) == "$.job must be a pybit.models.Job, not pybit.models.Arch"
@@ -475,7 +475,7 @@ def _set(data, path, value):
     ("transport", "git", "$.transport must be a pybit.models.Transport, not a string"),
 ])
 def test_wrong_types(path, value, reason):
-    """§7: a field of the wrong type is rejected, naming the field and the types."""
+    """A field of the wrong type is rejected, naming the field and the types."""
     data = request_data()
     _set(data, path, value)
     assert rejected(data) == reason
@@ -489,7 +489,7 @@ def test_wrong_types(path, value, reason):
     "job.packageinstance.arch.name", "transport.method", "transport.uri",
 ])
 def test_missing_required_field(path):
-    """§7: a missing required field is rejected, naming it and where it was expected."""
+    """A missing required field is rejected, naming it and where it was expected."""
     data = request_data()
     *parents, last = path.split(".")
     holder = data
@@ -505,7 +505,7 @@ def test_missing_required_field(path):
     "job.packageinstance.package.id", "transport.id", "transport.vcs_id",
 ])
 def test_missing_nullable_field_reads_as_none(path):
-    """§1: a field that may be null may also be missing; it reads as None."""
+    """A field that may be null may also be missing; it reads as None."""
     data = request_data()
     *parents, last = path.split(".")
     holder = data
@@ -520,7 +520,7 @@ def test_missing_nullable_field_reads_as_none(path):
 
 
 def test_strings_without_nul_and_bounded():
-    """§7: strings holding NUL, lone surrogates or more than MAX_STRING_LENGTH characters are rejected."""
+    """Strings holding NUL, lone surrogates or more than MAX_STRING_LENGTH characters are rejected."""
     data = request_data()
     data["job"]["packageinstance"]["package"]["name"] = "hello\0world"
     assert rejected(data) == "$.job.packageinstance.package.name contains a NUL character"
@@ -535,7 +535,7 @@ def test_strings_without_nul_and_bounded():
 
 
 def test_body_too_big_is_rejected_before_parsing(monkeypatch):
-    """§7: a body over MAX_BODY_BYTES is rejected without being parsed."""
+    """A body over MAX_BODY_BYTES is rejected without being parsed."""
     text = controller_body(pybit_request())
     exact = (text + " " * (pybit.MAX_BODY_BYTES - len(text))).encode()
     assert pybit.decode_build_request(exact).get_job_id() == 42
@@ -549,7 +549,7 @@ def test_body_too_big_is_rejected_before_parsing(monkeypatch):
 
 
 def test_multibyte_text_counted_in_bytes():
-    """§7: the size limit is in bytes of UTF-8, also for a body handed over as text."""
+    """The size limit is in bytes of UTF-8, also for a body handed over as text."""
     text = "é" * (pybit.MAX_BODY_BYTES // 2 + 1)
     assert rejected(text, pybit.decode) == f"body is larger than {pybit.MAX_BODY_BYTES} bytes"
 
@@ -561,13 +561,13 @@ def test_multibyte_text_counted_in_bytes():
     '{"py/object": "pybit.models.BuildRequest", "job": ' + "[" * 100_000 + "]" * 100_000 + "}",
 ])
 def test_depth_bombs(bomb):
-    """§7: deeply nested JSON is rejected cleanly (never a RecursionError)."""
+    """Deeply nested JSON is rejected cleanly (never a RecursionError)."""
     reason = rejected(bomb, pybit.decode)
     assert "nest" in reason or "not JSON" in reason
 
 
 def test_depth_limit():
-    """§7: nesting up to MAX_DEPTH levels is read; one more is rejected."""
+    """Nesting up to MAX_DEPTH levels is read; one more is rejected."""
     def nested(depth):
         """A request whose deepest list is at *depth* (the body itself is at depth 1)."""
         data = request_data()
@@ -589,7 +589,7 @@ def test_depth_limit():
     b'{"py/object": "\xc3"}',
 ])
 def test_invalid_utf8(raw):
-    """§7: a body that is not UTF-8 is rejected."""
+    """A body that is not UTF-8 is rejected."""
     assert rejected(raw, pybit.decode).startswith("body is not UTF-8: ")
 
 
@@ -598,7 +598,7 @@ def test_invalid_utf8(raw):
     controller_body(pybit_request()).encode()[:-1],
 ])
 def test_not_json(raw):
-    """§7: a body that is not JSON is rejected, with the parser's reason."""
+    """A body that is not JSON is rejected, with the parser's reason."""
     assert rejected(raw, pybit.decode).startswith("body is not JSON: ")
 
 
@@ -607,7 +607,7 @@ def test_not_json(raw):
     (b'"pybit.models.BuildRequest"', "a string"), (b"null", "null"), (b"true", "a boolean"),
 ])
 def test_json_that_is_not_an_object(raw, kind):
-    """§7: JSON other than an object is not a PyBit request."""
+    """JSON other than an object is not a PyBit request."""
     assert rejected(raw, pybit.decode) == f"body is {kind}, not a PyBit request"
 
 
@@ -617,7 +617,7 @@ def test_json_that_is_not_an_object(raw, kind):
     b'{"a": {"id": 1, "id": 2}}',
 ])
 def test_duplicate_keys(raw):
-    """§7: duplicate keys (which parsers resolve differently) are rejected."""
+    """Duplicate keys (which parsers resolve differently) are rejected."""
     assert rejected(raw, pybit.decode).startswith("duplicate key ")
     text = controller_body(pybit_request()).replace('"id": 42', '"id": 42, "id": 43')
     assert rejected(text) == "duplicate key 'id' in a JSON object"
@@ -625,13 +625,13 @@ def test_duplicate_keys(raw):
 
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity(constant):
-    """§7: NaN and Infinity are not JSON and are rejected."""
+    """NaN and Infinity are not JSON and are rejected."""
     text = controller_body(pybit_request()).replace('"timestamp": null', f'"timestamp": {constant}')
     assert rejected(text) == f"body contains {constant}, which is not JSON"
 
 
 def test_numbers_out_of_range():
-    """§7: a float that overflows, or an integer too long to convert, is rejected."""
+    """A float that overflows, or an integer too long to convert, is rejected."""
     text = controller_body(pybit_request())
     assert rejected(text.replace('"timestamp": null', '"timestamp": 1e400')) == "number out of range: '1e400'"
     huge = text.replace('"id": 42', '"id": ' + "9" * 5000)
@@ -639,7 +639,7 @@ def test_numbers_out_of_range():
 
 
 def test_reason_stays_short():
-    """§7: the reason goes in a header: text quoted from the message is shortened."""
+    """The reason goes in a header: text quoted from the message is shortened."""
     data = request_data()
     data["job"]["py/" + "x" * 100_000] = 1
     assert len(rejected(data)) < 200
@@ -649,7 +649,7 @@ def test_reason_stays_short():
 
 
 def test_decoded_request_shares_nothing_with_the_body():
-    """§4: the runner's request is built from scratch; extra fields are not carried along."""
+    """The runner's request is built from scratch; extra fields are not carried along."""
     data = request_data()
     data["job"]["packageinstance"]["arch"]["evil"] = "x"
     request = pybit.decode_build_request(body(data))

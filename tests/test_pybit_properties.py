@@ -1,4 +1,4 @@
-"""rbit.pybit under arbitrary input (contract §7): a request or BadMessage, never anything run."""
+"""rbit.pybit under arbitrary input ("Code in messages"): a request or BadMessage, never anything run."""
 
 import builtins
 import importlib
@@ -127,14 +127,14 @@ PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[Heal
 @PROPERTY
 @given(st.data())
 def test_any_json_is_a_request_or_bad_message(data):
-    """§7: any JSON value decodes to a request or raises BadMessage; nothing is called or imported."""
+    """Any JSON value decodes to a request or raises BadMessage; nothing is called or imported."""
     check(data.draw(json_values.flatmap(bodies)))
 
 
 @PROPERTY
 @given(st.data())
 def test_spoiled_request_is_a_request_or_bad_message(data):
-    """§7: a request with one part spoilt decodes (and writes back the same) or is rejected."""
+    """A request with one part spoilt decodes (and writes back the same) or is rejected."""
     result = check(data.draw(spoiled_requests().flatmap(bodies)))
     event(type(result).__name__)
     if not isinstance(result, BadMessage):
@@ -144,7 +144,7 @@ def test_spoiled_request_is_a_request_or_bad_message(data):
 @PROPERTY
 @given(st.binary(max_size=200) | st.text(max_size=200))
 def test_any_bytes_are_a_request_or_bad_message(body):
-    """§7: arbitrary bytes or text decode to a request or raise BadMessage; nothing is run."""
+    """Arbitrary bytes or text decode to a request or raise BadMessage; nothing is run."""
     check(body)
 
 

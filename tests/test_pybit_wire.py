@@ -3,7 +3,6 @@ decodes with PyBit's accessors giving the values in the file, and PyBit's real c
 routed by the worker's name, stops the running job."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from rbit import pybit, statuses
 
 from .broker import drop_vhost, make_vhost
-from .harness import WorkerProcess, wait_until, write_config
+from .harness import WorkerProcess, alive, wait_until, write_config
 from .pybit_web import FakePyBit
 from .reliability_runners import events
 
@@ -111,23 +110,9 @@ def test_real_cancel_body_stops_the_running_job(tmp_path, own_vhost):
             child_pid = int(events(record, "child")[0][4])
             own_vhost.publish_build(wire("cancel_request.json"), "build_client_rbit1")
             assert web.wait_for((job_id, statuses.CANCELLED), timeout=15), worker.log
-            assert wait_until(lambda: not _alive(job_pid) and not _alive(child_pid), 10)
+            assert wait_until(lambda: not alive(job_pid) and not alive(child_pid), 10)
             worker.wait_log(rf"job {job_id}: hello-world .* ended Cancelled")
             assert "unknown class" not in worker.log
         assert web.statuses(job_id) == ["Waiting", "Building", "Cancelled"]
     assert own_vhost.depth(queue) == 0
     assert events(record, "end") == []
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-    except PermissionError:
-        return True

@@ -1,4 +1,6 @@
-"""The reliability promises (contract §6, with §2 and §5), each against a real broker.
+"""The reliability promises, each against a real broker: "rbit never loses a job and never runs
+one twice because of the broker", and the README's "What happens to a job when something fails"
+and "Signals".
 
 Every test runs the real ``python -m rbit CONFIG`` with runners from
 tests/reliability_runners.py that crash, leak, hang or sleep on purpose, a
@@ -31,7 +33,7 @@ from rbit.queues import HEADER_RECOVERED, in_progress_name
 from rbit.jobs import KILL_GRACE
 
 from .broker import rabbitmqctl
-from .harness import ROOT, WorkerProcess, wait_until, write_config
+from .harness import ROOT, WorkerProcess, alive, cmdline, environment, wait_until, write_config
 from .pybit_models import cancel_body, request_body
 from .rabbit_node import RabbitNode
 from .reliability_runners import events
@@ -41,24 +43,6 @@ RUNNERS = "python!reliability_runners"
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def alive(pid):
-    """True while process *pid* exists and is not a zombie (nothing here may reap orphans)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            state = handle.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def rss_kb(pid):
@@ -286,10 +270,11 @@ CRASHES = {
 
 @pytest.mark.parametrize("runner", sorted(CRASHES))
 def test_crashing_runner_fails_its_job_and_the_worker_takes_the_next(rig, runner):
-    """§6 "a runner that crashes or leaks memory cannot take the worker down": a runner that
-    segfaults (SIGSEGV / ctypes NULL read), leaks memory until it runs out, or leaves through
-    os._exit: the worker lives on, reports the job Failed (Building then Failed), acks it, keeps
-    none of the leaked memory, and runs the next job to Done."""
+    """A runner that crashes, segfaults or runs out of memory cannot take the worker down: "Its
+    process ends; the job is Failed; the worker goes on." A runner that segfaults (SIGSEGV / ctypes
+    NULL read), leaks memory until it runs out, or leaves through os._exit: the worker lives on,
+    reports the job Failed (Building then Failed), acks it, keeps none of the leaked memory, and
+    runs the next job to Done."""
     crash_queue, ok_queue = rig.queue("crash"), rig.queue("ok")
     config = rig.config({crash_queue: (runner, {}), ok_queue: ("ok", {})})
     worker = rig.start(config)
@@ -316,10 +301,10 @@ def test_crashing_runner_fails_its_job_and_the_worker_takes_the_next(rig, runner
 
 @pytest.mark.parametrize("runner", ["hang", "stubborn"])
 def test_runner_past_its_timeout_is_stopped_with_its_whole_process_group(rig, runner):
-    """§3 ``timeout``, §6 "hangs past its timeout": with ``timeout = 2`` a runner that never
-    returns (``stubborn`` also ignores SIGTERM, so SIGKILL must follow) is stopped together with
-    the ``sleep 1000`` it started in its process group; the job is reported Failed, its message
-    acked, and the worker runs the next job."""
+    """The runner hangs past ``timeout``: "its whole process group is stopped; Failed". With
+    ``timeout = 2`` a runner that never returns (``stubborn`` also ignores SIGTERM, so SIGKILL
+    must follow) is stopped together with the ``sleep 1000`` it started in its process group; the
+    job is reported Failed, its message acked, and the worker runs the next job."""
     hang_queue, ok_queue = rig.queue("hang"), rig.queue("ok")
     config = rig.config({hang_queue: (runner, {"timeout": "2", "child": "yes"}), ok_queue: ("ok", {})})
     worker = rig.start(config)
@@ -341,9 +326,9 @@ def test_runner_past_its_timeout_is_stopped_with_its_whole_process_group(rig, ru
 
 
 def test_heartbeats_flow_during_a_long_job(rig):
-    """§6 "the broker going away" must not be caused by the worker itself: with ``heartbeat = 2``
-    and a 10 s job the loop keeps the AMQP heartbeats going, the broker never closes the
-    connection, and the job ends Done and is acked."""
+    """The AMQP heartbeat "keeps going while jobs run", so the broker never drops a worker that is
+    busy: with ``heartbeat = 2`` and a 10 s job the loop keeps the AMQP heartbeats going, the
+    broker never closes the connection, and the job ends Done and is acked."""
     queue = rig.queue()
     config = rig.config({queue: ("slow", {"seconds": "10"})}, amqp={"heartbeat": "2"})
     worker = rig.start(config)
@@ -361,9 +346,9 @@ def test_heartbeats_flow_during_a_long_job(rig):
 
 
 def test_concurrency_two_runs_two_jobs_at_once_and_holds_no_third(rig):
-    """§3 ``[rbit] concurrency = 2``, §6 "never holds more messages than it is running": two
-    jobs run at the same time; a third waits on its queue (ready, not unacknowledged) until a
-    slot is free, then runs."""
+    """``[rbit] concurrency = 2`` (jobs run at once), and the worker "never holds a message it is not
+    running": two jobs run at the same time; a third waits on its queue (ready, not unacknowledged)
+    until a slot is free, then runs."""
     queue = rig.queue()
     config = rig.config({queue: ("slow", {"seconds": "6"})}, rbit={"concurrency": "2"})
     rig.start(config)
@@ -384,10 +369,10 @@ def test_concurrency_two_runs_two_jobs_at_once_and_holds_no_third(rig):
 
 
 def test_two_workers_share_the_work_and_a_third_gets_the_next_job_at_once(rig):
-    """§6 "a worker never holds more messages than it is running": two workers serving the same
-    two queues each run one of two slow jobs at the same time; a third job stays ready on its
-    queue (no worker holds it unacknowledged), and a third worker started later gets it at once,
-    while the first two are still busy."""
+    """A worker "never holds a message it is not running, and an idle worker beside it gets the next
+    job at once": two workers serving the same two queues each run one of two slow jobs at the same
+    time; a third job stays ready on its queue (no worker holds it unacknowledged), and a third
+    worker started later gets it at once, while the first two are still busy."""
     q1, q2 = rig.queue("a"), rig.queue("b")
     runners = {q1: ("slow", {"seconds": "15"}), q2: ("slow", {"seconds": "15"})}
     workers = [rig.start(rig.config(runners, name=f"{rig.name}-{k}")) for k in ("a", "b")]
@@ -419,10 +404,11 @@ def test_two_workers_share_the_work_and_a_third_gets_the_next_job_at_once(rig):
 
 
 def test_job_longer_than_consumer_timeout_runs_once(node, node_rig):
-    """§6 "no job runs twice because of the broker": on a broker whose consumer_timeout is 5 s, a
-    75 s job outlives RabbitMQ's once-a-minute timeout check: it runs once, is reported Building
-    once and Done once, the connection is never closed under it, and its message is not
-    redelivered (queue and in-progress queue empty afterwards)."""
+    """A job runs longer than RabbitMQ's ``consumer_timeout``: "Nothing: the message was acknowledged
+    when the job started". On a broker whose consumer_timeout is 5 s, a 75 s job outlives
+    RabbitMQ's once-a-minute timeout check: it runs once, is reported Building once and Done once,
+    the connection is never closed under it, and its message is not redelivered (queue and
+    in-progress queue empty afterwards)."""
     rig = node_rig
     old = node.set_env("consumer_timeout", "5000")
     try:
@@ -452,10 +438,9 @@ def test_job_longer_than_consumer_timeout_runs_once(node, node_rig):
 
 
 def test_sigkill_mid_job_kills_the_group_and_the_next_start_runs_the_job(rig):
-    """§6 "no job is lost: a worker killed with SIGKILL in the middle of a job": the job's
-    process group dies with the worker (lifeline), the message waits in
-    rbit.inprogress.<name>.0, and the worker started again runs the job to an end, with the
-    redelivered flag set."""
+    """No job is lost when the worker is killed (SIGKILL) mid-job: the job's process group dies with
+    the worker (lifeline), the message waits in rbit.inprogress.<name>.0, and the worker started
+    again runs the job to an end, with the redelivered flag set."""
     queue, config, worker, job_pid, child = rig.start_slow_job()
     worker.process.kill()
     worker.process.wait(10)
@@ -478,15 +463,15 @@ def recover(config):
     return subprocess.run(
         [sys.executable, "-m", "rbit", "recover", str(config)], capture_output=True, text=True,
         timeout=60, cwd=str(ROOT),
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
+        env=environment(),
     )
 
 
 def test_recover_command_puts_back_the_job_of_a_worker_that_never_returns(rig):
-    """§6 "no job is lost", ``rbit recover``: while the worker is connected the command refuses
-    (status 1) and leaves its in-progress copy alone; once the worker is SIGKILLed for good,
-    ``python -m rbit recover CONFIG`` puts the job back on its queue (header x-rbit-recovered),
-    and another worker runs it to an end as a redelivery."""
+    """Recovering a dead worker's jobs with ``rbit recover``: while the worker is connected the
+    command refuses (status 1) and leaves its in-progress copy alone; once the worker is SIGKILLed
+    for good, ``python -m rbit recover CONFIG`` puts the job back on its queue (header
+    x-rbit-recovered), and another worker runs it to an end as a redelivery."""
     queue = rig.queue()
     config = rig.config({queue: ("slow", {"seconds": "60"})})
     worker = rig.start(config)
@@ -518,10 +503,10 @@ def test_recover_command_puts_back_the_job_of_a_worker_that_never_returns(rig):
 
 
 def test_power_cut_mid_job_the_job_runs_to_an_end_after_both_come_back(node, node_rig):
-    """§6 "no job is lost: ... a host that loses power": the worker and the broker's VM are both
-    SIGKILLed mid-job (the job's group dies with the worker); the broker's confirmed, persistent
-    in-progress copy survives its unclean restart, and the worker started again runs the job to
-    an end as a redelivery.
+    """No job is lost when the host loses power: the worker and the broker's VM are both SIGKILLed
+    mid-job (the job's group dies with the worker); the broker's confirmed, persistent in-progress
+    copy survives its unclean restart, and the worker started again runs the job to an end as a
+    redelivery.
 
     RabbitMQ does not make acknowledgements durable at once, so after an unclean broker stop the
     acknowledged original may be back on its queue beside the copy. PyBit's history then keeps
@@ -555,9 +540,10 @@ def test_power_cut_mid_job_the_job_runs_to_an_end_after_both_come_back(node, nod
 
 
 def test_broker_stopped_while_idle_reconnects_with_capped_backoff_and_serves(node, node_rig):
-    """§6 "the broker going away: the worker reconnects with a capped backoff, logs each attempt,
-    and resumes": stop_app while idle, the worker logs each failed attempt with a growing (at
-    most 30 s) wait, and after start_app it serves again: a job published then runs to Done."""
+    """The broker restarts: "the worker reconnects with a backoff of 1, 3, 5, ... seconds, capped at
+    30, logging each attempt". stop_app while idle, the worker logs each failed attempt with a
+    growing (at most 30 s) wait, and after start_app it serves again: a job published then runs to
+    Done."""
     rig = node_rig
     queue = rig.queue()
     worker = rig.start(rig.config({queue: ("ok", {})}))
@@ -577,10 +563,10 @@ def test_broker_stopped_while_idle_reconnects_with_capped_backoff_and_serves(nod
 
 @pytest.mark.parametrize("ends", ["while_down", "after_restart"])
 def test_broker_stopped_mid_job_the_job_runs_once(node, node_rig, ends):
-    """§6 "no job runs twice because of the broker: one during which the connection dropped
-    is run once and reported once": stop_app in the middle of a job; the job keeps running,
-    ends (while the broker is still down, or after it is back), is reported Building and Done
-    once, and after start_app is neither run again nor left in any queue; the next job runs."""
+    """The broker restarts mid-job: "The job keeps running ... The job is reported once and not run
+    again". stop_app in the middle of a job; the job keeps running, ends (while the broker is still
+    down, or after it is back), is reported Building and Done once, and after start_app is neither
+    run again nor left in any queue; the next job runs."""
     rig = node_rig
     queue = rig.queue()
     seconds, down_for = (4, 8) if ends == "while_down" else (10, 3)
@@ -611,8 +597,8 @@ def test_broker_stopped_mid_job_the_job_runs_once(node, node_rig, ends):
 
 
 def test_broker_down_at_start_is_waited_for(node, node_rig):
-    """§6 "a broker that is down when the worker starts is waited for, not a crash": the worker
-    starts first and logs its attempts; after start_app it serves, and a job runs to Done."""
+    """The broker is down when the worker starts: "The worker waits for it, logging each attempt." The
+    worker starts first and logs its attempts; after start_app it serves, and a job runs to Done."""
     rig = node_rig
     queue = rig.queue()
     config = rig.config({queue: ("ok", {})})
@@ -628,8 +614,8 @@ def test_broker_down_at_start_is_waited_for(node, node_rig):
 
 
 def test_sigterm_while_waiting_for_the_broker_exits_0(node, node_rig):
-    """§2 exit status 0 after a clean stop, §6 SIGTERM: a worker still waiting for a broker that
-    is down stops promptly on SIGTERM, with status 0."""
+    """Exit status 0 after a clean stop, on SIGTERM: a worker still waiting for a broker that is down
+    stops promptly on SIGTERM, with status 0."""
     rig = node_rig
     config = rig.config({rig.queue(): ("ok", {})})
     node.stop_app()
@@ -646,8 +632,7 @@ def test_sigterm_while_waiting_for_the_broker_exits_0(node, node_rig):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_while_idle_exits_0_quickly(rig, signum):
-    """§2 "until Ctrl+C or SIGTERM", exit status 0 after a clean stop: an idle worker stops at
-    once."""
+    """SIGTERM, exit status 0 after a clean stop: an idle worker stops at once."""
     worker = rig.start(rig.config({rig.queue(): ("ok", {})}))
     started = time.monotonic()
     worker.signal(signum)
@@ -656,9 +641,9 @@ def test_sigterm_while_idle_exits_0_quickly(rig, signum):
 
 
 def test_sigterm_mid_job_within_grace_lets_the_job_finish(rig):
-    """§6 "SIGTERM: the worker takes no new job, lets the running one finish within a grace
-    period": a 4 s job with shutdown_grace = 30 ends Done and is acked; a job published after the
-    signal stays on its queue; exit status 0."""
+    """First SIGTERM: "No new job. Running jobs get shutdown_grace seconds to finish": a 4 s job with
+    shutdown_grace = 30 ends Done and is acked; a job published after the signal stays on its
+    queue; exit status 0."""
     queue = rig.queue()
     config = rig.config({queue: ("slow", {"seconds": "4"})}, rbit={"shutdown_grace": "30"})
     worker = rig.start(config)
@@ -677,9 +662,10 @@ def test_sigterm_mid_job_within_grace_lets_the_job_finish(rig):
 
 
 def test_sigterm_mid_job_past_grace_stops_it_and_puts_the_message_back(rig):
-    """§6 SIGTERM "otherwise stops it and puts its message back, reporting Waiting": with
-    shutdown_grace = 1 a long job's process group is stopped, the message is back on its own
-    queue with header x-rbit-recovered, Waiting is reported, and the worker exits 0."""
+    """First SIGTERM, past shutdown_grace: "their process groups get SIGTERM ..., their messages go
+    back on their queues, Waiting is reported, and rbit exits 0". With shutdown_grace = 1 a long
+    job's process group is stopped, the message is back on its own queue with header
+    x-rbit-recovered, Waiting is reported, and the worker exits 0."""
     queue, config, worker, job_pid, child = rig.start_slow_job(shutdown_grace="1")
     worker.signal(signal.SIGTERM)
     assert worker.wait(20) == 0, worker.log[-3000:]
@@ -696,9 +682,10 @@ def test_sigterm_mid_job_past_grace_stops_it_and_puts_the_message_back(rig):
 
 
 def test_second_sigterm_stops_at_once_and_loses_nothing(rig):
-    """§6 "a second SIGTERM or Ctrl+C stops at once": with a long grace, the second SIGTERM ends
-    the worker within seconds (exit 0), the job's group is gone, and its message is either back
-    on its queue or in the in-progress queue, so the next start runs it to an end."""
+    """Second SIGTERM: "Running jobs are killed at once; their messages go back on their queues". With
+    a long grace, the second SIGTERM ends the worker within seconds (exit 0), the job's group is
+    gone, and its message is either back on its queue or in the in-progress queue, so the next
+    start runs it to an end."""
     queue, config, worker, job_pid, child = rig.start_slow_job(shutdown_grace="60")
     worker.signal(signal.SIGTERM)
     worker.wait_log(r"SIGTERM received", timeout=5)
@@ -729,9 +716,10 @@ def slow_job_then_broker_down(node, rig, grace):
 
 
 def test_second_sigterm_while_the_broker_is_down_keeps_the_job_for_the_next_start(node, node_rig):
-    """§6 "a second SIGTERM stops at once" and "no job is lost", with the broker away: the
-    worker stops within seconds, the job's group is gone, the confirmed in-progress copy is still
-    on the broker when it comes back, and the next start runs the job to an end."""
+    """Second SIGTERM with the broker away: the messages "stay in the in-progress queue for the next
+    start", so no job is lost. The worker stops within seconds, the job's group is gone, the
+    confirmed in-progress copy is still on the broker when it comes back, and the next start runs
+    the job to an end."""
     rig = node_rig
     queue, config, worker, job_pid, child = slow_job_then_broker_down(node, rig, grace=60)
     worker.signal(signal.SIGTERM)
@@ -753,10 +741,10 @@ def test_second_sigterm_while_the_broker_is_down_keeps_the_job_for_the_next_star
 
 
 def test_sigterm_past_grace_while_the_broker_is_down_puts_the_message_back_when_it_returns(node, node_rig):
-    """§6 SIGTERM "otherwise stops it and puts its message back, reporting Waiting", with the
-    broker away: the job is stopped after shutdown_grace, Waiting is reported, and the worker
-    waits for the broker to put the message back on its queue (header x-rbit-recovered), then
-    exits 0; nothing is left in the in-progress queue."""
+    """First SIGTERM, past shutdown_grace, with the broker away: the job is stopped after
+    shutdown_grace, Waiting is reported, and the worker waits for the broker to put the message
+    back on its queue (header x-rbit-recovered), then exits 0; nothing is left in the in-progress
+    queue."""
     rig = node_rig
     queue, config, worker, job_pid, child = slow_job_then_broker_down(node, rig, grace=1)
     worker.signal(signal.SIGTERM)
@@ -775,9 +763,9 @@ def test_sigterm_past_grace_while_the_broker_is_down_puts_the_message_back_when_
 
 
 def test_cancel_stops_the_running_job_and_drops_its_message(rig):
-    """§1 CancelRequest, §6 "a cancel from PyBit stops the running job (its process group),
-    reports Cancelled and drops the message": queue and in-progress queue are empty after, and
-    the worker takes the next job."""
+    """PyBit cancels the job: "A CancelRequest to the worker's name stops the job's process group;
+    Cancelled; the message is dropped". Queue and in-progress queue are empty after, and the worker
+    takes the next job."""
     queue, config, worker, job_pid, child = rig.start_slow_job()
     rig.cancel(1)
     rig.wait_status(1, statuses.CANCELLED, timeout=15)
@@ -793,8 +781,8 @@ def test_cancel_stops_the_running_job_and_drops_its_message(rig):
 
 
 def test_cancel_for_a_job_not_running_here_is_ignored(rig):
-    """§6 cancel: a CancelRequest for a job this worker is not running is ignored; the running
-    job ends Done."""
+    """PyBit cancels a job: a CancelRequest for a job this worker is not running is ignored; the
+    running job ends Done."""
     queue = rig.queue()
     worker = rig.start(rig.config({queue: ("slow", {"seconds": "4"})}))
     rig.publish(1, queue)
@@ -808,9 +796,9 @@ def test_cancel_for_a_job_not_running_here_is_ignored(rig):
 
 
 def test_cancel_after_a_reconnection_stops_the_running_job(node, node_rig):
-    """§6 cancel and "the broker going away ... resumes": after the broker came back in the middle
-    of a job, a CancelRequest still reaches the worker (its cancel queue is declared again), stops
-    the job's group, reports Cancelled and drops the message."""
+    """PyBit cancels the job after the broker restarted: after the broker came back in the middle of a
+    job, a CancelRequest still reaches the worker (its cancel queue is declared again), stops the
+    job's group, reports Cancelled and drops the message."""
     rig = node_rig
     queue = rig.queue()
     worker = rig.start(rig.config({queue: ("slow", {"seconds": "60", "child": "yes"})}))
@@ -833,9 +821,9 @@ def test_cancel_after_a_reconnection_stops_the_running_job(node, node_rig):
 
 
 def test_pybit_down_during_a_job_statuses_wait_and_arrive_in_order(rig):
-    """§6 "the PyBit web front end going away: statuses are retried in order and never fail the
-    job": PyBit stops after Building; the job still ends and is acked; once PyBit is back,
-    Uploaded and Done arrive, in order."""
+    """PyBit's web front end is down: "Statuses wait and are delivered with backoff when it returns,
+    in order per job ... The job is not affected." PyBit stops after Building; the job still ends
+    and is acked; once PyBit is back, Uploaded and Done arrive, in order."""
     queue = rig.queue()
     worker = rig.start(rig.config({queue: ("progress", {"seconds": "3"})}))
     rig.publish(1, queue)
@@ -852,9 +840,9 @@ def test_pybit_down_during_a_job_statuses_wait_and_arrive_in_order(rig):
 
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
 def test_statuses_queued_while_pybit_is_down_survive_a_worker_restart(rig, tmp_path, stop):
-    """§6 PyBit going away, ``[rbit] state_dir``: statuses that could not be delivered before
-    the worker stopped (cleanly, or killed with SIGKILL) are kept and delivered, in order, by the
-    next worker run."""
+    """PyBit's web front end is down, with ``[rbit] state_dir``: "waiting statuses survive a restart
+    of the worker". Statuses that could not be delivered before the worker stopped (cleanly, or
+    killed with SIGKILL) are kept and delivered, in order, by the next worker run."""
     queue = rig.queue()
     config = rig.config({queue: ("progress", {"seconds": "1"})},
                         rbit={"state_dir": str(tmp_path / "state")})
@@ -881,9 +869,9 @@ def test_statuses_queued_while_pybit_is_down_survive_a_worker_restart(rig, tmp_p
 
 
 def test_failover_first_host_refuses_the_worker_uses_the_second(node, node_rig):
-    """§3 ``[amqp] host`` "a comma-separated list of hosts for failover": the first host
-    (127.0.0.2, where nothing listens on the port) refuses; the worker connects through the
-    second (127.0.0.1, the private node) and serves."""
+    """``[amqp] host``, several separated by commas: "the worker moves to the next while one is down".
+    The first host (127.0.0.2, where nothing listens on the port) refuses; the worker connects
+    through the second (127.0.0.1, the private node) and serves."""
     rig = node_rig
     queue = rig.queue()
     config = rig.config({queue: ("ok", {})}, amqp={"host": f"127.0.0.2, {node.host}"})
@@ -894,9 +882,9 @@ def test_failover_first_host_refuses_the_worker_uses_the_second(node, node_rig):
 
 
 def test_failover_when_the_connected_host_goes_away(node, node_rig):
-    """§3 host list, §6 "the broker going away ... reconnects and resumes": two private nodes
-    on the same port, one on 127.0.0.1 and one on 127.0.0.2; the worker connected to the first
-    moves to the second when the first stops, and serves a job published there."""
+    """Several ``[amqp] host`` entries, and the broker going away: two private nodes on the same port,
+    one on 127.0.0.1 and one on 127.0.0.2; the worker connected to the first moves to the second
+    when the first stops, and serves a job published there."""
     rig = node_rig
     second = RabbitNode(host="127.0.0.2", port=node.port)
     try:

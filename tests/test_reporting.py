@@ -1,4 +1,5 @@
-"""Status reporting to PyBit's web front end (contract sections 1, 5 and 6), against FakePyBit."""
+"""Status reporting to PyBit's web front end, against FakePyBit: where statuses go, in what order,
+and what happens when "PyBit's web front end is down"."""
 
 import json
 import logging
@@ -65,7 +66,7 @@ def no_secret_logged(caplog, password="secret"):
 
 
 def test_job_url_uses_configured_url_or_web_host():
-    """Section 3: [pybit] url is the base when set (trailing slash ignored), else the request's web_host."""
+    """[pybit] url is the base when set (trailing slash ignored), else the request's web_host."""
     configured = SimpleNamespace(url="http://pybit.example:8080/", user=None, password=None, timeout=1)
     unset = SimpleNamespace(url=None, user=None, password=None, timeout=1)
     assert job_url(configured, "other:80", 42) == "http://pybit.example:8080/job/42"
@@ -77,7 +78,7 @@ def test_job_url_uses_configured_url_or_web_host():
 
 
 def test_fake_pybit_checks_auth_and_status_names(pybit_web):
-    """Section 1: the fake refuses bad credentials (401) and unknown statuses (500) like PyBit."""
+    """The fake refuses bad credentials (401) and unknown statuses (500) like PyBit."""
     pybit_web.add_job(3)
     url = f"{pybit_web.url}/job/3"
     form = {"status": "Building", "client": CLIENT}
@@ -157,7 +158,7 @@ def test_fake_pybit_stop_refuses_connections_and_start_reuses_port(pybit_web):
 
 
 def test_statuses_arrive_in_order_with_client_name_and_auth(pybit_web, make_reporter, caplog):
-    """Sections 1, 5.3-5.5: each status is PUT, in order, with the client's name and basic auth."""
+    """Each status is PUT, in order, with the client's name and basic auth."""
     caplog.set_level(logging.DEBUG)
     known(pybit_web, 1, 2)
     reporter = make_reporter(settings(pybit_web))
@@ -177,7 +178,7 @@ def test_statuses_arrive_in_order_with_client_name_and_auth(pybit_web, make_repo
 
 
 def test_statuses_go_to_the_requests_web_host_when_no_url(pybit_web, make_reporter):
-    """Section 3: without [pybit] url, the status goes to the BuildRequest's web_host."""
+    """Without [pybit] url, the status goes to the BuildRequest's web_host."""
     known(pybit_web, 9)
     reporter = make_reporter(settings(pybit_web, url=None))
     reporter.start()
@@ -187,7 +188,7 @@ def test_statuses_go_to_the_requests_web_host_when_no_url(pybit_web, make_report
 
 
 def test_each_report_is_logged_with_job_queue_status_and_text(pybit_web, make_reporter, caplog):
-    """Style 7 / section 5: every status is logged on rbit.status with job id, queue, status and text."""
+    """Every status is logged on rbit.status with job id, queue, status and text."""
     caplog.set_level(logging.INFO, logger="rbit.status")
     reporter = make_reporter(settings(pybit_web))
     reporter.report(5, pybit_web.web_host, "Failed", "make: *** [all] Error 2", queue="cnx_any_latex_pdf")
@@ -200,7 +201,7 @@ def test_each_report_is_logged_with_job_queue_status_and_text(pybit_web, make_re
 
 
 def test_unknown_status_raises_and_nothing_is_sent(pybit_web, make_reporter):
-    """Sections 1 and 4: an unknown status raises UnknownStatus naming the allowed ones; PyBit gets nothing."""
+    """An unknown status raises UnknownStatus naming the allowed ones; PyBit gets nothing."""
     reporter = make_reporter(settings(pybit_web))
     reporter.start()
     with pytest.raises(UnknownStatus) as raised:
@@ -214,7 +215,7 @@ def test_unknown_status_raises_and_nothing_is_sent(pybit_web, make_reporter):
 
 
 def test_pybit_down_then_back_delivers_everything_in_order(pybit_web, make_reporter, caplog):
-    """Section 6: PyBit going away: statuses are retried in order, report() never blocks or raises."""
+    """PyBit going away: statuses are retried in order, report() never blocks or raises."""
     caplog.set_level(logging.WARNING, logger="rbit.reporting")
     known(pybit_web, 7)
     reporter = make_reporter(settings(pybit_web))
@@ -308,7 +309,7 @@ def test_wrong_password_is_dropped_and_never_logged(pybit_web, make_reporter, ca
 
 
 def test_password_never_logged_on_errors(pybit_web, make_reporter, caplog):
-    """Section 7: passwords never appear in logs, whatever goes wrong while reporting."""
+    """Passwords never appear in logs, whatever goes wrong while reporting."""
     caplog.set_level(logging.DEBUG)
     known(pybit_web, 1, 2, 3)
     reporter = make_reporter(settings(pybit_web))
@@ -329,7 +330,7 @@ def test_password_never_logged_on_errors(pybit_web, make_reporter, caplog):
 
 
 def test_password_in_url_or_in_an_error_is_never_logged(pybit_web, make_reporter, caplog):
-    """Section 7: a password written into [pybit] url, or turning up in an error text, is not logged."""
+    """A password written into [pybit] url, or turning up in an error text, is not logged."""
     caplog.set_level(logging.DEBUG, logger="rbit")
     known(pybit_web, 1, 2)
     in_url = settings(pybit_web, url=f"http://admin:secret@{pybit_web.web_host}", user=None, password=None)
@@ -356,7 +357,7 @@ def test_password_in_url_or_in_an_error_is_never_logged(pybit_web, make_reporter
 
 
 def test_no_pybit_section_only_logs(pybit_web, make_reporter, caplog):
-    """Section 3: without [pybit], statuses are logged and never sent."""
+    """Without [pybit], statuses are logged and never sent."""
     caplog.set_level(logging.INFO, logger="rbit.status")
     reporter = make_reporter(None)
     reporter.start()
@@ -373,7 +374,7 @@ def test_no_pybit_section_only_logs(pybit_web, make_reporter, caplog):
 
 
 def test_stop_delivers_what_is_queued(pybit_web, make_reporter):
-    """Section 6 (SIGTERM): stop() delivers what is queued before ending the thread."""
+    """On SIGTERM, stop() delivers what is queued before ending the thread."""
     known(pybit_web, 1, 2, 3, 4, 5)
     reporter = make_reporter(settings(pybit_web))
     reporter.start()
@@ -384,7 +385,7 @@ def test_stop_delivers_what_is_queued(pybit_web, make_reporter):
 
 
 def test_stop_returns_in_time_when_pybit_is_down(pybit_web, make_reporter):
-    """Section 6: a PyBit that is down never holds up the worker's stop beyond its timeout."""
+    """A PyBit that is down never holds up the worker's stop beyond its timeout."""
     reporter = make_reporter(settings(pybit_web), retry_initial=0.5, retry_max=5)
     reporter.start()
     pybit_web.stop()
@@ -399,7 +400,7 @@ def test_stop_returns_in_time_when_pybit_is_down(pybit_web, make_reporter):
 
 
 def test_spool_survives_a_restart_in_order(pybit_web, make_reporter, tmp_path):
-    """Section 6: statuses PyBit could not take are kept across a worker restart, then sent first, in order."""
+    """Statuses PyBit could not take are kept across a worker restart, then sent first, in order."""
     spool = tmp_path / "state" / "statuses.jsonl"  # parent made on demand
     known(pybit_web, 1, 2)
     first = make_reporter(settings(pybit_web), spool_path=spool)
@@ -424,7 +425,7 @@ def test_spool_survives_a_restart_in_order(pybit_web, make_reporter, tmp_path):
 
 
 def test_spool_skips_corrupt_lines(pybit_web, make_reporter, tmp_path, caplog):
-    """Section 6: a damaged spool line (a crash mid-write, say) is logged and skipped; the rest is sent."""
+    """A damaged spool line (a crash mid-write, say) is logged and skipped; the rest is sent."""
     caplog.set_level(logging.ERROR, logger="rbit.reporting")
     spool = tmp_path / "statuses.jsonl"
     known(pybit_web, 1)
@@ -444,7 +445,7 @@ def test_spool_skips_corrupt_lines(pybit_web, make_reporter, tmp_path, caplog):
 
 
 def test_spool_is_emptied_once_delivered(pybit_web, make_reporter, tmp_path):
-    """Section 6: delivered statuses leave the spool, so a restart does not send them again."""
+    """Delivered statuses leave the spool, so a restart does not send them again."""
     spool = tmp_path / "statuses.jsonl"
     known(pybit_web, 1)
     reporter = make_reporter(settings(pybit_web), spool_path=spool)

@@ -1,4 +1,5 @@
-"""Runners (contract §4, §7): ``python!`` and ``shell!``, in-process and under the real worker.
+"""Runners (the README's "Writing a runner"): ``python!`` and ``shell!``, in-process and under the
+real worker.
 
 ``shell!`` is the one place where text from a message meets a program: these
 tests publish package names written to run commands if any shell ever saw
@@ -22,7 +23,7 @@ from rbit.runners import load as load_runner
 from rbit.runners.python import PythonRunner
 from rbit.runners.shell import ShellRunner
 
-from .harness import WorkerProcess, write_config
+from .harness import WorkerProcess, cmdline, write_config
 from .pybit_models import queue_name, request_body, routing_key
 
 #: ``printf '%s\0'`` each argument the program got into OUT_DIR/<job id>.argv (``%%`` is a ``%``).
@@ -50,7 +51,7 @@ def capture_call(*args, **kwargs):
 
 
 def test_python_runner_is_called_with_message_set_status_and_settings():
-    """§4: python!package.module:function calls function(message, set_status, settings), with the
+    """python!package.module:function calls function(message, set_status, settings), with the
     section's settings as a dict."""
     CALLS.clear()
     runner = load_runner("python!tests.test_runners:capture_call", {"name": "World", "colour": "blue"})
@@ -149,13 +150,13 @@ def test_runner_without_settings_check_takes_any_settings():
     ("/bin/echo $HOME * ~ `id` $(id) ;", ["/bin/echo", "$HOME", "*", "~", "`id`", "$(id)", ";"]),
 ])
 def test_shell_line_is_split_like_a_posix_shell_without_expansion(line, argv):
-    """§4: a shell! line is split once, as a POSIX shell splits words (quotes group, backslash
+    """A shell! line is split once, as a POSIX shell splits words (quotes group, backslash
     escapes), with no variable, glob or command expansion."""
     assert ShellRunner(line, {}).argv == argv
 
 
 def test_shell_runner_in_process_keeps_each_value_in_its_argument(tmp_path):
-    """§4, §7: placeholders are replaced inside single arguments: a package name written as
+    """Placeholders are replaced inside single arguments: a package name written as
     shell commands adds no argument and runs nothing."""
     pwned = tmp_path / "PWNED"
     package = f"x; touch {pwned} $(touch {pwned}) `touch {pwned}`"
@@ -168,7 +169,7 @@ def test_shell_runner_in_process_keeps_each_value_in_its_argument(tmp_path):
 
 
 def test_shell_runner_in_process_exit_status_gives_the_outcome(tmp_path):
-    """§4: exit status 0 is success, 75 (EX_TEMPFAIL) raises Blocked, any other raises Failed."""
+    """Exit status 0 is success, 75 (EX_TEMPFAIL) raises Blocked, any other raises Failed."""
     message = message_for(8)
     ShellRunner("/bin/sh -c 'exit 0'", {}).run(message, lambda *a: None)
     with pytest.raises(Blocked):
@@ -178,7 +179,7 @@ def test_shell_runner_in_process_exit_status_gives_the_outcome(tmp_path):
 
 
 def test_shell_runner_in_process_returns_when_the_program_exits(tmp_path):
-    """§4: the outcome is the program's exit status, given when the program exits, even if it
+    """The outcome is the program's exit status, given when the program exits, even if it
     left a background process behind (a build's gpg-agent, say) that holds on to its
     inherited file descriptors."""
     message = message_for(9)
@@ -210,7 +211,7 @@ def pybit_keys(fake):
 
 
 def test_shell_runner_never_hands_message_text_to_a_shell(tmp_path, vhost, unique):
-    """§4, §7: under the worker, package names and versions made of shell syntax (; $() ``
+    """Under the worker, package names and versions made of shell syntax (; $() ``
     && quotes, spaces, globs, placeholders) reach the program as exactly the expected
     arguments, and none of the commands they spell runs."""
     pwned = tmp_path / "PWNED"
@@ -241,7 +242,7 @@ def test_shell_runner_never_hands_message_text_to_a_shell(tmp_path, vhost, uniqu
 
 
 def test_shell_runner_environment_has_job_fields_and_settings(tmp_path, vhost, unique):
-    """§4: the program's environment holds the job's fields (RBIT_ID, RBIT_PACKAGE, ...) and the
+    """The program's environment holds the job's fields (RBIT_ID, RBIT_PACKAGE, ...) and the
     runner's settings (RBIT_SETTING_<KEY>), and never rbit's passwords."""
     worker, queue, key = shell_worker(tmp_path, vhost, unique,
                                       "/bin/sh -c 'env -0 > \"$RBIT_SETTING_OUT_DIR/$RBIT_ID.env\"'",
@@ -265,7 +266,7 @@ def test_shell_runner_environment_has_job_fields_and_settings(tmp_path, vhost, u
 
 
 def test_shell_exit_status_gives_the_outcome(tmp_path, vhost, unique, pybit_web):
-    """§4: under the worker, exit status 0 ends the job Done, 75 Blocked, any other Failed."""
+    """Under the worker, exit status 0 ends the job Done, 75 Blocked, any other Failed."""
     line = ("/bin/sh -c 'case \"$RBIT_PACKAGE\" in blocked*) exit 75;; fail*) exit 3;; esac"
             "; exit 0'")
     worker, queue, key = shell_worker(tmp_path, vhost, unique, line, pybit=pybit_keys(pybit_web))
@@ -285,7 +286,7 @@ def test_shell_exit_status_gives_the_outcome(tmp_path, vhost, unique, pybit_web)
 
 
 def test_shell_status_lines_on_the_status_fd_are_reported(tmp_path, vhost, unique, pybit_web):
-    """§4: lines the program writes to fd $RBIT_STATUS_FD are reported as statuses in order;
+    """Lines the program writes to fd $RBIT_STATUS_FD are reported as statuses in order;
     Done follows when none was final; an unknown name never reaches PyBit."""
     line = ("/bin/sh -c 'echo Uploaded to the archive >&$RBIT_STATUS_FD"
             " && echo Bogus >&$RBIT_STATUS_FD && echo hello from the build'")
@@ -301,7 +302,7 @@ def test_shell_status_lines_on_the_status_fd_are_reported(tmp_path, vhost, uniqu
 
 
 def test_shell_runner_past_its_timeout_is_stopped_and_failed(tmp_path, vhost, unique, pybit_web):
-    """§3, §6: a job that runs past its section's timeout is stopped, with everything it started,
+    """A job that runs past its section's timeout is stopped, with everything it started,
     and reported Failed."""
     marker = tmp_path / "still-running"
     sleep = f"sleep 30.{int(unique, 16) % 99991}"  # a command line no other process has
@@ -315,20 +316,12 @@ def test_shell_runner_past_its_timeout_is_stopped_and_failed(tmp_path, vhost, un
         worker.wait_log(r"job 241: .* ended Failed.*timed out", timeout=5)
     assert pybit_web.statuses(241) == ["Waiting", "Building", "Failed"]
     assert not marker.exists()
-    assert not any(_cmdline(pid).startswith(sleep) for pid in os.listdir("/proc") if pid.isdigit())
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+    assert not any(cmdline(pid).startswith(sleep) for pid in os.listdir("/proc") if pid.isdigit())
 
 
 def test_shell_program_that_leaves_a_background_process_ends_with_its_exit_status(
         tmp_path, vhost, unique, pybit_web):
-    """§4, §6: a program that exits 0 ends its job Done at once, even if it left a background
+    """A program that exits 0 ends its job Done at once, even if it left a background
     process behind; the job's end then stops that process with the rest of its group."""
     sleep = f"sleep 40.{int(unique, 16) % 99991}"  # a command line no other process has
     line = f"/bin/sh -c '{sleep} > /dev/null 2>&1 & exit 0'"
@@ -346,7 +339,7 @@ def test_shell_program_that_leaves_a_background_process_ends_with_its_exit_statu
 def wait_gone(command, timeout=5.0):
     """True once no process runs *command*."""
     deadline = time.monotonic() + timeout
-    while any(_cmdline(pid).startswith(command) for pid in os.listdir("/proc") if pid.isdigit()):
+    while any(cmdline(pid).startswith(command) for pid in os.listdir("/proc") if pid.isdigit()):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)

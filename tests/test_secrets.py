@@ -1,9 +1,10 @@
-"""Passwords: where they come from and where they must never show (issue 4.5).
+"""Passwords: where they come from and where they must never show.
 
-Contract §3: secrets can be given through the environment instead of the
-file; contract §7: passwords never appear in logs, errors or ``--help``
-output. The README adds: rbit warns when a file holding a password is
-readable by every user, and job processes do not inherit rbit's password
+The README's configuration reference: a password can also come from
+``RBIT_AMQP_PASSWORD``, ``RBIT_PYBIT_PASSWORD`` or ``password_file``. Its
+"Security" ("Leaked passwords"): rbit warns when a file holding a password is
+readable by every user; passwords appear in no log line, error, ``--help``
+output or process title, and job processes do not inherit rbit's password
 variables. The real-worker checks run a worker on the real broker as a
 broker user of the test's own whose password is distinctive (guest's is
 "guest", which would prove nothing), and look at its log, at ``ps`` and at
@@ -27,11 +28,14 @@ from rbit.config import load
 from rbit.errors import ConfigError
 
 from .broker import rabbitmqctl
-from .harness import WorkerProcess, write_config
+from .harness import WorkerProcess, free_port, offline_config, write_config
 from .pybit_web import FakePyBit
-from .test_tools import closed_port, rbit, request_body
+from .test_tools import rbit, request_body
 
 QUEUE = "s_any_latex_pdf"
+
+#: The runner section of the configurations that need no broker.
+RUNNERS = {QUEUE: {"runner": "python!rbitext.hello:hello"}}
 
 
 def env_runner(message, set_status, settings):
@@ -39,15 +43,6 @@ def env_runner(message, set_status, settings):
     rbit_vars = {k: v for k, v in os.environ.items() if k.startswith("RBIT_")}
     Path(settings["record"]).write_text(json.dumps(rbit_vars))
     time.sleep(float(settings.get("sleep", "0")))
-
-
-def offline_config(path, amqp=None, pybit=None, mode=0o600, extra=""):
-    """A config whose broker port is closed; *mode* is applied to the file."""
-    path = write_config(path, name="secrets-offline", vhost=None,
-                        amqp={"port": str(closed_port()), **(amqp or {})}, pybit=pybit,
-                        runners={QUEUE: {"runner": "python!rbitext.hello:hello"}}, extra=extra)
-    path.chmod(mode)
-    return path
 
 
 def secret_file(path, text, mode=0o600):
@@ -69,9 +64,9 @@ def leaks(text, passwords):
 
 
 def test_environment_overrides_the_file(tmp_path):
-    """Issue 4.5 / contract §3: RBIT_AMQP_PASSWORD and RBIT_PYBIT_PASSWORD win over the file's
+    """RBIT_AMQP_PASSWORD and RBIT_PYBIT_PASSWORD win over the file's
     ``password`` keys; without them the file's passwords are used."""
-    path = offline_config(tmp_path / "rbit.ini", amqp={"password": "from-file-a"},
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": "from-file-a"},
                           pybit={"url": "http://pybit.example", "user": "admin", "password": "from-file-p"})
     plain = load(path, environ={})
     assert (plain.amqp.password, plain.pybit.password) == ("from-file-a", "from-file-p")
@@ -81,11 +76,11 @@ def test_environment_overrides_the_file(tmp_path):
 
 
 def test_password_file_is_read_and_the_environment_still_wins(tmp_path):
-    """Issue 4.5 / contract §3: ``password_file`` gives the password (trailing newline dropped);
+    """``password_file`` gives the password (trailing newline dropped);
     the environment variable still wins over it; a 0600 file draws no warning."""
     amqp_file = secret_file(tmp_path / "amqp.pw", "amqp-from-file\n")
     pybit_file = secret_file(tmp_path / "pybit.pw", "pybit-from-file\n")
-    path = offline_config(tmp_path / "rbit.ini", amqp={"password": "", "password_file": amqp_file},
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": "", "password_file": amqp_file},
                           pybit={"url": "http://pybit.example", "user": "admin", "password_file": pybit_file})
     config = load(path, environ={})
     assert (config.amqp.password, config.pybit.password) == ("amqp-from-file", "pybit-from-file")
@@ -97,12 +92,12 @@ def test_password_file_is_read_and_the_environment_still_wins(tmp_path):
 @pytest.mark.parametrize("section", ["amqp", "pybit"])
 @pytest.mark.parametrize("kind", ["missing", "directory"])
 def test_unreadable_password_file_is_a_config_error(tmp_path, section, kind):
-    """Issue 4.5 / contract §2-3: a ``password_file`` that cannot be read stops rbit with exit 2
+    """A ``password_file`` that cannot be read stops rbit with exit 2
     and one message naming the file, the section and the key ``password_file``; no traceback."""
     target = tmp_path / "nothing-here.pw" if kind == "missing" else tmp_path
     settings = {"password_file": str(target)}
     pybit = {"url": "http://pybit.example", "user": "admin", **settings} if section == "pybit" else None
-    path = offline_config(tmp_path / "rbit.ini", amqp=settings if section == "amqp" else None, pybit=pybit)
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp=settings if section == "amqp" else None, pybit=pybit)
     with pytest.raises(ConfigError) as caught:
         load(path, environ={})
     assert (caught.value.section, caught.value.key) == (section, "password_file")
@@ -119,9 +114,9 @@ def test_unreadable_password_file_is_a_config_error(tmp_path, section, kind):
 
 
 def test_world_readable_config_with_a_password_is_warned_about(tmp_path):
-    """Issue 4.5 / README: a world-readable file holding a password gives a warning (in
+    """A world-readable file holding a password gives a warning (in
     ``Config.warnings`` and on ``--check``'s stderr); the same file at 0600 does not."""
-    path = offline_config(tmp_path / "rbit.ini", amqp={"password": "hunter2-readable"}, mode=0o644)
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": "hunter2-readable"}, mode=0o644)
     config = load(path, environ={})
     assert len(config.warnings) == 1
     assert str(path) in config.warnings[0] and "[amqp] password" in config.warnings[0]
@@ -138,9 +133,9 @@ def test_world_readable_config_with_a_password_is_warned_about(tmp_path):
 
 
 def test_world_readable_password_file_is_warned_about(tmp_path):
-    """Issue 4.5 / README: a world-readable ``password_file`` is named in a warning; a 0600 one is not."""
+    """A world-readable ``password_file`` is named in a warning; a 0600 one is not."""
     secret = secret_file(tmp_path / "amqp.pw", "pw-in-file", mode=0o644)
-    path = offline_config(tmp_path / "rbit.ini", amqp={"password": "", "password_file": secret})
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": "", "password_file": secret})
     warnings = load(path, environ={}).warnings
     assert len(warnings) == 1 and str(secret) in warnings[0] and "password_file" in warnings[0]
     secret.chmod(0o600)
@@ -148,7 +143,7 @@ def test_world_readable_password_file_is_warned_about(tmp_path):
 
 
 def test_password_from_the_environment_draws_no_warning(tmp_path):
-    """Issue 4.5: a password given through the environment is not in the file: no warning."""
+    """A password given through the environment is not in the file: no warning."""
     path = write_config(tmp_path / "rbit.ini", name="secrets-env", vhost=None,
                         runners={QUEUE: {"runner": "python!rbitext.hello:hello"}})
     text = path.read_text().replace("password = guest\n", "")
@@ -163,7 +158,7 @@ def test_password_from_the_environment_draws_no_warning(tmp_path):
 
 
 def test_help_never_shows_passwords():
-    """Issue 4.5 / contract §7: ``rbit --help`` and every command's ``--help`` show no password,
+    """``rbit --help`` and every command's ``--help`` show no password,
     even with the password variables set."""
     amqp_pw, pybit_pw = f"HelpAmqp-{uuid.uuid4().hex}", f"HelpPybit-{uuid.uuid4().hex}"
     env = {"RBIT_AMQP_PASSWORD": amqp_pw, "RBIT_PYBIT_PASSWORD": pybit_pw}
@@ -189,9 +184,9 @@ DISTINCT = "Zq7-distinct/p@ss;w0rd"
 ], ids=["bad-port", "bad-heartbeat", "misspelt-key", "bad-password-file", "bad-pybit-url",
         "credentials-in-bad-url", "duplicate-section", "duplicate-section-amqp"])
 def test_config_errors_never_show_passwords(tmp_path, amqp, pybit, extra):
-    """Issue 4.5 / contract §7: a configuration error's message (the exception and ``rbit``'s
+    """A configuration error's message (the exception and ``rbit``'s
     stderr, exit 2) never contains a password written in the file."""
-    path = offline_config(tmp_path / "rbit.ini", amqp=amqp, pybit=pybit, extra=extra)
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp=amqp, pybit=pybit, extra=extra)
     with pytest.raises(ConfigError) as caught:
         load(path, environ={})
     assert not leaks(str(caught.value), [DISTINCT]), str(caught.value)
@@ -201,11 +196,11 @@ def test_config_errors_never_show_passwords(tmp_path, amqp, pybit, extra):
 
 
 def test_check_connections_never_shows_pybit_credentials(tmp_path):
-    """Issue 4.5 / contract §7: ``--check-connections`` reporting an unreachable PyBit whose url
+    """``--check-connections`` reporting an unreachable PyBit whose url
     carries user:password shows the url without the password."""
     password = f"UrlPw-{uuid.uuid4().hex[:8]}"
-    path = offline_config(tmp_path / "rbit.ini",
-                          pybit={"url": f"http://admin:{password}@127.0.0.1:{closed_port()}", "timeout": "2"})
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS,
+                          pybit={"url": f"http://admin:{password}@127.0.0.1:{free_port()}", "timeout": "2"})
     result = rbit("run", "--check-connections", path, timeout=60)
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert not leaks(result.stdout + result.stderr, [password]), result.stdout + result.stderr
@@ -315,7 +310,7 @@ def secret_worker(vhost, tmp_path_factory):
 
 
 def test_the_worker_authenticates_with_the_secret_passwords(secret_worker):
-    """Issue 4.5: the worker reached the broker with RBIT_AMQP_PASSWORD and PyBit with the
+    """The worker reached the broker with RBIT_AMQP_PASSWORD and PyBit with the
     password_file's password (both jobs' statuses arrived), then stopped cleanly."""
     web = secret_worker["web"]
     assert web.statuses(6101) == ["Waiting", "Building", "Done"]
@@ -324,13 +319,13 @@ def test_the_worker_authenticates_with_the_secret_passwords(secret_worker):
 
 
 def test_worker_log_never_shows_passwords(secret_worker):
-    """Issue 4.5 / contract §7: the worker's log at debug level holds no password, in any form."""
+    """The worker's log at debug level holds no password, in any form."""
     found = leaks(secret_worker["log"], secret_worker["passwords"])
     assert not found, f"passwords {found} in the log:\n{secret_worker['log'][-3000:]}"
 
 
 def test_process_titles_never_show_passwords(secret_worker):
-    """Issue 4.5 / contract §7: neither ``ps`` nor /proc/PID/cmdline of the worker, its fork
+    """Neither ``ps`` nor /proc/PID/cmdline of the worker, its fork
     server, its job processes or their programs shows a password."""
     titles = secret_worker["titles"]
     assert len(titles) >= 4, f"expected the worker, its fork server and the jobs: {titles}"
@@ -341,7 +336,7 @@ def test_process_titles_never_show_passwords(secret_worker):
 
 
 def test_shell_job_environment_has_no_password_variables(secret_worker):
-    """Issue 4.5 / contract §7: a ``shell!`` program's environment has no RBIT_*_PASSWORD and no password."""
+    """A ``shell!`` program's environment has no RBIT_*_PASSWORD and no password."""
     env = secret_worker["shell_env"]
     assert env is not None and "RBIT_ID=6101" in env.splitlines()
     names = [line.partition("=")[0] for line in env.splitlines()]
@@ -351,7 +346,7 @@ def test_shell_job_environment_has_no_password_variables(secret_worker):
 
 
 def test_python_job_process_does_not_inherit_password_variables(secret_worker):
-    """Issue 4.5 / README "job processes do not inherit rbit's password variables": a
+    """Job processes do not inherit rbit's password variables: a
     ``python!`` runner's process (which may start anything) has no RBIT_AMQP_PASSWORD."""
     env = secret_worker["python_env"]
     assert env is not None
@@ -361,10 +356,10 @@ def test_python_job_process_does_not_inherit_password_variables(secret_worker):
 
 
 def test_wrong_password_and_closed_port_log_no_password(tmp_path):
-    """Issue 4.5 / contract §6-7: a worker whose broker is down logs each connection attempt and the
+    """A worker whose broker is down logs each connection attempt and the
     world-readable-file warning, at debug level, without the (wrong) password."""
     password = f"Wrong-{uuid.uuid4().hex[:8]}-p@ss/word"
-    path = offline_config(tmp_path / "rbit.ini", amqp={"password": password}, mode=0o644)
+    path = offline_config(tmp_path / "rbit.ini", RUNNERS, amqp={"password": password}, mode=0o644)
     worker = WorkerProcess(path, "-v").start()
     try:
         worker.wait_log(r"every user can read it", timeout=15)
@@ -388,7 +383,7 @@ def broker_user(vhost):
 
 
 def test_wrong_password_on_the_real_broker_logs_no_password(tmp_path, vhost, broker_user):
-    """Issue 4.5 / contract §7: refused by the real broker (wrong password), the worker's log and
+    """Refused by the real broker (wrong password), the worker's log and
     ``--check-connections`` output hold neither the wrong nor the right password."""
     user, right = broker_user
     wrong = f"Wrong-{uuid.uuid4().hex[:8]}-p@ss/word"
@@ -408,7 +403,7 @@ def test_wrong_password_on_the_real_broker_logs_no_password(tmp_path, vhost, bro
 
 
 def test_wrong_password_is_one_clear_message_not_a_traceback(tmp_path, vhost, broker_user):
-    """Contract §2 ("no traceback is shown for a mistake in the configuration"): a worker whose
+    """A wrong password is one clear message, not a traceback: a worker whose
     [amqp] password the broker refuses says so in one line and exits non-zero, no traceback."""
     user, _ = broker_user
     path = write_config(tmp_path / "rbit.ini", name=f"wrongpw-{uuid.uuid4().hex[:8]}", vhost=vhost,

@@ -1,5 +1,5 @@
-"""Running rbit as a service (contract §2 options, §6 SIGTERM): --daemon with a pid file,
-systemd's notify protocol, and the unit file in contrib/.
+"""Running rbit as a service: --daemon with a pid file, systemd's notify protocol, the unit
+file in contrib/, and what SIGTERM does to each (the README's "As a systemd service" and "Signals").
 
 The worker runs for real on the shared broker (this session's vhost) with a fake
 PyBit; the broker itself is never stopped or reconfigured here.
@@ -20,8 +20,8 @@ import pytest
 from rbit import statuses
 from rbit.config import RBIT_DEFAULTS
 
-from .harness import ROOT
-from .test_reliability import alive, cmdline, rig, wait_until  # noqa: F401  (rig is a fixture)
+from .harness import ROOT, alive, cmdline, environment, wait_until
+from .test_reliability import rig  # noqa: F401  (a fixture)
 
 UNIT_FILE = ROOT / "contrib" / "rbit.service"
 
@@ -45,7 +45,7 @@ class Daemon:
             [sys.executable, "-m", "rbit", str(self.config), "--daemon",
              "--pidfile", str(self.pidfile), "--logfile", str(self.logfile)],
             capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
+            env=environment(),
         )
         return result, time.monotonic() - started
 
@@ -108,9 +108,9 @@ def dead_pid():
 
 
 def test_daemon_detaches_holds_its_pid_file_serves_and_stops_on_sigterm(rig, daemon):
-    """§2 daemonizing and pid file options, §6 SIGTERM: ``--daemon --pidfile P --logfile L``
-    returns 0 at once; P holds the pid of the detached worker, which serves a job; SIGTERM stops
-    it and the pid file goes away."""
+    """Without systemd, ``--daemon --pidfile P --logfile L`` detaches: it returns 0 at once; P
+    holds the pid of the detached worker, which serves a job; SIGTERM stops it and the pid file
+    goes away."""
     result, took = daemon.launch()
     assert result.returncode == 0, result
     assert took < 10, f"the command took {took:.1f} s to return"
@@ -127,8 +127,9 @@ def test_daemon_detaches_holds_its_pid_file_serves_and_stops_on_sigterm(rig, dae
 
 
 def test_stale_pid_file_does_not_block_a_start(rig, daemon):
-    """§2 pid file: a pid file naming a process that is gone (left by a crash) does not stop the
-    daemon from starting; the file then holds the new pid, and the daemon serves."""
+    """A pid file left by a dead process is removed: a pid file naming a process that is gone
+    (left by a crash) does not stop the daemon from starting; the file then holds the new pid,
+    and the daemon serves."""
     stale = dead_pid()
     daemon.pidfile.write_text(f"{stale}\n")
     result, _ = daemon.launch()
@@ -143,9 +144,9 @@ def test_stale_pid_file_does_not_block_a_start(rig, daemon):
 
 
 def test_pid_file_of_a_running_daemon_blocks_a_second_start(rig, daemon):
-    """§2 pid file, exit status 1 for a failure that is not the configuration: a second
-    ``--daemon`` with the pid file of a running daemon is refused with one message and
-    status 1, and the first daemon keeps its pid file."""
+    """A pid file naming a live process stops the start, with exit status 1 (a failure that is
+    not a usage or configuration error): a second ``--daemon`` with the pid file of a running
+    daemon is refused with one message and status 1, and the first daemon keeps its pid file."""
     result, _ = daemon.launch()
     assert result.returncode == 0, result
     pid = daemon.pid()
@@ -190,7 +191,7 @@ def receive(sock, timeout=30):
 
 
 def test_notify_socket_gets_ready_once_queues_are_served_and_stopping_on_sigterm(rig, notify_socket):
-    """§6 SIGTERM, contrib/rbit.service ``Type=notify``: with NOTIFY_SOCKET set (a path or an
+    """SIGTERM, contrib/rbit.service ``Type=notify``: with NOTIFY_SOCKET set (a path or an
     abstract ``@name``) the worker sends READY=1 once its queue has its consumer, and STOPPING=1
     when SIGTERM arrives; it then exits 0."""
     sock, address = notify_socket
@@ -209,7 +210,7 @@ def test_notify_socket_gets_ready_once_queues_are_served_and_stopping_on_sigterm
 
 
 def test_notify_socket_gets_stopping_on_sigterm_during_a_job(rig, tmp_path):
-    """§6 SIGTERM with a grace period, contrib/rbit.service ``Type=notify``: STOPPING=1 is sent as
+    """SIGTERM with a grace period, contrib/rbit.service ``Type=notify``: STOPPING=1 is sent as
     soon as SIGTERM arrives, while the running job is still given its grace; the job then ends
     Done and the worker exits 0."""
     directory = tempfile.mkdtemp(prefix="rbit-notify-")
@@ -254,7 +255,7 @@ def timespan_seconds(value):
 
 
 def test_unit_file_suits_a_graceful_notify_service():
-    """§6 SIGTERM with a grace period, under systemd: contrib/rbit.service is Type=notify (rbit
+    """SIGTERM with a grace period, under systemd: contrib/rbit.service is Type=notify (rbit
     says READY=1), runs rbit in the foreground (no --daemon), KillMode=mixed (SIGTERM to rbit
     alone, so the build can finish), a TimeoutStopSec longer than the default shutdown_grace,
     and Restart=on-failure."""

@@ -1,10 +1,10 @@
-"""Property tests of the ``shell!`` runner's line handling (issue 4.7, contract §4 and §7).
+"""Property tests of the ``shell!`` runner's line handling (the README's ``shell!PROGRAM ARG ...``).
 
-Contract §4: the line is split once, like a POSIX shell splits words, with no
+The line is split once, the way a POSIX shell splits words, with no
 variable, glob or command expansion; placeholders are replaced inside single
 arguments only, so no value from a message can add an argument or run a
-command. Contract §7: nothing from a message reaches a shell, and job
-processes do not get rbit's password variables. No broker is needed.
+command. "Security": no value from a message reaches a shell, and job
+processes do not inherit rbit's password variables. No broker is needed.
 """
 
 import shlex
@@ -47,7 +47,7 @@ def expected(parts, fields):
 @SETTINGS
 @given(arguments, fields_strategy)
 def test_substitute_keeps_the_argument_count_and_replaces_once(args, fields):
-    """Issue 4.7 / contract §4: for any line (quoted, split by ``split``) and any field values,
+    """For any line (quoted, split by ``split``) and any field values,
     ``substitute`` returns as many arguments as the line has, each the one-pass replacement of
     its own placeholders; placeholder-free arguments are unchanged."""
     line = " ".join(shlex.quote(template(parts)) for parts in args)
@@ -65,13 +65,13 @@ def test_substitute_keeps_the_argument_count_and_replaces_once(args, fields):
 @given(st.lists(st.text(st.characters(exclude_characters=" \t\r\n'\"\\%", exclude_categories=("Cs",)),
                         min_size=1, max_size=15), min_size=1, max_size=8))
 def test_split_never_expands_anything(words):
-    """Issue 4.7 / contract §4: unquoted words with ``$VAR``, globs, ``~``, ``$(...)``, backticks,
+    """Unquoted words with ``$VAR``, globs, ``~``, ``$(...)``, backticks,
     ``;`` or ``|`` come out of ``split`` exactly as written, one argument each."""
     assert split(" ".join(words)) == words
 
 
 def test_split_examples_from_the_contract():
-    """Contract §4: quotes group, backslash escapes, nothing is expanded."""
+    """Quotes group, backslash escapes, nothing is expanded."""
     assert split("/bin/sh -c 'make \"$0\"' %PACKAGE") == ["/bin/sh", "-c", 'make "$0"', "%PACKAGE"]
     assert split("echo $HOME ~ *.py $(id) `id` a;b {x,y}") == [
         "echo", "$HOME", "~", "*.py", "$(id)", "`id`", "a;b", "{x,y}"]
@@ -82,7 +82,7 @@ def test_split_examples_from_the_contract():
 @SETTINGS
 @given(fields_strategy)
 def test_values_holding_placeholders_are_not_substituted_again(fields):
-    """Issue 4.7 / contract §4: substitution is a single pass: a value that contains ``%ID``
+    """Substitution is a single pass: a value that contains ``%ID``
     or ``%%`` is inserted as it is."""
     argv = split("prog %PACKAGE x%VERSION%%%ID %URI")
     assert substitute(argv, fields) == [
@@ -90,7 +90,7 @@ def test_values_holding_placeholders_are_not_substituted_again(fields):
 
 
 def test_single_pass_example():
-    """Issue 4.7: ``%PACKAGE`` = ``%ID`` stays ``%ID``, not the job id."""
+    """``%PACKAGE`` = ``%ID`` stays ``%ID``, not the job id."""
     assert substitute(["%PACKAGE", "%%ID"], {"PACKAGE": "%ID", "ID": "42"}) == ["%ID", "%ID"]
 
 
@@ -102,7 +102,7 @@ env_names = st.text(st.characters(min_codepoint=65, max_codepoint=90), min_size=
        st.dictionaries(st.text(min_size=1, max_size=12), field_text, max_size=5),
        fields_strategy, st.text(min_size=1, max_size=20), st.text(min_size=1, max_size=20))
 def test_job_environment_never_holds_rbit_passwords(base, settings_, fields, amqp_secret, pybit_secret):
-    """Issue 4.7 / contract §7 / README "job processes do not inherit rbit's password variables":
+    """Job processes do not inherit rbit's password variables:
     whatever the base environment, settings and fields, the program's environment has neither
     RBIT_AMQP_PASSWORD nor RBIT_PYBIT_PASSWORD, and the rest of the base is kept."""
     base = {**base, PASSWORD_ENV["amqp"]: amqp_secret, PASSWORD_ENV["pybit"]: pybit_secret}
@@ -117,7 +117,7 @@ def test_job_environment_never_holds_rbit_passwords(base, settings_, fields, amq
 
 
 def test_job_environment_from_os_environ_drops_passwords(monkeypatch):
-    """Issue 4.7 / contract §7: with the passwords set in the worker's own environment,
+    """With the passwords set in the worker's own environment,
     the job's environment (built from ``os.environ``) does not have them."""
     monkeypatch.setenv("RBIT_AMQP_PASSWORD", "amqp-secret-xyz")
     monkeypatch.setenv("RBIT_PYBIT_PASSWORD", "pybit-secret-xyz")

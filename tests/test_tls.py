@@ -1,4 +1,5 @@
-"""TLS to the broker (issue 4 point 6): ``[amqp] ssl``, ``ca_file``, ``cert_file``, ``key_file``, ``verify``.
+"""TLS to the broker, against "an eavesdropper between worker and broker": ``[amqp] ssl``,
+``ca_file``, ``cert_file``, ``key_file``, ``verify``.
 
 The real ``python -m rbit CONFIG`` talks amqps to PRIVATE RabbitMQ nodes
 (tests/rabbit_node.py) that this module starts with a TLS listener of their
@@ -17,7 +18,6 @@ under test) use to publish and look at queues. The shared broker on
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -27,9 +27,9 @@ import pytest
 
 from rbit import statuses
 
-from .harness import ROOT, WorkerProcess, write_config
+from .harness import WorkerProcess, environment, free_port, write_config
 from .pybit_models import queue_name, request_body, routing_key
-from .rabbit_node import RabbitNode, free_port
+from .rabbit_node import RabbitNode
 from .reliability_runners import events
 from .tls_certs import TempCerts
 
@@ -222,7 +222,7 @@ def check_connections(config):
     return subprocess.run(
         [sys.executable, "-m", "rbit", str(config), "--check", "--check-connections"],
         capture_output=True, text=True, timeout=60, cwd=str(config.parent),
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
+        env=environment(),
     )
 
 

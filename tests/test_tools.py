@@ -1,7 +1,8 @@
 """The operator's and runner author's tools: ``rbit publish``, ``status``, ``try``, ``rejected``, ``recover``.
 
-Issue points 5.1-5.3 and 4.2; contract §1 (wire format), §2 (command line,
-exit statuses), §5.7 and §7 (the rejected queue). Every command runs as a
+The README's "Publishing a test request", "Trying a runner without a broker",
+"Looking at the worker" and "Recovering a dead worker's jobs", with the exit
+statuses of its "Command line". Every command runs as a
 real ``python -m rbit`` subprocess against the real broker, in the test
 session's vhost with queue and worker names of the test's own.
 
@@ -10,10 +11,8 @@ subprocesses (the repository root is on their PYTHONPATH).
 """
 
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import time
 from rbit import Failed
 from rbit.pybit import decode_build_request, encode, make_request
 
-from .harness import ROOT, WorkerProcess, write_config
+from .harness import ROOT, WorkerProcess, environment, free_port, offline_config, write_config
 
 
 # -- Runners the rbit subprocesses import ---------------------------------------
@@ -50,17 +49,8 @@ def failing_runner(message, set_status, settings):
 
 def rbit(*args, env=None, timeout=60):
     """``python -m rbit ARGS`` as an operator runs it; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-                **(env or {})}
     return subprocess.run([sys.executable, "-m", "rbit", *map(str, args)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=str(ROOT))
-
-
-def closed_port():
-    """A TCP port on 127.0.0.1 that nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+                          text=True, env=environment(**(env or {})), timeout=timeout, cwd=str(ROOT))
 
 
 def names(unique):
@@ -94,20 +84,11 @@ def status_rows(output):
     return rows
 
 
-def wait_until(predicate, timeout=20, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-# -- rbit publish (issue 5.1, contract §1) -----------------------------------------------
+# -- rbit publish: a request exactly as PyBit's web controller sends it ------------------
 
 
 def test_publish_puts_a_pybit_request_on_the_served_queue(tmp_path, vhost, unique):
-    """Issue 5.1 / contract §1: ``rbit publish`` routes through ``pybit`` with the dotted key,
+    """``rbit publish`` routes through ``pybit`` with the dotted key,
     persistent, with a jsonpickle body tagged ``pybit.models`` that rbit reads back unchanged."""
     dist, queue, key = names(unique)
     vhost.declare_build_queue(queue, key)
@@ -166,11 +147,11 @@ def test_publish_before_any_worker_keeps_the_request_for_the_worker(tmp_path, vh
     assert vhost.depth(queue) == 0
 
 
-# -- rbit status (issue 5.2) -----------------------------------------------------------------
+# -- rbit status -----------------------------------------------------------------------------
 
 
 def test_status_shows_queues_slots_and_the_job_in_progress(tmp_path, vhost, unique):
-    """Issue 5.2: ``rbit status`` lists the served queue (depth, consumers), the delay queue,
+    """``rbit status`` lists the served queue (depth, consumers), the delay queue,
     the in-progress slot with the running job's id, and the rejected queue."""
     dist, queue, key = names(unique)
     name = f"stat-{unique}"
@@ -204,14 +185,14 @@ def test_status_shows_queues_slots_and_the_job_in_progress(tmp_path, vhost, uniq
         assert vhost.depth(queue) == 1
 
 
-# -- rbit try (issue 5.3) ---------------------------------------------------------------------
+# -- rbit try: a runner without a broker ------------------------------------------------------
 
 
 def try_config(tmp_path, unique, record):
     """Two runner sections and an [amqp] port nothing listens on: ``try`` must not need a broker."""
     _, queue, _ = names(unique)
-    return write_config(
-        tmp_path / "try.ini", name=f"try-{unique}", vhost=None, amqp={"port": str(closed_port())},
+    return offline_config(
+        tmp_path / "try.ini", name=f"try-{unique}",
         runners={queue: {"runner": "python!tests.test_tools:record_runner", "record": str(record)},
                  f"f{unique}_any_latex_pdf": {"runner": "python!tests.test_tools:failing_runner",
                                               "record": str(record)}},
@@ -219,7 +200,7 @@ def try_config(tmp_path, unique, record):
 
 
 def test_try_runs_the_runner_with_no_broker(tmp_path, unique):
-    """Issue 5.3: ``rbit try CONFIG --package x`` runs the runner here, with the broker's port
+    """``rbit try CONFIG --package x`` runs the runner here, with the broker's port
     closed, printing ``status: Building`` ... ``ended Done``; exit 0."""
     record = tmp_path / "record.json"
     config = try_config(tmp_path, unique, record)
@@ -236,7 +217,7 @@ def test_try_runs_the_runner_with_no_broker(tmp_path, unique):
 
 
 def test_try_a_failing_runner_exits_1(tmp_path, unique):
-    """Issue 5.3 / contract §4: a runner raising ``rbit.Failed`` ends ``Failed`` with its message; exit 1."""
+    """A runner raising ``rbit.Failed`` ends ``Failed`` with its message; exit 1."""
     record = tmp_path / "record.txt"
     config = try_config(tmp_path, unique, record)
     result = rbit("try", config, "--queue", f"f{unique}_any_latex_pdf", "--package", "x", timeout=30)
@@ -249,7 +230,7 @@ def test_try_a_failing_runner_exits_1(tmp_path, unique):
 
 
 def test_try_with_a_body_file_passes_the_body_unchanged(tmp_path, unique):
-    """Issue 5.3 / contract §4: ``--body-file`` with PyBit's JSON: the runner gets that exact body."""
+    """``--body-file`` with PyBit's JSON: the runner gets that exact body."""
     record = tmp_path / "record.json"
     config = try_config(tmp_path, unique, record)
     body = request_body(55, f"t{unique}", package="frombody", version="9.9")
@@ -263,7 +244,7 @@ def test_try_with_a_body_file_passes_the_body_unchanged(tmp_path, unique):
 
 
 def test_try_refuses_a_hostile_body_file(tmp_path, unique):
-    """Issue 5.3 / contract §7: a body with ``py/reduce`` is refused (exit 2), never executed,
+    """A body with ``py/reduce`` is refused (exit 2), never executed,
     and the runner is not called."""
     record = tmp_path / "record.json"
     marker = tmp_path / "pwned"
@@ -281,11 +262,11 @@ def test_try_refuses_a_hostile_body_file(tmp_path, unique):
     assert not marker.exists(), "the body's py/reduce was executed"
 
 
-# -- rbit rejected (issue 5.2, contract §7) ----------------------------------------------------
+# -- rbit rejected: the rejected queue ---------------------------------------------------------
 
 
 def test_rejected_lists_and_requeues_without_rbit_headers(tmp_path, vhost, unique):
-    """Issue 5.2 / contract §7: ``rbit rejected`` lists each rejected message with its reason and
+    """``rbit rejected`` lists each rejected message with its reason and
     source queue; ``--requeue 1`` puts that one back on its queue without ``x-rbit-*`` headers
     (body and other headers unchanged); the rest stay in the rejected queue."""
     dist, queue, key = names(unique)
@@ -327,11 +308,11 @@ def test_rejected_lists_and_requeues_without_rbit_headers(tmp_path, vhost, uniqu
     assert "py/reduce" in rest.stdout
 
 
-# -- rbit recover (issue 4.2) -----------------------------------------------------------------
+# -- rbit recover: a dead worker's jobs -------------------------------------------------------
 
 
 def test_recover_puts_back_a_dead_workers_job(tmp_path, vhost, unique):
-    """Issue 4.2 / contract §6: ``rbit recover --worker NAME`` refuses while NAME is connected,
+    """``rbit recover --worker NAME`` refuses while NAME is connected,
     and after it died mid-job puts its in-progress job back on the job's queue."""
     dist, queue, key = names(unique)
     name = f"rec-{unique}"
@@ -369,11 +350,11 @@ def test_recover_puts_back_a_dead_workers_job(tmp_path, vhost, unique):
     assert body_text(back) == body
 
 
-# -- rbit --help (issue 5.1-5.3, contract §2) ---------------------------------------------------
+# -- rbit --help --------------------------------------------------------------------------------
 
 
 def test_help_lists_every_command():
-    """Contract §2: ``rbit --help`` lists every command; each has its own ``--help``."""
+    """``rbit --help`` lists every command; each has its own ``--help``."""
     result = rbit("--help")
     assert result.returncode == 0, result.stderr
     for command in ("run", "recover", "publish", "status", "try", "rejected"):
@@ -382,14 +363,14 @@ def test_help_lists_every_command():
         assert own.returncode == 0 and "Usage:" in own.stdout, (command, own.stderr)
 
 
-# -- A broker that is down (contract §2: exit 1 with one clear message) ----------------------
+# -- A broker that is down: exit 1 with one clear message ------------------------------------
 
 
 def test_tools_report_a_broker_that_is_down(tmp_path, unique):
-    """Contract §2 / issue 5.1-5.2: with nothing listening on [amqp] port, ``publish``, ``status``,
+    """With nothing listening on [amqp] port, ``publish``, ``status``,
     ``rejected`` and ``recover`` exit 1 at once, without a traceback, with a message that says
     the broker cannot be reached and why (the host:port, or "refused")."""
-    port = closed_port()
+    port = free_port()
     _, queue, _ = names(unique)
     config = write_config(tmp_path / "down.ini", name=f"down-{unique}", vhost=None,
                           amqp={"port": str(port)}, runners={queue: {"runner": "python!rbitext.hello:hello"}})

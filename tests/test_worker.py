@@ -1,5 +1,6 @@
-"""The worker on the real broker with a fake PyBit: queues (§1), consuming (§5.1), what a runner
-receives (§4), statuses (§5), Blocked (§5.6) and every message's one end (§5.7, §7).
+"""The worker on the real broker with a fake PyBit (the README's "How it works"): its queues,
+consuming, what a runner is handed, statuses, Blocked jobs, and messages that are not valid
+build requests.
 
 Each test runs the real ``python -m rbit CONFIG`` on queues and a worker name of its
 own, publishes requests exactly as PyBit's controller does, and looks at the broker,
@@ -151,11 +152,11 @@ def ended(worker, job_id, outcome=r"\w+", timeout=15):
     return worker.wait_log(rf"job {job_id}: .* ended {outcome}", timeout=timeout)
 
 
-# -- §1: the queues, declared exactly as PyBit declares them -------------------
+# -- The queues, declared exactly as PyBit declares them -----------------------
 
 
 def test_queue_declared_by_pybit_first_then_worker_runs_the_waiting_job(tmp_path, vhost, unique):
-    """§1, §5.1: PyBit declares the build queue (durable, no arguments, dotted key) and publishes
+    """PyBit declares the build queue (durable, no arguments, dotted key) and publishes
     before any worker runs; the worker then declares it without PRECONDITION_FAILED and runs
     the job that was waiting."""
     queue, key = queue_for(unique)
@@ -174,7 +175,7 @@ def test_queue_declared_by_pybit_first_then_worker_runs_the_waiting_job(tmp_path
 
 
 def test_queue_declared_by_worker_first_is_exactly_pybits(tmp_path, vhost, unique):
-    """§1: the worker declares exchange pybit (direct, durable, not auto-delete) and the build
+    """The worker declares exchange pybit (direct, durable, not auto-delete) and the build
     queue (durable, not exclusive, not auto-delete, no arguments) bound with the dotted key, so
     PyBit's own identical and passive declarations after it succeed and its publish arrives."""
     queue, key = queue_for(unique)
@@ -200,11 +201,11 @@ def test_queue_declared_by_worker_first_is_exactly_pybits(tmp_path, vhost, uniqu
     assert [entry["job_id"] for entry in records(record)] == [12]
 
 
-# -- §5.1: consuming -------------------------------------------------------------
+# -- Consuming -------------------------------------------------------------------
 
 
 def test_job_starts_at_once_whatever_the_poll_time(tmp_path, vhost, unique):
-    """§5.1: with --poll-time 60, a job published to an idle worker starts within a fraction of a
+    """With --poll-time 60, a job published to an idle worker starts within a fraction of a
     second, and so does the next one after the worker went idle again."""
     queue, key = queue_for(unique)
     path, _ = make_config(tmp_path, vhost, unique, rbit_keys={"polling_time": "60"})
@@ -223,7 +224,7 @@ def test_job_starts_at_once_whatever_the_poll_time(tmp_path, vhost, unique):
 
 @pytest.mark.parametrize("published", ["before the worker starts", "while the worker is idle"])
 def test_worker_holds_no_more_messages_than_it_runs(tmp_path, vhost, unique, published):
-    """§5.1, §6: serving two queues with three jobs each and a slow runner, the worker holds only
+    """Serving two queues with three jobs each and a slow runner, the worker holds only
     the job it runs: every other message stays ready on its queue, none unacknowledged, and a
     second worker started meanwhile takes the next job at once. Each job runs once. The jobs
     are published either before the worker starts or once it waits for work."""
@@ -282,11 +283,11 @@ def test_worker_holds_no_more_messages_than_it_runs(tmp_path, vhost, unique, pub
         assert vhost.depth(in_progress(name)) == 0
 
 
-# -- §4: what a runner is handed ------------------------------------------------
+# -- What a runner is handed ----------------------------------------------------
 
 
 def test_runner_gets_exact_body_decoded_request_queue_and_settings(tmp_path, vhost, unique):
-    """§4: message.body is the published text exactly; message.request is a BuildRequest with
+    """message.body is the published text exactly; message.request is a BuildRequest with
     PyBit's accessors; message.queue names the queue; redelivered is False on a first delivery;
     settings are the section's other keys (not runner or timeout), and set_status is callable."""
     queue, key = queue_for(unique)
@@ -321,7 +322,7 @@ def test_runner_gets_exact_body_decoded_request_queue_and_settings(tmp_path, vho
 
 
 def test_runner_sees_a_redelivered_message_as_redelivered(tmp_path, vhost, unique):
-    """§4: a message the broker redelivers (a consumer took it and went away without an ack)
+    """A message the broker redelivers (a consumer took it and went away without an ack)
     reaches the runner with message.redelivered True; a fresh one with False."""
     queue, key = queue_for(unique)
     vhost.declare_build_queue(queue, key)
@@ -338,11 +339,11 @@ def test_runner_sees_a_redelivered_message_as_redelivered(tmp_path, vhost, uniqu
     assert {entry["job_id"]: entry["redelivered"] for entry in records(record)} == {42: True, 43: False}
 
 
-# -- §5: statuses --------------------------------------------------------------
+# -- Statuses ------------------------------------------------------------------
 
 
 def test_statuses_building_runner_statuses_then_done(tmp_path, vhost, unique, pybit_web):
-    """§5.3-5.5: Building is reported before the runner, the runner's set_status calls follow in
+    """Building is reported before the runner, the runner's set_status calls follow in
     order, and Done is added only when the runner reported no final status itself."""
     queue, key = queue_for(unique)
     path, record = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web))
@@ -363,7 +364,7 @@ def test_statuses_building_runner_statuses_then_done(tmp_path, vhost, unique, py
 
 
 def test_failed_and_other_exceptions_report_failed(tmp_path, vhost, unique, pybit_web):
-    """§4, §5: rbit.Failed makes the job Failed with its message; any other exception makes it
+    """rbit.Failed makes the job Failed with its message; any other exception makes it
     Failed with the traceback in the worker's log."""
     queue, key = queue_for(unique)
     path, _ = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web))
@@ -385,7 +386,7 @@ def test_failed_and_other_exceptions_report_failed(tmp_path, vhost, unique, pybi
 
 
 def test_unknown_status_fails_the_job_and_never_reaches_pybit(tmp_path, vhost, unique, pybit_web):
-    """§1, §4: set_status with a status PyBit does not know is the runner author's error naming
+    """set_status with a status PyBit does not know is the runner author's error naming
     the allowed ones: the job ends Failed and PyBit is never sent the unknown name."""
     queue, key = queue_for(unique)
     path, _ = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web))
@@ -404,7 +405,7 @@ def test_unknown_status_fails_the_job_and_never_reaches_pybit(tmp_path, vhost, u
 
 
 def test_status_reports_carry_client_name_and_basic_auth(tmp_path, vhost, unique, pybit_web):
-    """§1, §3: status PUTs carry client = [rbit] name and HTTP basic auth from [pybit], whose
+    """Status PUTs carry client = [rbit] name and HTTP basic auth from [pybit], whose
     password comes from RBIT_PYBIT_PASSWORD when set (the file's one is wrong here)."""
     queue, key = queue_for(unique)
     path, _ = make_config(tmp_path, vhost, unique,
@@ -421,7 +422,7 @@ def test_status_reports_carry_client_name_and_basic_auth(tmp_path, vhost, unique
 
 
 def test_statuses_go_to_pybit_url_when_configured(tmp_path, vhost, unique, pybit_web):
-    """§3: with [pybit] url, statuses go there, not to the request's web_host."""
+    """With [pybit] url, statuses go there, not to the request's web_host."""
     queue, key = queue_for(unique)
     path, _ = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web, url=True))
     pybit_web.add_job(82)
@@ -447,7 +448,7 @@ def test_statuses_go_to_web_host_without_url(tmp_path, vhost, unique):
 
 
 def test_without_pybit_section_statuses_are_only_logged(tmp_path, vhost, unique, pybit_web):
-    """§3: without [pybit] nothing is sent, not even to the request's web_host; each status is
+    """Without [pybit] nothing is sent, not even to the request's web_host; each status is
     logged with the job id and the queue."""
     queue, key = queue_for(unique)
     path, _ = make_config(tmp_path, vhost, unique)
@@ -462,7 +463,7 @@ def test_without_pybit_section_statuses_are_only_logged(tmp_path, vhost, unique,
 
 
 def test_job_cancelled_in_pybit_is_dropped_without_running(tmp_path, vhost, unique, pybit_web):
-    """§5.2, §5.7: a job whose PyBit history ends in Cancelled is not run and nothing is reported
+    """A job whose PyBit history ends in Cancelled is not run and nothing is reported
     for it; its message is acknowledged (not back on the queue, not in progress), and the worker
     goes on with the next job."""
     queue, key = queue_for(unique)
@@ -483,11 +484,11 @@ def test_job_cancelled_in_pybit_is_dropped_without_running(tmp_path, vhost, uniq
     assert vhost.depth(in_progress(f"w{unique}")) == 0
 
 
-# -- §5.6: Blocked ---------------------------------------------------------------
+# -- Blocked jobs ----------------------------------------------------------------
 
 
 def test_blocked_job_is_held_by_the_broker_then_offered_again(tmp_path, vhost, unique, pybit_web):
-    """§4, §5.6: rbit.Blocked is reported Blocked; the message waits blocked_delay seconds in the
+    """rbit.Blocked is reported Blocked; the message waits blocked_delay seconds in the
     broker's rbit.delay.<queue>.<ms>ms queue, not in the worker, and comes back unchanged to its
     queue even though the worker was stopped right after the report."""
     queue, key = queue_for(unique)
@@ -522,11 +523,11 @@ def test_blocked_job_is_held_by_the_broker_then_offered_again(tmp_path, vhost, u
     assert len(records(record)) == 1
 
 
-# -- §5.7, §7: bad input -----------------------------------------------------------
+# -- Bad input: the rejected queue -------------------------------------------------
 
 
 def test_bad_messages_are_moved_unchanged_to_the_rejected_queue(tmp_path, vhost, unique, pybit_web):
-    """§5.7, §7: a body that is not JSON, not a BuildRequest, or carries py/reduce never reaches
+    """A body that is not JSON, not a BuildRequest, or carries py/reduce never reaches
     the runner; it is moved with the same bytes to the rejected queue with x-rbit-reason and
     x-rbit-queue headers, and the worker goes on with the next good job."""
     queue, key = queue_for(unique)

@@ -4,7 +4,7 @@ and a lost connection, in milliseconds and without RabbitMQ.
 Each test builds a real :class:`rbit.worker.Worker` on a :class:`tests.memory_broker.MemoryBroker`,
 with a recording reporter instead of PyBit, and turns its loop (:meth:`Worker.loop`) until
 what it checks has happened. Jobs run in real processes, forked by one fork server for the
-whole session, with the runners below. tests/test_worker.py checks the same contract
+whole session, with the runners below. tests/test_worker.py checks the same behaviour
 end to end against RabbitMQ.
 """
 

@@ -1,4 +1,5 @@
-"""A third-party processor for rbit, as a plugin package ships it (contract §4, issue 5.5).
+"""A third-party processor for rbit, as a plugin package ships it (the README's
+"Processors from plugins").
 
 ``echo!TEXT`` appends one line ``TEXT JOB_ID QUEUE`` to the file named by the
 runner section's ``output`` setting. It is registered in the ``rbit.processors``
