@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import runners
+from . import joblog, runners
 from .errors import ConfigError
 from .passwords import PASSWORD_ENV
 from .settings import check_known, parse_flag
@@ -26,6 +26,10 @@ RBIT_DEFAULTS = {
     "shutdown_grace": "300",
     "state_dir": "",
     "http": "",
+    "log_dir": "",
+    "log_max": "100M",
+    "log_keep": "14",
+    "log_echo": "false",
 }
 
 #: Keys of ``[amqp]`` and their defaults.
@@ -79,6 +83,12 @@ class WorkerSettings:
     shutdown_grace: float = 300.0
     state_dir: Path | None = None
     http: tuple | None = None
+    #: Job logs (rbit.joblog): where (None: the default place), the cap in bytes, days kept,
+    #: and whether their output is echoed to the worker's log too.
+    log_dir: Path | None = None
+    log_max: int = 100 << 20
+    log_keep: float = 14.0
+    log_echo: bool = False
 
 
 @dataclass(frozen=True)
@@ -259,7 +269,7 @@ def load(path, environ=None):
                 f"unknown section; runner sections are named [{RUNNER_PREFIX}QUEUE]", path, name
             )
     warnings = []
-    worker = _worker(_Section(path, parser, "rbit", RBIT_DEFAULTS))
+    worker = _worker(_Section(path, parser, "rbit", RBIT_DEFAULTS), environ)
     amqp = _amqp(_Section(path, parser, "amqp", AMQP_DEFAULTS), environ, warnings)
     pybit = None
     if parser.has_section("pybit"):
@@ -280,7 +290,7 @@ def _is_logging_part(name):
     return name.startswith(("logger_", "handler_", "formatter_"))
 
 
-def _worker(section):
+def _worker(section, environ):
     name = section.text("name", required=True)
     suites = tuple(s.strip() for s in section.text("suites").split(",") if s.strip())
     http = None
@@ -302,7 +312,24 @@ def _worker(section):
         shutdown_grace=section.number("shutdown_grace"),
         state_dir=Path(section.text("state_dir")) if section.text("state_dir") else None,
         http=http,
+        # A relative log_dir is the configuration file's neighbour, whatever the working directory.
+        log_dir=section.path.parent.absolute() / Path(section.text("log_dir")).expanduser() if section.text("log_dir")
+        else joblog.default_log_dir(environ),
+        log_max=_size(section, "log_max"),
+        log_keep=section.number("log_keep"),
+        log_echo=section.flag("log_echo"),
     )
+
+
+def _size(section, key):
+    raw = section.text(key)
+    try:
+        value = joblog.parse_size(raw)
+    except ValueError:
+        raise section.error(key, f"must be a size in bytes, like 100M (K, M or G), not {raw!r}") from None
+    if value < joblog.MIN_LOG_MAX:
+        raise section.error(key, f"must be at least 4K, not {raw!r}")
+    return value
 
 
 def _warn_if_readable(path, what, warnings):

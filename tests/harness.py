@@ -41,6 +41,15 @@ def write_config(path, *, name, vhost, runners, rbit=None, pybit=None, amqp=None
     return path
 
 
+def job_log(config_path, job_id, attempt=None):
+    """The text of a job's log (the newest attempt) as a WorkerProcess on *config_path* keeps it."""
+    from rbit.joblog import attempt_path
+
+    path = attempt_path(Path(config_path).parent / "state" / "rbit" / "jobs", job_id, attempt)
+    assert path is not None, f"job {job_id} has no log"
+    return path.read_text(errors="replace")
+
+
 class WorkerProcess:
     """``python -m rbit CONFIG`` in a subprocess, its output in a file the test can read."""
 
@@ -48,7 +57,11 @@ class WorkerProcess:
         self.config_path = Path(config_path)
         self.args = args
         self.log_path = Path(log_path or self.config_path.with_suffix(".log"))
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **(env or {})}
+        # Job logs go to this test's own directory (the default log_dir is under XDG_STATE_HOME).
+        state = {"XDG_STATE_HOME": str(self.config_path.parent / "state")}
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **state,
+                    **(env or {})}
+        self.env.pop("LOGS_DIRECTORY", None)
         self.process = None
         self._offset = 0
 

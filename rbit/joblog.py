@@ -1,0 +1,410 @@
+"""Each job's own log file: one per attempt, bounded to its head and tail, readable while it grows.
+
+Layout: ``LOG_DIR/JOB/ATTEMPT.log`` (attempts numbered from 1; the highest is
+the job's log) and ``LOG_DIR/JOB/ATTEMPT.json``, which says who runs the
+attempt (worker, pid, host) and, once it has ended, how (``outcome``).
+
+A log grows as a plain file up to ``log_max``. Past that, the file keeps its
+first half (the head) and the newest bytes go to a ring, ``ATTEMPT.tail``, of
+the size of the rest; when the job ends the file gets a line saying how many
+bytes were left out, then the ring in order. The file therefore never grows
+past ``log_max`` (plus that line).
+
+Offsets (:meth:`JobLog.read`) count the bytes of the log as it was written:
+in a log that passed its cap, a reader whose offset fell in the part left
+out gets a line saying so, then the tail.
+
+A write that fails (a full disk, an I/O error) loses that output, never the
+job: the log says how many bytes were lost, where, and why, once writing
+works again or when the job ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: Bytes kept for the line that says what was left out, so the file stays within log_max.
+MARKER_RESERVE = 256
+
+#: The smallest log_max (a head, a tail and the marker line must fit).
+MIN_LOG_MAX = 4096
+
+#: A job's attempt log, ``N.log``; its metadata ``N.json``; the tail ring ``N.tail``.
+ATTEMPT_FILE = re.compile(r"^(\d+)\.(log|json|tail)$")
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+#: Read chunk when copying within files.
+_COPY_CHUNK = 1 << 20
+
+
+def parse_size(text: str) -> int:
+    """``"100M"`` -> bytes; K, M and G are powers of 1024. ValueError when it is not a size."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(text)
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def default_log_dir(environ) -> Path:
+    """systemd's ``$LOGS_DIRECTORY/jobs`` when set, else ``$XDG_STATE_HOME/rbit/jobs`` (``~/.local/state``)."""
+    if environ.get("LOGS_DIRECTORY"):
+        return Path(environ["LOGS_DIRECTORY"].split(":")[0]) / "jobs"
+    state = environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(state):
+        state = os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "rbit" / "jobs"
+
+
+def attempts(log_dir: Path, job_id: int) -> list[int]:
+    """The attempt numbers of the job's logs, oldest first."""
+    try:
+        names = os.listdir(Path(log_dir) / str(job_id))
+    except OSError:
+        return []
+    return sorted(int(m.group(1)) for m in map(ATTEMPT_FILE.match, names) if m and m.group(2) == "log")
+
+
+def attempt_path(log_dir: Path, job_id: int, attempt: int | None = None) -> Path | None:
+    """The log of *attempt* (default: the newest) of the job, or None when there is none."""
+    found = attempts(log_dir, job_id)
+    if attempt is None:
+        attempt = found[-1] if found else None
+    if attempt not in found:
+        return None
+    return Path(log_dir) / str(job_id) / f"{attempt}.log"
+
+
+def read_meta(log_path: Path) -> dict:
+    """The attempt's ``.json`` ({} when missing or unreadable)."""
+    try:
+        return json.loads(log_path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def read_file(path: Path, offset: int, limit: int) -> bytes:
+    """Up to *limit* bytes of a log file from *offset* (b"" past its end or when unreadable)."""
+    try:
+        with open(path, "rb") as handle:
+            return os.pread(handle.fileno(), limit, offset)
+    except OSError:
+        return b""
+
+
+def sweep(log_dir: Path, keep_days: float, keep_jobs=(), now: float | None = None) -> int:
+    """Remove attempt files older than *keep_days* (not those of *keep_jobs*); the number removed."""
+    if keep_days <= 0:
+        return 0
+    cutoff = (time.time() if now is None else now) - keep_days * 86400
+    removed = 0
+    try:
+        jobs = [entry for entry in os.scandir(log_dir) if entry.name.isdigit() and entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return 0
+    for job in jobs:
+        if int(job.name) in keep_jobs:
+            continue
+        try:
+            for entry in os.scandir(job.path):
+                if ATTEMPT_FILE.match(entry.name) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            os.rmdir(job.path)  # only when empty
+        except OSError:
+            pass
+    return removed
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_suffix(".json.new")
+    try:
+        temporary.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:
+        log.debug("cannot write %s: %s", path, exc)
+
+
+class JobLog:
+    """One attempt's log. The worker's loop writes; other threads may read at any time."""
+
+    def __init__(self, path: Path | None, max_bytes: int, fd: int | None = None, error: str | None = None,
+                 meta: dict | None = None, echo=None):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.head_cap = max_bytes // 2
+        self.ring_cap = max(1, max_bytes - self.head_cap - MARKER_RESERVE)
+        self.fd = fd
+        #: Why the file could not be opened (its output is then counted as lost).
+        self.error = error
+        self.meta = dict(meta or {})
+        self.echo = echo
+        self._echo_rest = b""
+        self.lock = threading.Lock()
+        #: Bytes of the log so far (its stream's end offset).
+        self.size = 0
+        self.ring = None  # fd of ATTEMPT.tail once the log passed log_max
+        self.left_out = 0
+        self.marker = b""  # the line written where the middle was left out, once ended
+        self.lost = 0  # bytes lost since the last notice of a loss
+        self.lost_total = 0
+        self.lost_reason = error
+        self.last_byte = b"\n"
+        self.ended = False
+
+    @classmethod
+    def open(cls, log_dir: Path, job_id: int, max_bytes: int, meta: dict, echo=None) -> JobLog:
+        """A new attempt's log in *log_dir*; on failure, one that loses its output (see :attr:`error`)."""
+        directory = Path(log_dir) / str(job_id)
+        try:
+            directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+            attempt = (attempts(log_dir, job_id) or [0])[-1] + 1
+            while True:
+                path = directory / f"{attempt}.log"
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+                    break
+                except FileExistsError:
+                    attempt += 1
+        except OSError as exc:
+            return cls(None, max_bytes, error=f"{exc.strerror}: {exc.filename}", meta=meta, echo=echo)
+        meta = {"job": job_id, "attempt": attempt, "pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.time(), **meta}
+        joblog = cls(path, max_bytes, fd, meta=meta, echo=echo)
+        _write_json(path.with_suffix(".json"), meta)
+        return joblog
+
+    @property
+    def attempt(self) -> int | None:
+        return self.meta.get("attempt")
+
+    # -- Writing (the worker's loop) --------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Add what the job wrote."""
+        if not data:
+            return
+        with self.lock:
+            self._append(data)
+        if self.echo is not None:
+            self._echo(data)
+
+    def note(self, text: str) -> None:
+        """Write a line of rbit's own, on a line of its own."""
+        with self.lock:
+            prefix = b"" if self.last_byte == b"\n" else b"\n"
+            self._append(prefix + text.encode("utf-8", "replace") + b"\n")
+
+    def close(self, end_line: str, **end) -> None:
+        """Write *end_line*, put the tail in place, and record how the attempt ended (*end*)."""
+        if self.ended:
+            return
+        self.note(end_line)
+        with self.lock:
+            self.ended = True
+            if self.lost and not self._store(self._loss_notice(), notice=True):
+                self._overwrite_end(self._loss_notice())
+            if self.ring is not None:
+                self._unroll_ring()
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+            self.meta.update(end, ended=time.time(), bytes=self.size, left_out=self.left_out,
+                             lost=self.lost_total)
+            if self.path is not None:
+                _write_json(self.path.with_suffix(".json"), self.meta)
+        if self.echo is not None and self._echo_rest:
+            self.echo(self._echo_rest.decode("utf-8", "replace"))
+            self._echo_rest = b""
+
+    def _append(self, data: bytes) -> None:
+        """Store *data*, after the notice of any output lost before it."""
+        if self.lost:
+            if not self._store(self._loss_notice(), notice=True):
+                self._lose(len(data), None)
+                return
+            self.lost = 0
+        self._store(data)
+
+    def _store(self, data: bytes, notice: bool = False) -> bool:
+        """Put *data* at the end of the log, keeping the cap; False on failure (the loss counted,
+        unless *data* is rbit's notice of an earlier loss)."""
+        if self.fd is None:
+            if not notice:
+                self._lose(len(data), None)
+            return False
+        data = memoryview(data)
+        try:
+            if self.ring is None:
+                room = self.head_cap + self.ring_cap - self.size
+                if len(data) <= room:
+                    _pwrite_all(self.fd, data, self.size)
+                    self.size += len(data)
+                    self.last_byte = bytes(data[-1:])
+                    return True
+                _pwrite_all(self.fd, data[:room], self.size)
+                self.size += room
+                data = data[room:]
+                self._start_ring()
+            self._ring_write(data)
+            self.last_byte = bytes(data[-1:])
+            return True
+        except OSError as exc:
+            if notice:
+                self.lost_reason = exc.strerror or self.lost_reason
+            else:
+                self._lose(len(data), exc)
+            return False
+
+    def _start_ring(self) -> None:
+        """The log reached log_max: its part past the head becomes the ring's first content."""
+        ring_path = self.path.with_suffix(".tail")
+        ring = os.open(ring_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            _copy(self.fd, self.head_cap, ring, 0, self.ring_cap)
+            os.ftruncate(self.fd, self.head_cap)
+        except OSError:
+            os.close(ring)
+            os.unlink(ring_path)
+            raise
+        self.ring = ring
+
+    def _ring_write(self, data: memoryview) -> None:
+        if len(data) > self.ring_cap:
+            skipped = len(data) - self.ring_cap
+            self.size += skipped
+            data = data[skipped:]
+        position = (self.size - self.head_cap) % self.ring_cap
+        first = min(len(data), self.ring_cap - position)
+        _pwrite_all(self.ring, data[:first], position)
+        _pwrite_all(self.ring, data[first:], 0)
+        self.size += len(data)
+        self.left_out = self.size - self.head_cap - self.ring_cap
+
+    def _unroll_ring(self) -> None:
+        """Append the marker and the ring, oldest byte first, to the head; remove the ring."""
+        start = (self.size - self.head_cap) % self.ring_cap
+        prefix = b"" if os.pread(self.fd, 1, self.head_cap - 1) == b"\n" else b"\n"
+        self.marker = prefix + (
+            f"[rbit: {self.left_out} bytes left out here: this log keeps its first {self.head_cap} "
+            f"and its last {self.ring_cap} bytes (log_max {self.max_bytes})]\n").encode()
+        try:
+            _pwrite_all(self.fd, self.marker, self.head_cap)
+            at = self.head_cap + len(self.marker)
+            _copy(self.ring, start, self.fd, at, self.ring_cap - start)
+            _copy(self.ring, 0, self.fd, at + self.ring_cap - start, start)
+            os.ftruncate(self.fd, at + self.ring_cap)
+        except OSError as exc:
+            self.lost_total += self.ring_cap
+            self.lost_reason = exc.strerror
+            log.warning("cannot put the tail of %s in place (%s); it is lost", self.path, exc.strerror)
+            try:
+                os.ftruncate(self.fd, self.head_cap + len(self.marker))
+            except OSError:
+                pass
+        os.close(self.ring)
+        self.ring = None
+        try:
+            os.unlink(self.path.with_suffix(".tail"))
+        except OSError:
+            pass
+
+    def _overwrite_end(self, notice: bytes) -> None:
+        """On a full disk, the notice of the loss replaces the log's last bytes (no new blocks needed)."""
+        if self.fd is None or self.ring is not None or self.size < len(notice):
+            return
+        try:
+            _pwrite_all(self.fd, notice, self.size - len(notice))
+        except OSError:
+            pass
+
+    def _lose(self, count: int, exc: OSError | None) -> None:
+        first = self.lost == 0 and self.lost_total == 0
+        self.lost += count
+        self.lost_total += count
+        if exc is not None:
+            self.lost_reason = exc.strerror or errno.errorcode.get(exc.errno, str(exc))
+        if first:
+            log.warning("job %s: cannot write its log %s (%s): its output is lost until it can",
+                        self.meta.get("job"), self.path, self.lost_reason)
+
+    def _loss_notice(self) -> bytes:
+        prefix = b"" if self.last_byte == b"\n" else b"\n"
+        return prefix + f"[rbit: {self.lost} bytes of output lost here: {self.lost_reason}]\n".encode()
+
+    def _echo(self, data: bytes) -> None:
+        *lines, self._echo_rest = (self._echo_rest + data).split(b"\n")
+        for line in lines:
+            self.echo(line.decode("utf-8", "replace"))
+
+    # -- Reading (any thread) ---------------------------------------------------
+
+    def read(self, offset: int, limit: int = 1 << 20) -> tuple[bytes, int]:
+        """Up to *limit* bytes of the log from *offset*, and the offset that follows them."""
+        with self.lock:
+            end = self.size
+            if offset >= end:
+                return b"", end
+            head = self.head_cap
+            capped = self.ring is not None or self.marker
+            if not capped or offset < head:
+                data = self._pread_main(offset, min(limit, (head if capped else end) - offset))
+                return data, offset + len(data)
+            tail_start = end - self.ring_cap
+            notice = b""
+            if offset < tail_start:
+                notice = f"\n[rbit: {tail_start - offset} bytes left out here]\n".encode()
+                offset = tail_start
+            count = min(limit, end - offset)
+            if self.ring is not None:
+                position = (offset - head) % self.ring_cap
+                first = min(count, self.ring_cap - position)
+                data = os.pread(self.ring, first, position) + os.pread(self.ring, count - first, 0)
+            else:
+                data = self._pread_main(head + len(self.marker) + offset - tail_start, count)
+            return notice + data, offset + len(data)
+
+    def _pread_main(self, offset: int, count: int) -> bytes:
+        if self.fd is not None:
+            return os.pread(self.fd, count, offset)
+        return read_file(self.path, offset, count) if self.path else b""
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _copy(source: int, source_offset: int, target: int, target_offset: int, count: int) -> None:
+    """Copy *count* bytes between files, in the kernel where it can."""
+    while count > 0:
+        try:
+            done = os.copy_file_range(source, target, min(count, 1 << 30), source_offset, target_offset)
+        except (AttributeError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                                              errno.EOPNOTSUPP):
+                raise
+            chunk = os.pread(source, min(count, _COPY_CHUNK), source_offset)
+            if not chunk:
+                raise OSError(errno.EIO, "short read while copying the log") from None
+            _pwrite_all(target, chunk, target_offset)
+            done = len(chunk)
+        if done == 0:
+            raise OSError(errno.EIO, "short copy of the log")
+        source_offset += done
+        target_offset += done
+        count -= done
