@@ -316,9 +316,20 @@ def _worker(section, environ):
         log_dir=section.path.parent.absolute() / Path(section.text("log_dir")).expanduser() if section.text("log_dir")
         else joblog.default_log_dir(environ),
         log_max=_size(section, "log_max"),
-        log_keep=section.number("log_keep"),
+        log_keep=_days(section, "log_keep"),
         log_echo=section.flag("log_echo"),
     )
+
+
+def _days(section, key):
+    raw = section.text(key)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise section.error(key, f"must be a number of days, not {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise section.error(key, f"must be at least 0, not {raw!r}")
+    return value
 
 
 def _size(section, key):

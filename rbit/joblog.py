@@ -178,7 +178,8 @@ class JobLog:
                 except FileExistsError:
                     attempt += 1
         except OSError as exc:
-            return cls(None, max_bytes, error=f"{exc.strerror}: {exc.filename}", meta=meta, echo=echo)
+            return cls(None, max_bytes, error=f"{exc.strerror}: {exc.filename}", meta={"job": job_id, **meta},
+                       echo=echo)
         meta = {"job": job_id, "attempt": attempt, "pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.time(), **meta}
         joblog = cls(path, max_bytes, fd, meta=meta, echo=echo)
@@ -249,12 +250,9 @@ class JobLog:
             if self.ring is None:
                 room = self.head_cap + self.ring_cap - self.size
                 if len(data) <= room:
-                    _pwrite_all(self.fd, data, self.size)
-                    self.size += len(data)
-                    self.last_byte = bytes(data[-1:])
+                    self._write_main(data)
                     return True
-                _pwrite_all(self.fd, data[:room], self.size)
-                self.size += room
+                self._write_main(data[:room])
                 data = data[room:]
                 self._start_ring()
             self._ring_write(data)
@@ -264,8 +262,21 @@ class JobLog:
             if notice:
                 self.lost_reason = exc.strerror or self.lost_reason
             else:
-                self._lose(len(data), exc)
+                self._lose(len(data) - getattr(exc, "landed", 0), exc)
             return False
+
+    def _write_main(self, data: memoryview) -> None:
+        """Append to the log file; what lands before an error stays part of the log."""
+        try:
+            _pwrite_all(self.fd, data, self.size)
+        except OSError as exc:
+            exc.landed = getattr(exc, "written", 0)
+            self.size += exc.landed
+            if exc.landed:
+                self.last_byte = bytes(data[exc.landed - 1:exc.landed])
+            raise
+        self.size += len(data)
+        self.last_byte = bytes(data[-1:])
 
     def _start_ring(self) -> None:
         """The log reached log_max: its part past the head becomes the ring's first content."""
@@ -336,8 +347,8 @@ class JobLog:
         if exc is not None:
             self.lost_reason = exc.strerror or errno.errorcode.get(exc.errno, str(exc))
         if first:
-            log.warning("job %s: cannot write its log %s (%s): its output is lost until it can",
-                        self.meta.get("job"), self.path, self.lost_reason)
+            log.warning("job %s: cannot write its log%s (%s): its output is lost until it can",
+                        self.meta.get("job"), f" {self.path}" if self.path else "", self.lost_reason)
 
     def _loss_notice(self) -> bytes:
         prefix = b"" if self.last_byte == b"\n" else b"\n"
@@ -382,11 +393,17 @@ class JobLog:
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of *data* at *offset*; an OSError says in ``written`` how much landed before it."""
     view = memoryview(data)
+    written = 0
     while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
+        try:
+            count = os.pwrite(fd, view, offset + written)
+        except OSError as exc:
+            exc.written = written
+            raise
+        view = view[count:]
+        written += count
 
 
 def _copy(source: int, source_offset: int, target: int, target_offset: int, count: int) -> None:

@@ -8,9 +8,11 @@ moves on to a newer attempt of the job when one appears.
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import time
+import urllib.parse
 
 from .. import joblog
 from ..errors import NoLog
@@ -87,23 +89,30 @@ def _gone(meta: dict) -> bool:
 
 def from_worker(address, log_dir, job_id: int, out, follow: bool, attempt: int | None) -> int:
     """The log as the worker at *address* (``[rbit] http``) serves it, followed with ``?follow=1``."""
-    import requests
-
     host, port = address
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/jobs/{job_id}/log"
-    params = {"follow": "1"} if follow else {}
-    if attempt is not None:
-        params["attempt"] = str(attempt)
+    query = urllib.parse.urlencode({**({"follow": "1"} if follow else {}),
+                                    **({"attempt": attempt} if attempt is not None else {})})
+    path = f"/jobs/{job_id}/log" + (f"?{query}" if query else "")
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+    connection = http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT)
     try:
-        with requests.get(url, params=params, stream=True, timeout=(CONNECT_TIMEOUT, None)) as answer:
-            if answer.status_code == 404:
-                raise NoLog(f"no log of job {job_id} in {log_dir} nor at the worker ({url})")
-            answer.raise_for_status()
-            for chunk in answer.iter_content(chunk_size=None):
-                out.write(chunk)
-                out.flush()
-    except requests.RequestException as exc:
+        connection.request("GET", path)
+        sock = connection.sock  # the answer keeps it; the connection forgets it (HTTP/1.0)
+        answer = connection.getresponse()
+        if answer.status == 404:
+            raise NoLog(f"no log of job {job_id} in {log_dir} nor at the worker ({url})")
+        if answer.status != 200:
+            raise NoLog(f"the worker at {url} answered {answer.status} {answer.reason}")
+        sock.settimeout(None)  # a followed job may be quiet for long
+        while chunk := answer.read1(1 << 16):  # as it arrives
+            out.write(chunk)
+            out.flush()
+    except BrokenPipeError:  # our reader went away (rbit logs ... | head)
+        raise
+    except OSError as exc:
         raise NoLog(f"no log of job {job_id} in {log_dir}, and the worker at {url} does not answer "
-                    f"({type(exc).__name__})") from None
+                    f"({exc.strerror or exc})") from None
+    finally:
+        connection.close()
     return 0
