@@ -72,22 +72,26 @@ def blocked_once(message, set_status, settings):
 
 
 def gated(message, set_status, settings):
-    """Prints ``line N`` when the file ``go-N`` appears (N = 1, 2, ...) and ends when ``end`` does.
+    """Prints ``line N`` when the file ``go-N`` appears (N = 1, 2, ...); ends when ``end`` or
+    ``end-JOB`` does: Failed if the package's name starts with ``fail``, else Done.
 
     ``line`` in the settings is printed first, as it is (hostile text for the page's tests).
     """
     gate = Path(settings["dir"])
+    job = message.job_id
     if settings.get("line"):
         print(settings["line"])
-    print(f"job {message.job_id} is waiting")
+    print(f"job {job} is waiting")
     n = 1
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
         if (gate / f"go-{n}").exists():
-            print(f"line {n} of job {message.job_id}")
+            print(f"line {n} of job {job}")
             n += 1
             continue
-        if (gate / "end").exists():
+        if (gate / "end").exists() or (gate / f"end-{job}").exists():
+            if message.request.get_package().startswith("fail"):
+                raise rbit.Failed("it was asked to")
             return
         time.sleep(0.02)
     raise rbit.Failed("the test never ended the job")
