@@ -58,10 +58,9 @@ class WorkerProcess:
         self.args = args
         self.log_path = Path(log_path or self.config_path.with_suffix(".log"))
         # Job logs go to this test's own directory (the default log_dir is under XDG_STATE_HOME).
-        state = {"XDG_STATE_HOME": str(self.config_path.parent / "state")}
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **state,
-                    **(env or {})}
-        self.env.pop("LOGS_DIRECTORY", None)
+        base = {name: value for name, value in os.environ.items() if name != "LOGS_DIRECTORY"}
+        self.env = {**base, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+                    "XDG_STATE_HOME": str(self.config_path.parent / "state"), **(env or {})}
         self.process = None
         self._offset = 0
 

@@ -333,3 +333,14 @@ def test_rbit_logs_follow_prints_each_new_line_until_the_job_ends(tmp_path, vhos
                 follow.wait()
     assert seen.decode() == rig.log(701)
     assert re.search(r"rbit: job 701 ended Done in [0-9.]+ s\n$", seen.decode())
+
+
+def test_under_systemd_the_logs_go_to_the_logs_directory(tmp_path, vhost, unique):
+    """The default log_dir under systemd (LogsDirectory=rbit sets $LOGS_DIRECTORY): $LOGS_DIRECTORY/jobs."""
+    rig = Rig(tmp_path, vhost, unique, "shell!/bin/echo hello")
+    logs = tmp_path / "var-log-rbit"
+    with rig.worker(env={"LOGS_DIRECTORY": str(logs)}) as worker:
+        worker.wait_ready()
+        rig.publish(711)
+        worker.wait_log(r"job 711: .* ended Done")
+    assert body_lines((logs / "jobs" / "711" / "1.log").read_text()) == ["hello"]

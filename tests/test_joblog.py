@@ -14,7 +14,7 @@ from rbit import joblog
 from rbit.errors import ConfigError
 from rbit.joblog import JobLog
 
-from .harness import write_config
+from .harness import ROOT, write_config
 
 
 def numbered(count, start=1):
@@ -210,3 +210,10 @@ def test_meta_is_json_readable_by_other_tools(tmp_path):
     log.close("end", outcome="Failed", duration=1.5)
     meta = json.loads(log.path.with_suffix(".json").read_text())
     assert meta["outcome"] == "Failed" and meta["duration"] == 1.5 and meta["package"] == "p"
+
+
+def test_the_systemd_unit_gives_the_job_logs_a_directory():
+    """contrib/rbit.service: LogsDirectory=rbit, so systemd makes /var/log/rbit for the service's user
+    and sets $LOGS_DIRECTORY, where the job logs go by default."""
+    lines = (ROOT / "contrib" / "rbit.service").read_text().splitlines()
+    assert "LogsDirectory=rbit" in lines
