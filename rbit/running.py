@@ -20,11 +20,14 @@ LOG_JOB_START = "job %s: starting %s %s from %s in slot %d"
 LOG_JOB_END = "job %s: %s %s from %s ended %s in %.1f s%s"
 LOG_JOB_DROPPED = "job %s: %s %s from %s not run: %s"
 
-#: After a small read of a job's output, the loop leaves its pipe alone this long (seconds), so
-#: that a build writing line by line costs the worker a few large reads a second, not one per line.
+#: After reading a job's output the loop leaves its pipe alone for the time the job takes to
+#: write OUTPUT_BATCH bytes at its recent rate, at most OUTPUT_PAUSE seconds: a build writing
+#: line by line costs the worker about 20 large reads a second, not one per line, and one
+#: writing as fast as it can seldom waits for a full pipe. The rate rises at once and falls by
+#: half a read; a job starts at OUTPUT_START_RATE (bytes a second).
 OUTPUT_PAUSE = 0.05
-#: A read smaller than this (bytes) is a small one.
-OUTPUT_TRICKLE = 64 << 10
+OUTPUT_BATCH = 256 << 10
+OUTPUT_START_RATE = OUTPUT_BATCH / 0.002
 #: Seconds between two looks at a group that has not yet gone, while its output is read dry.
 DRAIN_POLL = 0.05
 #: Longest wait (seconds) for a killed group to go: a process that SIGKILL cannot end
@@ -55,6 +58,9 @@ class RunningJob:
     #: When the output pipe is next read after a small read (None: watched by the loop).
     output_resume: float | None = None
     output_watched: bool = False
+    #: When output was last found in the pipe, and the job's recent rate of output.
+    output_read_at: float = 0.0
+    output_rate: float = OUTPUT_START_RATE
 
     @property
     def job_id(self) -> int:
@@ -101,6 +107,7 @@ class Jobs:
         process = jobs.JobProcess(self.context, section.runner, message, self.config.pybit, self.settings.name,
                                   log_level=logging.getLogger().getEffectiveLevel())
         job = RunningJob(slot, queue, message, delivery, process, self.clock(), section.timeout)
+        job.output_read_at = job.started
         job.log = self._open_log(job)
         self.slots[slot] = job
         log.info(LOG_JOB_START, *job.describe(), slot)
@@ -170,20 +177,25 @@ class Jobs:
                 self._end(job, job.process.describe_exit())
 
     def _read_output(self, job: RunningJob, now: float, drain: bool = False) -> None:
-        """Move what the job wrote into its log, in large reads."""
+        """Move what the job wrote into its log, in large reads (see OUTPUT_BATCH)."""
         if job.output_resume is not None and now < job.output_resume and not drain:
             return
         chunks = job.process.read_output()
         for chunk in chunks:
             job.log.write(chunk)
+        count = sum(map(len, chunks))
         job.output_resume = None
-        small = 0 < sum(map(len, chunks)) < OUTPUT_TRICKLE
-        watch = not job.process.output_eof and not small
-        if job.process.output_eof or small:
-            self.wakeup.unwatch(("output", job.slot))  # at EOF a pipe stays readable: stop waking on it
-            job.output_resume = None if job.process.output_eof else now + OUTPUT_PAUSE
-        elif not job.output_watched:
+        if count and not job.process.output_eof:
+            job.output_rate = max(count / max(now - job.output_read_at, 1e-4), job.output_rate / 2)
+            job.output_read_at = now
+            pause = min(OUTPUT_PAUSE, OUTPUT_BATCH / job.output_rate)
+            if pause >= 0.001 and count < jobs.OUTPUT_CHUNK:  # a full pipe: the job waits for us
+                job.output_resume = now + pause
+        watch = not job.process.output_eof and job.output_resume is None
+        if watch and not job.output_watched:
             self.wakeup.watch(job.process.output.fileno(), ("output", job.slot))
+        elif not watch and job.output_watched:
+            self.wakeup.unwatch(("output", job.slot))  # at EOF a pipe stays readable: stop waking on it
         job.output_watched = watch
 
     def _output_read(self, job: RunningJob, now: float) -> bool:
