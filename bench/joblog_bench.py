@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rbit import joblog  # noqa: E402
+from rbit import logdir  # noqa: E402
 from tests.broker import drop_vhost, make_vhost  # noqa: E402
 from tests.harness import write_config  # noqa: E402
 from tests.pybit_models import request_body  # noqa: E402
@@ -124,8 +124,8 @@ def main(argv=None):
                                         f"bench.any.{name}.pdf")
                     deadline = time.monotonic() + 120
                     while True:
-                        path = joblog.attempt_path(work / "logs", job_id)
-                        meta = joblog.read_meta(path) if path else {}
+                        path = logdir.attempt_path(work / "logs", job_id)
+                        meta = logdir.read_meta(path) if path else {}
                         if "outcome" in meta or time.monotonic() > deadline:
                             break
                         time.sleep(0.02)

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import joblog, runners
+from .logdir import default_log_dir
 from .errors import ConfigError
 from .passwords import PASSWORD_ENV
-from .settings import check_known, parse_flag
+from .settings import check_known, parse_flag, parse_size
 
 #: Keys of ``[rbit]`` and their defaults; ``None`` means required or unset.
 RBIT_DEFAULTS = {
@@ -197,22 +198,26 @@ class _Section:
             raise self.error(key, "is required")
         return value
 
-    def number(self, key, *, minimum=0.0, integer=False, allow_empty=False):
+    def number(self, key, *, minimum=0.0, integer=False, allow_empty=False, unit="seconds"):
         raw = self.text(key)
         if not raw and allow_empty:
             return None
         try:
             value = int(raw) if integer else float(raw)
         except ValueError:
-            kind = "a whole number" if integer else "a number of seconds"
+            kind = "a whole number" if integer else f"a number of {unit}"
             raise self.error(key, f"must be {kind}, not {raw!r}") from None
         if not math.isfinite(value) or value < minimum:
             raise self.error(key, f"must be at least {minimum:g}, not {raw!r}")
         return value
 
     def flag(self, key):
+        return self.parsed(parse_flag, key)
+
+    def parsed(self, parse, key, *args):
+        """``parse(text, key, *args)``, its ConfigError placed in this file and section."""
         try:
-            return parse_flag(self.text(key), key)
+            return parse(self.text(key), key, *args)
         except ConfigError as exc:
             raise self.located(exc) from None
 
@@ -314,33 +319,11 @@ def _worker(section, environ):
         http=http,
         # A relative log_dir is the configuration file's neighbour, whatever the working directory.
         log_dir=section.path.parent.absolute() / Path(section.text("log_dir")).expanduser() if section.text("log_dir")
-        else joblog.default_log_dir(environ),
-        log_max=_size(section, "log_max"),
-        log_keep=_days(section, "log_keep"),
+        else default_log_dir(environ),
+        log_max=section.parsed(parse_size, "log_max", joblog.MIN_LOG_MAX),
+        log_keep=section.number("log_keep", unit="days"),
         log_echo=section.flag("log_echo"),
     )
-
-
-def _days(section, key):
-    raw = section.text(key)
-    try:
-        value = float(raw)
-    except ValueError:
-        raise section.error(key, f"must be a number of days, not {raw!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise section.error(key, f"must be at least 0, not {raw!r}")
-    return value
-
-
-def _size(section, key):
-    raw = section.text(key)
-    try:
-        value = joblog.parse_size(raw)
-    except ValueError:
-        raise section.error(key, f"must be a size in bytes, like 100M (K, M or G), not {raw!r}") from None
-    if value < joblog.MIN_LOG_MAX:
-        raise section.error(key, f"must be at least 4K, not {raw!r}")
-    return value
 
 
 def _warn_if_readable(path, what, warnings):

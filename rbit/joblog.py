@@ -1,8 +1,5 @@
-"""Each job's own log file: one per attempt, bounded to its head and tail, readable while it grows.
-
-Layout: ``LOG_DIR/JOB/ATTEMPT.log`` (attempts numbered from 1; the highest is
-the job's log) and ``LOG_DIR/JOB/ATTEMPT.json``, which says who runs the
-attempt (worker, pid, host) and, once it has ended, how (``outcome``).
+"""One attempt's log file (see :mod:`rbit.logdir` for where): bounded to its head and tail,
+readable while it grows.
 
 A log grows as a plain file up to ``log_max``. Past that, the file keeps its
 first half (the head) and the newest bytes go to a ring, ``ATTEMPT.tail``, of
@@ -22,14 +19,14 @@ works again or when the job ends.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import re
 import socket
 import threading
 import time
 from pathlib import Path
+
+from .logdir import attempts, read_file, write_meta
 
 log = logging.getLogger(__name__)
 
@@ -39,101 +36,8 @@ MARKER_RESERVE = 256
 #: The smallest log_max (a head, a tail and the marker line must fit).
 MIN_LOG_MAX = 4096
 
-#: A job's attempt log, ``N.log``; its metadata ``N.json``; the tail ring ``N.tail``.
-ATTEMPT_FILE = re.compile(r"^(\d+)\.(log|json|tail)$")
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
 #: Read chunk when copying within files.
 _COPY_CHUNK = 1 << 20
-
-
-def parse_size(text: str) -> int:
-    """``"100M"`` -> bytes; K, M and G are powers of 1024. ValueError when it is not a size."""
-    match = _SIZE.match(text)
-    if not match:
-        raise ValueError(text)
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
-
-
-def default_log_dir(environ) -> Path:
-    """systemd's ``$LOGS_DIRECTORY/jobs`` when set, else ``$XDG_STATE_HOME/rbit/jobs`` (``~/.local/state``)."""
-    if environ.get("LOGS_DIRECTORY"):
-        return Path(environ["LOGS_DIRECTORY"].split(":")[0]) / "jobs"
-    state = environ.get("XDG_STATE_HOME", "")
-    if not os.path.isabs(state):
-        state = os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
-    return Path(state) / "rbit" / "jobs"
-
-
-def attempts(log_dir: Path, job_id: int) -> list[int]:
-    """The attempt numbers of the job's logs, oldest first."""
-    try:
-        names = os.listdir(Path(log_dir) / str(job_id))
-    except OSError:
-        return []
-    return sorted(int(m.group(1)) for m in map(ATTEMPT_FILE.match, names) if m and m.group(2) == "log")
-
-
-def attempt_path(log_dir: Path, job_id: int, attempt: int | None = None) -> Path | None:
-    """The log of *attempt* (default: the newest) of the job, or None when there is none."""
-    found = attempts(log_dir, job_id)
-    if attempt is None:
-        attempt = found[-1] if found else None
-    if attempt not in found:
-        return None
-    return Path(log_dir) / str(job_id) / f"{attempt}.log"
-
-
-def read_meta(log_path: Path) -> dict:
-    """The attempt's ``.json`` ({} when missing or unreadable)."""
-    try:
-        return json.loads(log_path.with_suffix(".json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def read_file(path: Path, offset: int, limit: int) -> bytes:
-    """Up to *limit* bytes of a log file from *offset* (b"" past its end or when unreadable)."""
-    try:
-        with open(path, "rb") as handle:
-            return os.pread(handle.fileno(), limit, offset)
-    except OSError:
-        return b""
-
-
-def sweep(log_dir: Path, keep_days: float, keep_jobs=(), now: float | None = None) -> int:
-    """Remove attempt files older than *keep_days* (not those of *keep_jobs*); the number removed."""
-    if keep_days <= 0:
-        return 0
-    cutoff = (time.time() if now is None else now) - keep_days * 86400
-    removed = 0
-    try:
-        jobs = [entry for entry in os.scandir(log_dir) if entry.name.isdigit() and entry.is_dir(follow_symlinks=False)]
-    except OSError:
-        return 0
-    for job in jobs:
-        if int(job.name) in keep_jobs:
-            continue
-        try:
-            for entry in os.scandir(job.path):
-                if ATTEMPT_FILE.match(entry.name) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                    os.unlink(entry.path)
-                    removed += 1
-            os.rmdir(job.path)  # only when empty
-        except OSError:
-            pass
-    return removed
-
-
-def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_suffix(".json.new")
-    try:
-        temporary.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(temporary, path)
-    except OSError as exc:
-        log.debug("cannot write %s: %s", path, exc)
 
 
 class JobLog:
@@ -183,7 +87,7 @@ class JobLog:
         meta = {"job": job_id, "attempt": attempt, "pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.time(), **meta}
         joblog = cls(path, max_bytes, fd, meta=meta, echo=echo)
-        _write_json(path.with_suffix(".json"), meta)
+        write_meta(path.with_suffix(".json"), meta)
         return joblog
 
     @property
@@ -224,7 +128,7 @@ class JobLog:
             self.meta.update(end, ended=time.time(), bytes=self.size, left_out=self.left_out,
                              lost=self.lost_total)
             if self.path is not None:
-                _write_json(self.path.with_suffix(".json"), self.meta)
+                write_meta(self.path.with_suffix(".json"), self.meta)
         if self.echo is not None and self._echo_rest:
             self.echo(self._echo_rest.decode("utf-8", "replace"))
             self._echo_rest = b""

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import jobs, queues
-from .joblog import JobLog, default_log_dir, sweep
+from .joblog import JobLog
+from .logdir import default_log_dir, sweep
 from .message import Message
 from .outcome import Decision, Fate, Result, Stop, decide
 from .statuses import FINAL
@@ -129,13 +130,13 @@ class Jobs:
             echo = lambda line: output.info("job %s (%s): %s", job.job_id, job.queue, line)  # noqa: E731
         job_id, package, version, queue = job.describe()
         fields = {"package": package, "version": version, "queue": queue, "slot": job.slot}
-        joblog = JobLog.open(self.log_dir, job_id, self.settings.log_max, {"worker": self.settings.name, **fields},
+        opened = JobLog.open(self.log_dir, job_id, self.settings.log_max, {"worker": self.settings.name, **fields},
                              echo=echo)
-        joblog.note(f"rbit: job {job_id}: {package} {version} from {queue}, attempt {joblog.attempt}, "
+        opened.note(f"rbit: job {job_id}: {package} {version} from {queue}, attempt {opened.attempt}, "
                     f"worker {self.settings.name}, {time.strftime('%Y-%m-%d %H:%M:%S %z')}")
         if self.board is not None:
-            self.board.started(job_id, fields, joblog)
-        return joblog
+            self.board.started(job_id, fields, opened)
+        return opened
 
     def prepare_logs(self) -> None:
         """Make the log directory and remove the logs older than ``log_keep`` (at start, then hourly)."""

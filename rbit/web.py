@@ -1,7 +1,7 @@
 """The worker's live page: ``/`` (HTML), ``/jobs`` (JSON) and ``/jobs/ID/log`` (text, or followed live).
 
 Read-only. The server's threads read a :class:`Board` that the worker's loop
-updates under a lock, and the job logs (:class:`rbit.joblog.JobLog` reads are
+updates under a lock, and the job logs (:class:`rbit.JobLog` reads are
 thread-safe). Everything that comes from a message or a build is served as
 data (JSON, ``text/plain``) and the page inserts it as text, under a
 Content-Security-Policy that allows only rbit's own script and style.
@@ -17,7 +17,8 @@ import threading
 import time
 from urllib.parse import parse_qs, urlsplit
 
-from . import joblog
+from .joblog import JobLog
+from .logdir import attempt_path, read_file
 
 #: Finished jobs the page lists.
 RECENT = 50
@@ -60,9 +61,9 @@ class Board:
         self.broker_address: str | None = None
         self._running: dict[int, dict] = {}
         self._finished: collections.deque = collections.deque(maxlen=recent)
-        self._logs: dict[int, joblog.JobLog] = {}
+        self._logs: dict[int, JobLog] = {}
 
-    def started(self, job_id: int, fields: dict, log: joblog.JobLog) -> None:
+    def started(self, job_id: int, fields: dict, log: JobLog) -> None:
         with self.lock:
             self._running[job_id] = {"id": job_id, **fields, "status": None, "started": time.time(),
                                      "attempt": log.attempt}
@@ -78,14 +79,12 @@ class Board:
             entry = self._running.pop(job_id, None)
             if entry is None:
                 return
-            if len(self._finished) == self._finished.maxlen:
-                dropped = self._finished[0]["id"]
-                if dropped not in self._running and sum(e["id"] == dropped for e in self._finished) == 1:
-                    self._logs.pop(dropped, None)
             self._finished.append({**entry, "outcome": outcome, "duration": round(duration, 3),
                                    "ended": time.time()})
+            shown = set(self._running) | {finished["id"] for finished in self._finished}
+            self._logs = {shown_id: log for shown_id, log in self._logs.items() if shown_id in shown}
 
-    def log(self, job_id: int) -> tuple[joblog.JobLog | None, bool]:
+    def log(self, job_id: int) -> tuple[JobLog | None, bool]:
         """The job's newest log that this worker holds, and whether the job is running."""
         with self.lock:
             return self._logs.get(job_id), job_id in self._running
@@ -156,7 +155,7 @@ def _serve_log(request, board: Board, job_id: int, offset: int, attempt: int | N
         log, running = None, False
     path = None
     if log is None:
-        path = joblog.attempt_path(board.log_dir, job_id, attempt)
+        path = attempt_path(board.log_dir, job_id, attempt)
         if path is None:
             send(request, 404, TEXT, f"no log of job {job_id} here\n".encode())
             return
@@ -174,7 +173,7 @@ def _serve_log(request, board: Board, job_id: int, offset: int, attempt: int | N
             if log is not None:
                 data, offset = log.read(offset, CHUNK if follow else min(CHUNK, max(0, end - offset)))
             else:
-                data = joblog.read_file(path, offset, CHUNK if follow else min(CHUNK, max(0, end - offset)))
+                data = read_file(path, offset, CHUNK if follow else min(CHUNK, max(0, end - offset)))
                 offset += len(data)
             if data:
                 request.wfile.write(data)

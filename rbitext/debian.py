@@ -67,7 +67,6 @@ Nothing from a message reaches a shell: commands are argument lists, and
 ``--`` separates options from a URI.
 """
 
-import collections
 import logging
 import os
 import re

@@ -43,7 +43,7 @@ def write_config(path, *, name, vhost, runners, rbit=None, pybit=None, amqp=None
 
 def job_log(config_path, job_id, attempt=None):
     """The text of a job's log (the newest attempt) as a WorkerProcess on *config_path* keeps it."""
-    from rbit.joblog import attempt_path
+    from rbit.logdir import attempt_path
 
     path = attempt_path(Path(config_path).parent / "state" / "rbit" / "jobs", job_id, attempt)
     assert path is not None, f"job {job_id} has no log"

@@ -6,7 +6,6 @@ Each test runs ``python -m rbit CONFIG`` on queues of its own; its job logs go t
 directory (tests.harness sets XDG_STATE_HOME, so the default log_dir is there).
 """
 
-import json
 import os
 import re
 import resource
@@ -17,7 +16,7 @@ import time
 
 import pytest
 
-from rbit import joblog
+from rbit import joblog, logdir
 
 from .harness import WorkerProcess, job_log, wait_until, write_config
 from .pybit_models import queue_name, request_body, routing_key
@@ -51,7 +50,7 @@ class Rig:
         return job_log(self.config, job_id, attempt)
 
     def meta(self, job_id, attempt=None):
-        return joblog.read_meta(joblog.attempt_path(self.log_dir, job_id, attempt))
+        return logdir.read_meta(logdir.attempt_path(self.log_dir, job_id, attempt))
 
 
 def body_lines(text):
@@ -204,7 +203,7 @@ def test_the_cap_keeps_head_and_tail(tmp_path, vhost, unique):
         worker.wait_ready()
         rig.publish(671)
         worker.wait_log(r"job 671: .* ended Done")
-    path = joblog.attempt_path(rig.log_dir, 671)
+    path = logdir.attempt_path(rig.log_dir, 671)
     text = path.read_text()
     assert path.stat().st_size <= 64 * 1024 + joblog.MARKER_RESERVE
     head, marker, tail = re.split(r"\n(\[rbit: \d+ bytes left out here: [^\]]*\])\n", text)
@@ -314,7 +313,7 @@ def test_rbit_logs_follow_prints_each_new_line_until_the_job_ends(tmp_path, vhos
         worker.wait_ready()
         rig.publish(701)
         worker.wait_log(r"job 701: starting")
-        assert wait_until(lambda: joblog.attempt_path(rig.log_dir, 701) is not None)
+        assert wait_until(lambda: logdir.attempt_path(rig.log_dir, 701) is not None)
         follow = subprocess.Popen([sys.executable, "-m", "rbit", "logs", str(config), "701", "--follow"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         try:

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from rbit import config as config_module
-from rbit import joblog
+from rbit import joblog, logdir
 from rbit.errors import ConfigError
 from rbit.joblog import JobLog
+from rbit.settings import parse_size
 
 from .harness import ROOT, write_config
 
@@ -40,14 +41,14 @@ def test_each_attempt_has_a_file_and_the_newest_is_the_jobs_log(tmp_path):
     second = JobLog.open(tmp_path, 42, 1 << 20, {"worker": "w2"})
     second.write(b"second attempt\n")
     assert (first.attempt, second.attempt) == (1, 2)
-    assert joblog.attempts(tmp_path, 42) == [1, 2]
-    assert joblog.attempt_path(tmp_path, 42) == tmp_path / "42" / "2.log"
-    assert joblog.attempt_path(tmp_path, 42, 1).read_bytes() == b"first attempt\nrbit: job 42 ended Blocked\n"
-    assert joblog.attempt_path(tmp_path, 43) is None
-    meta = joblog.read_meta(first.path)
+    assert logdir.attempts(tmp_path, 42) == [1, 2]
+    assert logdir.attempt_path(tmp_path, 42) == tmp_path / "42" / "2.log"
+    assert logdir.attempt_path(tmp_path, 42, 1).read_bytes() == b"first attempt\nrbit: job 42 ended Blocked\n"
+    assert logdir.attempt_path(tmp_path, 43) is None
+    meta = logdir.read_meta(first.path)
     assert (meta["job"], meta["attempt"], meta["worker"], meta["outcome"]) == (42, 1, "w1", "Blocked")
     assert meta["pid"] == os.getpid() and meta["bytes"] == first.size
-    assert "outcome" not in joblog.read_meta(second.path)
+    assert "outcome" not in logdir.read_meta(second.path)
     second.close("end", outcome="Done")
 
 
@@ -79,7 +80,7 @@ def test_cap_keeps_head_and_tail_and_says_how_much_was_left_out(tmp_path, chunk)
     assert tail == (data + b"rbit: the end\n")[-(8192 - joblog.MARKER_RESERVE):]
     assert len(text) <= 16384 + len(marker)
     assert not log.path.with_suffix(".tail").exists()
-    assert joblog.read_meta(log.path)["left_out"] == left_out
+    assert logdir.read_meta(log.path)["left_out"] == left_out
 
 
 def test_a_reader_follows_a_capped_log_while_it_grows_and_after_it_ends(tmp_path):
@@ -119,7 +120,7 @@ def test_a_full_disk_loses_output_never_the_job_and_the_log_says_what_was_lost(t
     log.close("rbit: end", outcome="Done")
     assert log.path.read_bytes() == (b"before\n[rbit: 1234 bytes of output lost here: No space left on device]\n"
                                      b"after\nrbit: end\n")
-    assert joblog.read_meta(log.path)["lost"] == 1234
+    assert logdir.read_meta(log.path)["lost"] == 1234
 
 
 def test_a_disk_still_full_at_the_end_puts_the_notice_over_the_logs_last_bytes(tmp_path, monkeypatch):
@@ -159,12 +160,12 @@ def test_retention_removes_logs_older_than_log_keep(tmp_path):
             os.utime(path, (when, when))
     (tmp_path / "notes").mkdir()
     os.utime(tmp_path / "notes", (old, old))
-    removed = joblog.sweep(tmp_path, 14, keep_jobs={3})
+    removed = logdir.sweep(tmp_path, 14, keep_jobs={3})
     assert removed == 4
     assert sorted(p.name for p in (tmp_path / "1").iterdir()) == ["2.json", "2.log"]
     assert not (tmp_path / "2").exists()
     assert (tmp_path / "3" / "1.log").exists() and (tmp_path / "notes").exists()
-    assert joblog.sweep(tmp_path, 0) == 0  # 0 keeps every log
+    assert logdir.sweep(tmp_path, 0) == 0  # 0 keeps every log
 
 
 def test_log_settings_and_their_defaults(tmp_path):
@@ -183,13 +184,13 @@ def test_log_settings_and_their_defaults(tmp_path):
     worker = config_module.load(path, environ={}).worker
     assert worker.log_dir == tmp_path / "joblogs"
     assert (worker.log_max, worker.log_keep, worker.log_echo) == (1 << 20, 0.5, True)
-    assert [joblog.parse_size(text) for text in ("4096", "8K", "3m", " 2 G ")] == [4096, 8192, 3 << 20, 2 << 30]
+    assert [parse_size(text, "k") for text in ("4096", "8K", "3m", " 2 G ")] == [4096, 8192, 3 << 20, 2 << 30]
 
 
 @pytest.mark.parametrize("key, value, message", [
     ("log_max", "lots", "must be a size in bytes, like 100M (K, M or G), not 'lots'"),
     ("log_max", "1T", "must be a size in bytes, like 100M (K, M or G), not '1T'"),
-    ("log_max", "100", "must be at least 4K, not '100'"),
+    ("log_max", "100", "must be at least 4096, not '100'"),
     ("log_keep", "forever", "must be a number of days, not 'forever'"),
     ("log_keep", "-1", "must be at least 0, not '-1'"),
     ("log_echo", "maybe", "must be true or false, not 'maybe'"),

@@ -14,7 +14,7 @@ import socket
 import time
 import urllib.parse
 
-from .. import joblog
+from .. import logdir
 from ..errors import NoLog
 
 #: Seconds between two looks at a followed log file.
@@ -26,7 +26,7 @@ CONNECT_TIMEOUT = 10
 
 def show(settings, job_id: int, out, follow: bool = False, attempt: int | None = None) -> int:
     """Print the job's log (its newest attempt, or *attempt*) to *out* (binary); the exit status."""
-    path = joblog.attempt_path(settings.log_dir, job_id, attempt)
+    path = logdir.attempt_path(settings.log_dir, job_id, attempt)
     if path is not None:
         return from_file(settings.log_dir, job_id, path, out, follow, newer=attempt is None)
     if settings.http is None:
@@ -38,11 +38,11 @@ def from_file(log_dir, job_id: int, path, out, follow: bool, newer: bool = True,
     """Print the log file *path*; with *follow*, until its attempt ends (or, with *newer*, a newer begins)."""
     offset = 0
     while True:
-        meta = joblog.read_meta(path) if follow else {}
+        meta = logdir.read_meta(path) if follow else {}
         offset = _copy(path, offset, out)
         if not follow or "outcome" in meta:
             return 0
-        newest = joblog.attempt_path(log_dir, job_id) if newer else path
+        newest = logdir.attempt_path(log_dir, job_id) if newer else path
         if newest is not None and newest != path:
             out.write(f"\n[rbit logs: attempt {newest.stem} of job {job_id} began]\n".encode())
             path, offset = newest, 0
@@ -65,7 +65,7 @@ def _copy(path, offset: int, out) -> int:
         out.write(b"\n[rbit logs: the log passed log_max; its newest part follows when the job ends]\n")
         offset = size
     while offset < size:
-        data = joblog.read_file(path, offset, min(1 << 20, size - offset))
+        data = logdir.read_file(path, offset, min(1 << 20, size - offset))
         if not data:
             break
         out.write(data)
