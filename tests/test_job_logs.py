@@ -49,6 +49,11 @@ class Rig:
     def log(self, job_id, attempt=None):
         return job_log(self.config, job_id, attempt)
 
+    def log_so_far(self, job_id):
+        """The job's newest log as it stands ("" while there is none)."""
+        path = logdir.attempt_path(self.log_dir, job_id)
+        return path.read_text(errors="replace") if path else ""
+
     def meta(self, job_id, attempt=None):
         return logdir.read_meta(logdir.attempt_path(self.log_dir, job_id, attempt))
 
@@ -343,3 +348,25 @@ def test_under_systemd_the_logs_go_to_the_logs_directory(tmp_path, vhost, unique
         rig.publish(711)
         worker.wait_log(r"job 711: .* ended Done")
     assert body_lines((logs / "jobs" / "711" / "1.log").read_text()) == ["hello"]
+
+
+def test_a_run_after_a_crash_is_a_new_attempt_and_the_first_is_kept(tmp_path, vhost, unique):
+    """Each attempt is kept: a worker killed with SIGKILL mid-job leaves attempt 1 (its .json has no
+    outcome); the worker started again runs the job as attempt 2, the job's log."""
+    rig = Rig(tmp_path, vhost, unique, "gated")
+    worker = rig.worker().start()
+    try:
+        worker.wait_ready()
+        rig.publish(721)
+        assert wait_until(lambda: "job 721 is waiting" in rig.log_so_far(721), 30), worker.log
+        worker.process.kill()
+        worker.wait(10)
+    finally:
+        worker.stop()
+    (tmp_path / "end").touch()
+    with rig.worker(log_path=tmp_path / "again.log") as again:
+        again.wait_log(r"job 721: .* ended Done", timeout=60)
+    first, second = rig.log(721, 1), rig.log(721)
+    assert ", attempt 1, " in first and "job 721 is waiting" in first and "ended" not in first
+    assert "outcome" not in rig.meta(721, 1)
+    assert ", attempt 2, " in second and rig.meta(721)["outcome"] == "Done"
