@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import jobs, queues
+from .capture import Output
 from .joblog import JobLog
 from .logdir import default_log_dir, sweep
 from .message import Message
@@ -21,19 +22,6 @@ LOG_JOB_START = "job %s: starting %s %s from %s in slot %d"
 LOG_JOB_END = "job %s: %s %s from %s ended %s in %.1f s%s"
 LOG_JOB_DROPPED = "job %s: %s %s from %s not run: %s"
 
-#: After reading a job's output the loop leaves its pipe alone for the time the job takes to
-#: write OUTPUT_BATCH bytes at its recent rate, at most OUTPUT_PAUSE seconds: a build writing
-#: line by line costs the worker about 20 large reads a second, not one per line, and one
-#: writing as fast as it can seldom waits for a full pipe. The rate rises at once and falls by
-#: half a read; a job starts at OUTPUT_START_RATE (bytes a second).
-OUTPUT_PAUSE = 0.05
-OUTPUT_BATCH = 256 << 10
-OUTPUT_START_RATE = OUTPUT_BATCH / 0.002
-#: Seconds between two looks at a group that has not yet gone, while its output is read dry.
-DRAIN_POLL = 0.05
-#: Longest wait (seconds) for a killed group to go: a process that SIGKILL cannot end
-#: (uninterruptible, or another user's) must not keep the job from ending.
-DRAIN_TIMEOUT = 10.0
 #: Seconds between two removals of job logs older than ``log_keep``.
 SWEEP_PERIOD = 3600.0
 
@@ -54,14 +42,7 @@ class RunningJob:
     stop: Stop = Stop.NONE
     decision: Decision | None = None
     log: JobLog | None = None
-    #: When the job's process ended (the rest of its output is being read), per the worker's clock.
-    ending: float | None = None
-    #: When the output pipe is next read after a small read (None: watched by the loop).
-    output_resume: float | None = None
-    output_watched: bool = False
-    #: When output was last found in the pipe, and the job's recent rate of output.
-    output_read_at: float = 0.0
-    output_rate: float = OUTPUT_START_RATE
+    output: Output | None = None
 
     @property
     def job_id(self) -> int:
@@ -108,7 +89,6 @@ class Jobs:
         process = jobs.JobProcess(self.context, section.runner, message, self.config.pybit, self.settings.name,
                                   log_level=logging.getLogger().getEffectiveLevel())
         job = RunningJob(slot, queue, message, delivery, process, self.clock(), section.timeout)
-        job.output_read_at = job.started
         job.log = self._open_log(job)
         self.slots[slot] = job
         log.info(LOG_JOB_START, *job.describe(), slot)
@@ -120,7 +100,8 @@ class Jobs:
             return
         self.wakeup.watch(process.conn.fileno(), ("pipe", slot))
         self.wakeup.watch(process.process.sentinel, ("exit", slot))
-        self._read_output(job, self.clock())
+        job.output = Output(process, job.log, self.wakeup, ("output", slot), job.started)
+        job.output.read(self.clock())
 
     def _open_log(self, job: RunningJob) -> JobLog:
         """The job's log: a new attempt's file, begun with a line of rbit's."""
@@ -160,12 +141,12 @@ class Jobs:
         if now >= self.next_sweep:
             self.sweep_logs(now)
         for job in self.running():
-            self._read_output(job, now)
+            job.output.read(now)
             for event in job.process.receive():
                 self._on_event(job, event)
             if job.process.eof:
                 self.wakeup.unwatch(("pipe", job.slot))  # a closed pipe stays readable: stop waking on it
-            if job.ending is None:
+            if job.output.ending is None:
                 if job.deadline is not None and now >= job.deadline and job.stop is Stop.NONE:
                     log.warning("job %s (%s): timed out after %g s; stopping it", job.job_id, job.queue, job.timeout)
                     self.stop(job, Stop.TIMEOUT)
@@ -173,46 +154,9 @@ class Jobs:
                 if job.process.exited():  # its group is killed now
                     for event in job.process.receive():
                         self._on_event(job, event)
-                    job.ending = now
-            if job.ending is not None and self._output_read(job, now):
+                    job.output.ending = now
+            if job.output.ending is not None and job.output.drained(now):
                 self._end(job, job.process.describe_exit())
-
-    def _read_output(self, job: RunningJob, now: float, drain: bool = False) -> None:
-        """Move what the job wrote into its log, in large reads (see OUTPUT_BATCH)."""
-        if job.output_resume is not None and now < job.output_resume and not drain:
-            return
-        chunks = job.process.read_output()
-        for chunk in chunks:
-            job.log.write(chunk)
-        count = sum(map(len, chunks))
-        job.output_resume = None
-        if count and not job.process.output_eof:
-            job.output_rate = max(count / max(now - job.output_read_at, 1e-4), job.output_rate / 2)
-            job.output_read_at = now
-            pause = min(OUTPUT_PAUSE, OUTPUT_BATCH / job.output_rate)
-            if pause >= 0.001 and count < jobs.OUTPUT_CHUNK:  # a full pipe: the job waits for us
-                job.output_resume = now + pause
-        watch = not job.process.output_eof and job.output_resume is None
-        if watch and not job.output_watched:
-            self.wakeup.watch(job.process.output.fileno(), ("output", job.slot))
-        elif not watch and job.output_watched:
-            self.wakeup.unwatch(("output", job.slot))  # at EOF a pipe stays readable: stop waking on it
-        job.output_watched = watch
-
-    def _output_read(self, job: RunningJob, now: float) -> bool:
-        """True once all the ended job's group wrote is in its log: the pipe is closed by every
-        writer, or the group is gone and the pipe read dry (a process that left the group may
-        still hold it)."""
-        if job.process.output_eof:
-            return True
-        if job.process.group_gone():
-            self._read_output(job, now, drain=True)
-            return True
-        if now - job.ending >= DRAIN_TIMEOUT:
-            job.log.note(f"rbit: stopped reading the job's output: its process group did not end "
-                         f"within {DRAIN_TIMEOUT:g} s of SIGKILL")
-            return True
-        return False
 
     def stop(self, job: RunningJob, why: Stop, grace: float = jobs.KILL_GRACE) -> None:
         """Stop *job*'s process group; the first reason given is the one that counts."""
@@ -222,10 +166,9 @@ class Jobs:
 
     def moments(self) -> list[float]:
         """When the running jobs next need attention (a timeout, a SIGKILL after SIGTERM, output)."""
-        moments = [m for job in self.running() for m in (job.deadline, job.process.kill_at, job.output_resume)
-                   if m is not None]
-        moments += [self.clock() + DRAIN_POLL for job in self.running() if job.ending is not None]
-        return moments
+        now = self.clock()
+        return [m for job in self.running() for m in (job.deadline, job.process.kill_at, *job.output.moments(now))
+                if m is not None]
 
     def finish(self, broker) -> None:
         """Give each ended job's message its one end, then free the slot."""
@@ -258,7 +201,8 @@ class Jobs:
         """Decide how the job ended and report it; the message's end follows in :meth:`finish`."""
         self.wakeup.unwatch(("pipe", job.slot))
         self.wakeup.unwatch(("exit", job.slot))
-        self.wakeup.unwatch(("output", job.slot))
+        if job.output is not None:
+            job.output.close()
         job.process.close()
         job.decision = decision = decide(job.result, last_final=job.last_final, stop=job.stop,
                                          exit_text=exit_text, timeout=job.timeout)

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from rbit import joblog, logdir
+from rbit.capture import DRAIN_TIMEOUT
 
 from .harness import WorkerProcess, job_log, wait_until, write_config
 from .pybit_models import queue_name, request_body, routing_key
@@ -140,16 +141,11 @@ def test_a_process_that_left_the_group_does_not_hold_the_job(tmp_path, vhost, un
             worker.wait_ready()
             rig.publish(641)
             match = worker.wait_log(r"job 641: .* ended Done in ([0-9.]+) s", timeout=30)
-        assert float(match.group(1)) < joblog_drain_timeout()
+        assert float(match.group(1)) < DRAIN_TIMEOUT
         assert body_lines(rig.log(641)) == [str(n) for n in range(1, 1001)]
     finally:
         for pid in pids_running(sleep):
             os.kill(pid, signal.SIGKILL)
-
-
-def joblog_drain_timeout():
-    from rbit.running import DRAIN_TIMEOUT
-    return DRAIN_TIMEOUT
 
 
 def pids_running(command):
