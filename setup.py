@@ -16,6 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     license="LGPL-2.1",
     packages=find_packages(include=["rbit", "rbit.*", "rbitext", "rbitext.*"]),
+    # The live page (rbit.web) is served from these files: no build step, nothing from elsewhere.
+    package_data={"rbit": ["static/*.html", "static/*.js", "static/*.css"]},
     python_requires=">=3.10",
     install_requires=[
         "kombu>=5.3",
@@ -28,7 +30,8 @@ setup(
         "prometheus-client>=0.16",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        # playwright drives Debian's chromium in the live page's tests (never a browser it downloads).
+        "test": ["pytest>=7", "hypothesis>=6", "playwright>=1.40"],
     },
     entry_points={
         "console_scripts": ["rbit = rbit.cli:main"],

@@ -142,23 +142,22 @@ def _install_child_hooks():
     from rbit import jobs
 
     child_main = jobs.child_main
-    capture = jobs._capture_output
-    finish = jobs._finish_output
+    redirect = jobs._redirect_output
     run = jobs._run
 
     @functools.wraps(child_main)
-    def child_main_hooked(conn, runner, message, *args):
+    def child_main_hooked(conn, output, runner, message, *args):
         _current[0] = message.job_id
         _send("c_enter", message.job_id)
         try:
-            return child_main(conn, runner, message, *args)
+            return child_main(conn, output, runner, message, *args)
         finally:
             _send("c_exit", message.job_id)
 
-    @functools.wraps(capture)
-    def capture_hooked(channel):
+    @functools.wraps(redirect)
+    def redirect_hooked(output):
         try:
-            return capture(channel)
+            return redirect(output)
         finally:
             _send("c_captured", _current[0])
 
@@ -170,18 +169,10 @@ def _install_child_hooks():
         finally:
             _send("c_ran", message.job_id)
 
-    @functools.wraps(finish)
-    def finish_hooked(thread):
-        try:
-            return finish(thread)
-        finally:
-            _send("c_finished", _current[0])
-
     # child_main is pickled by name to the job process; functools.wraps keeps that name.
     jobs.child_main = child_main_hooked
-    jobs._capture_output = capture_hooked
+    jobs._redirect_output = redirect_hooked
     jobs._run = run_hooked
-    jobs._finish_output = finish_hooked
 
 
 _current = [0]

@@ -301,7 +301,7 @@ def job_timelines(spans, stamps, published):
             "result_seen": result[1] if result else None,
             "published": published.get(job_id),
         }
-        for kind in ("c_enter", "c_captured", "c_run", "c_ran", "c_finished", "c_exit"):
+        for kind in ("c_enter", "c_captured", "c_run", "c_ran", "c_exit"):
             t[kind] = stamps.get((kind, job_id))
         t["r_start"], t["r_end"] = stamps.get(("start", job_id)), stamps.get(("end", job_id))
         timelines[job_id] = t
@@ -323,13 +323,12 @@ STEPS = [
     ("  JobProcess.start in the worker (pipe, fork-server request, pickling)", lambda t: t["process.start"]),
     ("process start called -> child_main entered (fork + unpickle in the child)",
      lambda t: _gap(t["process_start_at"], t["c_enter"])),
-    ("child: setsid, lifeline thread, output capture", lambda t: _gap(t["c_enter"], t["c_captured"])),
-    ("child: log handler, then _run entered", lambda t: _gap(t["c_captured"], t["c_run"])),
+    ("child: setsid, output onto the log pipe", lambda t: _gap(t["c_enter"], t["c_captured"])),
+    ("child: lifeline thread, log handler, then _run entered", lambda t: _gap(t["c_captured"], t["c_run"])),
     ("child: is_cancelled + set_status(Building) -> runner starts", lambda t: _gap(t["c_run"], t["r_start"])),
     ("child: the runner itself", lambda t: _gap(t["r_start"], t["r_end"])),
     ("child: _run entered -> _run returned (whole run)", lambda t: _gap(t["c_run"], t["c_ran"])),
-    ("child: _finish_output (flush, dup2, join forwarder)", lambda t: _gap(t["c_ran"], t["c_finished"])),
-    ("child: result sent, child_main returns", lambda t: _gap(t["c_finished"], t["c_exit"])),
+    ("child: flush, result sent, child_main returns", lambda t: _gap(t["c_ran"], t["c_exit"])),
     ("child_main returned -> worker notices the exit (teardown, fork-server SIGCHLD, sentinel)",
      lambda t: _gap(t["c_exit"], t["end_at"])),
     ("  (the worker had the Building status after child_main entered)", lambda t: _gap(t["c_enter"], t["building_seen"])),

@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 import logging.handlers
+import os
 import sys
 
 import click
@@ -17,6 +18,8 @@ RET_OK = 0
 RET_ERROR = 1
 #: Exit status for a usage or configuration error (click uses 2 for usage errors too).
 RET_USAGE = 2
+#: Exit status of ``rbit logs --follow`` stopped with Ctrl+C (128 + SIGINT, as a shell reports it).
+RET_INTERRUPTED = 130
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -323,6 +326,29 @@ def try_command(config_path, queue, body_file, verbose, format_, **fields):
         body = encode(request)
     status = try_runner(section, body, request)
     sys.exit(RET_OK if status == "Done" else RET_ERROR)
+
+
+@main.command("logs")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("job_id", metavar="JOB", type=click.IntRange(min=0))
+@click.option("--follow", "-f", is_flag=True,
+              help="Then print each new line as it is written, until the job ends.")
+@click.option("--attempt", type=click.IntRange(min=1), help="An earlier attempt (default: the newest).")
+def logs_command(config_path, job_id, follow, attempt):
+    """Print a job's log, from [rbit] log_dir or, failing that, from the worker's [rbit] http."""
+    from .tools.logs import show
+
+    config = load_config(config_path)
+    try:
+        code = show(config.worker, job_id, sys.stdout.buffer, follow, attempt)
+    except RbitError as exc:
+        fail(str(exc), RET_ERROR)
+    except KeyboardInterrupt:
+        code = RET_INTERRUPTED
+    except BrokenPipeError:  # rbit logs ... | head: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = RET_OK
+    sys.exit(code)
 
 
 @main.command("rejected")

@@ -7,10 +7,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import runners
+from . import joblog, runners
+from .logdir import default_log_dir
 from .errors import ConfigError
 from .passwords import PASSWORD_ENV
-from .settings import check_known, parse_flag
+from .settings import check_known, parse_flag, parse_size
 
 #: Keys of ``[rbit]`` and their defaults; ``None`` means required or unset.
 RBIT_DEFAULTS = {
@@ -26,6 +27,10 @@ RBIT_DEFAULTS = {
     "shutdown_grace": "300",
     "state_dir": "",
     "http": "",
+    "log_dir": "",
+    "log_max": "100M",
+    "log_keep": "14",
+    "log_echo": "false",
 }
 
 #: Keys of ``[amqp]`` and their defaults.
@@ -79,6 +84,12 @@ class WorkerSettings:
     shutdown_grace: float = 300.0
     state_dir: Path | None = None
     http: tuple | None = None
+    #: Job logs (rbit.joblog): where (None: the default place), the cap in bytes, days kept,
+    #: and whether their output is echoed to the worker's log too.
+    log_dir: Path | None = None
+    log_max: int = 100 << 20
+    log_keep: float = 14.0
+    log_echo: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,22 +198,26 @@ class _Section:
             raise self.error(key, "is required")
         return value
 
-    def number(self, key, *, minimum=0.0, integer=False, allow_empty=False):
+    def number(self, key, *, minimum=0.0, integer=False, allow_empty=False, unit="seconds"):
         raw = self.text(key)
         if not raw and allow_empty:
             return None
         try:
             value = int(raw) if integer else float(raw)
         except ValueError:
-            kind = "a whole number" if integer else "a number of seconds"
+            kind = "a whole number" if integer else f"a number of {unit}"
             raise self.error(key, f"must be {kind}, not {raw!r}") from None
         if not math.isfinite(value) or value < minimum:
             raise self.error(key, f"must be at least {minimum:g}, not {raw!r}")
         return value
 
     def flag(self, key):
+        return self.parsed(parse_flag, key)
+
+    def parsed(self, parse, key, *args):
+        """``parse(text, key, *args)``, its ConfigError placed in this file and section."""
         try:
-            return parse_flag(self.text(key), key)
+            return parse(self.text(key), key, *args)
         except ConfigError as exc:
             raise self.located(exc) from None
 
@@ -259,7 +274,7 @@ def load(path, environ=None) -> Config:
                 f"unknown section; runner sections are named [{RUNNER_PREFIX}QUEUE]", path, name
             )
     warnings = []
-    worker = _worker(_Section(path, parser, "rbit", RBIT_DEFAULTS))
+    worker = _worker(_Section(path, parser, "rbit", RBIT_DEFAULTS), environ)
     amqp = _amqp(_Section(path, parser, "amqp", AMQP_DEFAULTS), environ, warnings)
     pybit = None
     if parser.has_section("pybit"):
@@ -280,7 +295,7 @@ def _is_logging_part(name):
     return name.startswith(("logger_", "handler_", "formatter_"))
 
 
-def _worker(section):
+def _worker(section, environ):
     name = section.text("name", required=True)
     suites = tuple(s.strip() for s in section.text("suites").split(",") if s.strip())
     http = None
@@ -302,6 +317,12 @@ def _worker(section):
         shutdown_grace=section.number("shutdown_grace"),
         state_dir=Path(section.text("state_dir")) if section.text("state_dir") else None,
         http=http,
+        # A relative log_dir is the configuration file's neighbour, whatever the working directory.
+        log_dir=section.path.parent.absolute() / Path(section.text("log_dir")).expanduser() if section.text("log_dir")
+        else default_log_dir(environ),
+        log_max=section.parsed(parse_size, "log_max", joblog.MIN_LOG_MAX),
+        log_keep=section.number("log_keep", unit="days"),
+        log_echo=section.flag("log_echo"),
     )
 
 

@@ -61,6 +61,10 @@ class NameInUse(BrokerError):
     """Another worker with the same name is connected to the broker."""
 
 
+class NoLog(RbitError):
+    """A job's log is neither in the log directory nor at a running worker."""
+
+
 # -- The runner author's words for an outcome -------------------------------
 
 

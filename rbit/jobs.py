@@ -9,12 +9,17 @@ worker: if the worker dies, the pipe closes and the job kills its own group,
 so that a restarted worker never finds the old build still running beside the
 new one.
 
-Messages from the job process to the worker, each a tuple:
+A second pipe takes the job's output: its write end becomes the job process's
+standard output and error (and so those of every program it starts), and its
+log records are written there as lines. The worker reads it in large
+non-blocking reads into the job's log (:mod:`rbit.joblog`); nothing in the job
+process copies output. After the job's process group has ended the worker
+reads the pipe dry, so nothing written before then is lost.
+
+Messages from the job process to the worker, on the first pipe, each a tuple:
 
 ``("status", status, text)``
     the runner reported a status;
-``("log", levelno, logger_name, text)``
-    a log record or a line of output;
 ``("result", result)``
     how the runner ended, an :class:`rbit.outcome.Result` (``SKIPPED`` when
     PyBit's history says the job is not to run: see :mod:`rbit.history`).
@@ -22,6 +27,7 @@ Messages from the job process to the worker, each a tuple:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -35,6 +41,16 @@ from .outcome import Ended, Result, call_runner
 
 #: Seconds between SIGTERM and SIGKILL when a job's process group is stopped.
 KILL_GRACE = 5.0
+
+#: Bytes of one read of a job's output pipe, and the pipe's size asked for (Linux's
+#: unprivileged maximum by default): a job writing fast fills it while the worker works.
+OUTPUT_CHUNK = 1 << 20
+
+#: How a log record of the job's looks in its log.
+JOB_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+#: fcntl's F_SETPIPE_SZ (Linux).
+_F_SETPIPE_SZ = 1031
 
 #: Modules every job needs; the fork server imports them once, so that no job
 #: pays for them (unpickling a job's Message needs rbit.pybit, hence jsonpickle).
@@ -83,20 +99,57 @@ class JobProcess:
         self.closed = False
         #: True once the job's end of the pipe is closed: nothing more will come.
         self.eof = False
+        #: The read end of the job's output pipe, and whether every writer has closed it.
+        self.output = None
+        self.output_eof = False
 
     def start(self) -> None:
         """Start the job's process (not the job's clock: the caller keeps that)."""
         parent_end, child_end = self.context.Pipe(duplex=True)
+        output, output_child = self.context.Pipe(duplex=False)
         self.process = self.context.Process(
             target=child_main,
-            args=(child_end, self.runner, self.message, self.pybit, self.worker_name, self.log_level),
+            args=(child_end, output_child, self.runner, self.message, self.pybit, self.worker_name,
+                  self.log_level),
             name=f"rbit job {self.message.job_id}",
         )
         try:
             self.process.start()
         finally:
             child_end.close()
+            output_child.close()
         self.conn = parent_end
+        self.output = output
+        os.set_blocking(output.fileno(), False)
+        try:
+            fcntl.fcntl(output.fileno(), _F_SETPIPE_SZ, OUTPUT_CHUNK)
+        except OSError:  # over /proc/sys/fs/pipe-max-size: the default 64 KiB works too
+            pass
+
+    def read_output(self, limit: int = 4 * OUTPUT_CHUNK) -> list[bytes]:
+        """What the job wrote since the last call, at most about *limit* bytes, without blocking."""
+        chunks, total = [], 0
+        while total < limit and not self.output_eof:
+            try:
+                chunk = os.read(self.output.fileno(), OUTPUT_CHUNK)
+            except BlockingIOError:
+                break
+            if not chunk:
+                self.output_eof = True
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        return chunks
+
+    def group_gone(self) -> bool:
+        """True once no process of the job's group is left (all it wrote is in the output pipe)."""
+        try:
+            os.killpg(self.process.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # a member we may not signal (setuid): still there
+            pass
+        return False
 
     @property
     def pid(self) -> int:
@@ -157,6 +210,8 @@ class JobProcess:
             self.closed = True
             self.receive()
             self.conn.close()
+            if self.output is not None:
+                self.output.close()
             self.process.join(timeout=1)
 
     def describe_exit(self) -> str:
@@ -181,31 +236,19 @@ class _Channel:
             self.conn.send(event)
 
 
-class _ForwardHandler(logging.Handler):
-    """Sends the job's log records to the worker, which logs them with the job's id."""
-
-    def __init__(self, channel):
-        super().__init__()
-        self.channel = channel
-
-    def emit(self, record):
-        try:
-            self.channel.send("log", record.levelno, record.name, self.format(record))
-        except Exception:
-            self.handleError(record)
-
-
-def child_main(conn, runner, message, pybit, worker_name: str | None, log_level: int) -> None:
+def child_main(conn, output, runner, message, pybit, worker_name: str | None, log_level: int) -> None:
     """Run one job in this process; the entry point of every job process."""
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _redirect_output(output)
     channel = _Channel(conn)
     threading.Thread(target=_lifeline, args=(conn,), daemon=True).start()
-    output = _capture_output(channel)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(JOB_LOG_FORMAT))
     root = logging.getLogger()
-    root.handlers[:] = [_ForwardHandler(channel)]
-    root.setLevel(log_level)
+    root.handlers[:] = [handler]
+    root.setLevel(min(log_level, logging.INFO))  # the job's log keeps its records at INFO even with -q
 
     def set_status(status, text=None):
         statuses.check(status)
@@ -214,7 +257,11 @@ def child_main(conn, runner, message, pybit, worker_name: str | None, log_level:
     try:
         result = _run(runner, message, pybit, worker_name, set_status)
     finally:
-        _finish_output(output)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):  # closed or replaced by the runner
+                pass
     channel.send("result", result)
 
 
@@ -237,42 +284,22 @@ def _lifeline(conn):
         os.killpg(0, signal.SIGKILL)
 
 
-def _capture_output(channel):
-    """Send what the job writes to stdout and stderr to the worker's log, line by line."""
-    read_end, write_end = os.pipe()
-    os.dup2(write_end, 1)
-    os.dup2(write_end, 2)
-    os.close(write_end)
+def _redirect_output(output) -> None:
+    """Make the output pipe our standard output and error, line-buffered; stdin reads nothing."""
+    os.dup2(output.fileno(), 1)
+    os.dup2(output.fileno(), 2)
+    output.close()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
     # A worker started without standard streams (a daemon) gives the fork server
     # none, and Python then sets sys.stdout and sys.stderr to None: give them back.
-    if sys.stdout is None:
-        sys.stdout = open(1, "w", buffering=1, closefd=False)
-    if sys.stderr is None:
-        sys.stderr = open(2, "w", buffering=1, closefd=False)
-
-    def forward():
-        with open(read_end, encoding="utf-8", errors="replace") as lines:
-            for line in lines:
-                channel.send("log", logging.INFO, "rbit.output", line.rstrip("\n"))
-
-    thread = threading.Thread(target=forward, daemon=True)
-    thread.start()
-    return thread
-
-
-def _finish_output(thread):
-    """Close our own stdout and stderr and let the forwarder send what is left."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):  # closed or replaced by the runner
-            pass
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    # Background processes the job left may still hold the pipe: do not wait for them.
-    thread.join(timeout=1)
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(fd, "w", buffering=1, closefd=False))
+        else:
+            try:
+                stream.reconfigure(line_buffering=True)
+            except (AttributeError, ValueError):
+                pass

@@ -1,4 +1,4 @@
-"""The worker's counters, and the optional HTTP endpoint serving ``/healthz`` and ``/metrics``."""
+"""The worker's counters, and the optional HTTP endpoint serving ``/healthz``, ``/metrics`` and the live page."""
 
 import json
 import logging
@@ -6,6 +6,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from . import web
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +41,14 @@ class Metrics:
 
 
 class HealthServer:
-    """Serves ``/healthz`` (200 when connected and serving, else 503) and ``/metrics``."""
+    """Serves ``/healthz`` (200 when connected and serving, else 503), ``/metrics``, and with a
+    :class:`rbit.web.Board` the live page (:mod:`rbit.web`). Read-only: GET alone is answered."""
 
-    def __init__(self, address, metrics, health):
+    def __init__(self, address, metrics, health, board=None):
         self.address = address
         self.metrics = metrics
         self.health = health
+        self.board = board
         self.server = None
 
     def start(self):
@@ -58,15 +62,11 @@ class HealthServer:
                     state = owner.health()
                     body = json.dumps(state).encode()
                     self._send(200 if state["healthy"] else 503, "application/json", body)
-                else:
-                    self._send(404, "text/plain", b"not found: try /healthz or /metrics\n")
+                elif owner.board is None or not web.handle(self, owner.board, owner.health):
+                    self._send(404, "text/plain", b"not found: try /, /jobs, /healthz or /metrics\n")
 
             def _send(self, code, content_type, body):
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                web.send(self, code, content_type, body)
 
             def log_message(self, format, *args):
                 log.debug("http: " + format, *args)
@@ -74,7 +74,8 @@ class HealthServer:
         self.server = ThreadingHTTPServer(self.address, Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, name="rbit-http", daemon=True).start()
-        log.info("serving /healthz and /metrics on http://%s:%d", *self.server.server_address[:2])
+        log.info("serving %s/healthz and /metrics on http://%s:%d", "the live page, /jobs, " if self.board else "",
+                 *self.server.server_address[:2])
 
     def stop(self):
         if self.server is not None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 from . import jobs, queues
+from .capture import Output
+from .joblog import JobLog
+from .logdir import default_log_dir, sweep
 from .message import Message
 from .outcome import Decision, Fate, Result, Stop, decide
 from .statuses import FINAL
@@ -16,6 +21,9 @@ log = logging.getLogger(__name__)
 LOG_JOB_START = "job %s: starting %s %s from %s in slot %d"
 LOG_JOB_END = "job %s: %s %s from %s ended %s in %.1f s%s"
 LOG_JOB_DROPPED = "job %s: %s %s from %s not run: %s"
+
+#: Seconds between two removals of job logs older than ``log_keep``.
+SWEEP_PERIOD = 3600.0
 
 
 @dataclass
@@ -33,6 +41,8 @@ class RunningJob:
     result: Result | None = None
     stop: Stop = Stop.NONE
     decision: Decision | None = None
+    log: JobLog | None = None
+    output: Output | None = None
 
     @property
     def job_id(self) -> int:
@@ -50,13 +60,16 @@ class RunningJob:
 class Jobs:
     """The worker's slots: starts each job's process, follows its news, and decides its end."""
 
-    def __init__(self, config, reporter, metrics, wakeup, clock: Callable[[], float]):
+    def __init__(self, config, reporter, metrics, wakeup, clock: Callable[[], float], board=None):
         self.config = config
         self.settings = config.worker
         self.reporter = reporter
         self.metrics = metrics
         self.wakeup = wakeup
         self.clock = clock
+        self.board = board
+        self.log_dir = self.settings.log_dir or default_log_dir(os.environ)
+        self.next_sweep = clock() + SWEEP_PERIOD
         self.context = None
         self.slots: dict[int, RunningJob] = {}
         #: Jobs that ended, in order, whose messages wait for their end on the broker.
@@ -76,6 +89,7 @@ class Jobs:
         process = jobs.JobProcess(self.context, section.runner, message, self.config.pybit, self.settings.name,
                                   log_level=logging.getLogger().getEffectiveLevel())
         job = RunningJob(slot, queue, message, delivery, process, self.clock(), section.timeout)
+        job.log = self._open_log(job)
         self.slots[slot] = job
         log.info(LOG_JOB_START, *job.describe(), slot)
         try:
@@ -86,22 +100,62 @@ class Jobs:
             return
         self.wakeup.watch(process.conn.fileno(), ("pipe", slot))
         self.wakeup.watch(process.process.sentinel, ("exit", slot))
+        job.output = Output(process, job.log, self.wakeup, ("output", slot), job.started)
+        job.output.read(self.clock())
+
+    def _open_log(self, job: RunningJob) -> JobLog:
+        """The job's log: a new attempt's file, begun with a line of rbit's."""
+        echo = None
+        if self.settings.log_echo:
+            output = logging.getLogger("rbit.output")
+            echo = lambda line: output.info("job %s (%s): %s", job.job_id, job.queue, line)  # noqa: E731
+        job_id, package, version, queue = job.describe()
+        fields = {"package": package, "version": version, "queue": queue, "slot": job.slot}
+        opened = JobLog.open(self.log_dir, job_id, self.settings.log_max, {"worker": self.settings.name, **fields},
+                             echo=echo)
+        opened.note(f"rbit: job {job_id}: {package} {version} from {queue}, attempt {opened.attempt}, "
+                    f"worker {self.settings.name}, {time.strftime('%Y-%m-%d %H:%M:%S %z')}")
+        if self.board is not None:
+            self.board.started(job_id, fields, opened)
+        return opened
+
+    def prepare_logs(self) -> None:
+        """Make the log directory and remove the logs older than ``log_keep`` (at start, then hourly)."""
+        try:
+            self.log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("cannot make the job log directory %s (%s): job output is lost until it can", self.log_dir,
+                        exc.strerror)
+        self.sweep_logs(self.clock())
+
+    def sweep_logs(self, now: float) -> None:
+        self.next_sweep = now + SWEEP_PERIOD
+        removed = sweep(self.log_dir, self.settings.log_keep, {job.job_id for job in self.slots.values()})
+        if removed:
+            log.info("removed %d job log file(s) older than %g days from %s", removed, self.settings.log_keep,
+                     self.log_dir)
 
     def service(self) -> None:
         """Read every job's news, stop jobs past their time, and end the jobs that exited."""
         now = self.clock()
+        if now >= self.next_sweep:
+            self.sweep_logs(now)
         for job in self.running():
+            job.output.read(now)
             for event in job.process.receive():
                 self._on_event(job, event)
             if job.process.eof:
                 self.wakeup.unwatch(("pipe", job.slot))  # a closed pipe stays readable: stop waking on it
-            if job.deadline is not None and now >= job.deadline and job.stop is Stop.NONE:
-                log.warning("job %s (%s): timed out after %g s; stopping it", job.job_id, job.queue, job.timeout)
-                self.stop(job, Stop.TIMEOUT)
-            job.process.tick(now)
-            if job.process.exited():
-                for event in job.process.receive():
-                    self._on_event(job, event)
+            if job.output.ending is None:
+                if job.deadline is not None and now >= job.deadline and job.stop is Stop.NONE:
+                    log.warning("job %s (%s): timed out after %g s; stopping it", job.job_id, job.queue, job.timeout)
+                    self.stop(job, Stop.TIMEOUT)
+                job.process.tick(now)
+                if job.process.exited():  # its group is killed now
+                    for event in job.process.receive():
+                        self._on_event(job, event)
+                    job.output.ending = now
+            if job.output.ending is not None and job.output.drained(now):
                 self._end(job, job.process.describe_exit())
 
     def stop(self, job: RunningJob, why: Stop, grace: float = jobs.KILL_GRACE) -> None:
@@ -111,8 +165,10 @@ class Jobs:
         job.process.stop(self.clock(), grace)
 
     def moments(self) -> list[float]:
-        """When the running jobs next need attention (a timeout, a SIGKILL after SIGTERM)."""
-        return [m for job in self.running() for m in (job.deadline, job.process.kill_at) if m is not None]
+        """When the running jobs next need attention (a timeout, a SIGKILL after SIGTERM, output)."""
+        now = self.clock()
+        return [m for job in self.running() for m in (job.deadline, job.process.kill_at, *job.output.moments(now))
+                if m is not None]
 
     def finish(self, broker) -> None:
         """Give each ended job's message its one end, then free the slot."""
@@ -133,19 +189,20 @@ class Jobs:
             self._report(job, status, text)
             if status in FINAL:
                 job.last_final = status
-        elif kind == "log":
-            _, level, name, text = event
-            logging.getLogger(name).log(level, "job %s (%s): %s", job.job_id, job.queue, text)
         elif kind == "result":
             job.result = event[1]
 
     def _report(self, job: RunningJob, status: str, text: str | None = None) -> None:
         self.reporter.report(job.job_id, job.message.request.web_host, status, text, queue=job.queue)
+        if self.board is not None:
+            self.board.status(job.job_id, status)
 
     def _end(self, job: RunningJob, exit_text: str) -> None:
         """Decide how the job ended and report it; the message's end follows in :meth:`finish`."""
         self.wakeup.unwatch(("pipe", job.slot))
         self.wakeup.unwatch(("exit", job.slot))
+        if job.output is not None:
+            job.output.close()
         job.process.close()
         job.decision = decision = decide(job.result, last_final=job.last_final, stop=job.stop,
                                          exit_text=exit_text, timeout=job.timeout)
@@ -158,4 +215,9 @@ class Jobs:
         else:
             log.info(LOG_JOB_END, *job.describe(), decision.outcome, duration,
                      f": {decision.text}" if decision.text else "")
+        job.log.close(f"rbit: job {job.job_id} ended {decision.outcome} in {duration:.1f} s"
+                      + (f": {decision.text}" if decision.text else ""), outcome=decision.outcome,
+                      duration=round(duration, 3), text=decision.text)
+        if self.board is not None:
+            self.board.ended(job.job_id, decision.outcome, duration)
         self.finishing.append(job)

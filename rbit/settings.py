@@ -1,4 +1,4 @@
-"""Reading settings written as text: unknown keys with a close-match hint, and true/false flags.
+"""Reading settings written as text: unknown keys with a close-match hint, true/false flags, sizes.
 
 rbit's configuration reads its own sections with these, and a ``python!``
 runner's ``check_settings`` can use them for its own settings. Each raises
@@ -7,12 +7,16 @@ section.
 """
 
 import difflib
+import re
 
 from .errors import ConfigError
 
 #: The words of a true and of a false flag, compared without regard to case.
 TRUE_WORDS = ("1", "yes", "true", "on")
 FALSE_WORDS = ("0", "no", "false", "off")
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def did_you_mean(name, known):
@@ -37,3 +41,15 @@ def parse_flag(value, key):
     if written.lower() in FALSE_WORDS:
         return False
     raise ConfigError(f"must be true or false, not {written!r}", key=key)
+
+
+def parse_size(value, key, minimum=0):
+    """*value*, bytes with an optional ``K``, ``M`` or ``G`` (powers of 1024), as an int."""
+    written = (value or "").strip()
+    match = _SIZE.match(written)
+    if not match:
+        raise ConfigError(f"must be a size in bytes, like 100M (K, M or G), not {written!r}", key=key)
+    size = int(match.group(1)) * _UNITS[match.group(2).lower()]
+    if size < minimum:
+        raise ConfigError(f"must be at least {minimum}, not {written!r}", key=key)
+    return size

@@ -42,6 +42,7 @@ from .pybit import decode_build_request, decode_cancel_request
 from .reporting import StatusReporter
 from .running import Jobs, RunningJob
 from .wakeup import Wakeup
+from .web import Board
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,10 @@ class Worker:
         self.metrics = Metrics()
         self.metrics.backlog.set_function(lambda: self.reporter.backlog)
         self.metrics.running.set_function(lambda: len(self.running()))
-        self.http = HealthServer(self.settings.http, self.metrics, self.health) if self.settings.http else None
         self.wakeup = Wakeup()
         self.jobs = Jobs(config, self.reporter, self.metrics, self.wakeup, clock)
+        self.jobs.board = self.board = Board(self.settings.name, self.jobs.log_dir)
+        self.http = HealthServer(self.settings.http, self.metrics, self.health, self.board) if self.settings.http else None
         self.jobs.context = context
         self._subscribing = False
         self._held = []
@@ -95,6 +97,7 @@ class Worker:
         """Connect, serve until stopped, and hand back every running job's message."""
         restore = self.wakeup.on_signals(self._on_signal)
         self.reporter.start()
+        self.jobs.prepare_logs()
         if self.http is not None:
             self.http.start()
         try:
@@ -150,6 +153,7 @@ class Worker:
         self.broker.qos(1)
         self.broker.consume(CANCELS, [queues.cancel_queue(self.settings.name)], self._on_cancel, no_ack=True)
         self.wakeup.watch(self.broker.fileno(), "broker")
+        self.board.broker_address = self.broker.address
         self.jobs.finish(self.broker)
         for slot in sorted(self._unsure):
             queues.release(self.broker, self.settings.name, slot)

@@ -26,9 +26,9 @@ For each request it
 5. removes the work directory, which ``keep-failed = true`` keeps after a
    failure.
 
-Every command and its output go to ``build-root/logs/JOB.log`` (appended to,
-so a job that was Blocked keeps the log of each attempt). A failure raises
-:class:`rbit.Failed` with the last lines of that log.
+Every command and its output go to the runner's standard output, which the
+worker keeps as the job's log (one file per attempt: ``rbit logs CONFIG JOB``).
+A failure raises :class:`rbit.Failed` with the last lines of that output.
 
 Settings (all strings; flags are ``true`` or ``false``), checked when the
 configuration is read (``build.check_settings``), so that a mistake stops
@@ -37,8 +37,8 @@ configuration is read (``build.check_settings``), so that a mistake stops
 ================  ==========================  =========================================
 key               default                     meaning
 ================  ==========================  =========================================
-build-root        ``$TMPDIR/rbit-debian``     absolute path; ``work/``, ``logs/`` and
-                                              (by default) ``output/`` go there
+build-root        ``$TMPDIR/rbit-debian``     absolute path; ``work/`` and (by
+                                              default) ``output/`` go there
 output-dir        ``BUILD-ROOT/output``       absolute path; results go to ``JOB/`` in it
 builder           dpkg-buildpackage (above)   the build command, split like a shell
                                               line; placeholders below
@@ -67,14 +67,15 @@ Nothing from a message reaches a shell: commands are argument lists, and
 ``--`` separates options from a URI.
 """
 
-import collections
 import logging
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,12 @@ SOURCE_DIR = "source"
 #: Lines of the build log quoted in a Failed message.
 TAIL_LINES = 20
 
+#: Bytes of the newest output kept for that quote.
+TAIL_BYTES = 64 * 1024
+
+#: Seconds to wait, after a command exits, for output still held by a process it left behind.
+OUTPUT_DRAIN_TIMEOUT = 5.0
+
 #: What ``dpkg-checkbuilddeps`` says (in the C locale) before the dependencies it misses.
 _UNMET = re.compile(r"(Unmet build dependencies|Build conflicts): (.*)")
 
@@ -150,7 +157,7 @@ def build(message, set_status, settings):
     options = parse_settings(settings)  # checked at start (build.check_settings): only typed here
     job_id = message.job_id
     prepare_build_root(options.build_root)
-    with BuildLog(log_path(options.build_root, job_id)) as build_log:
+    with BuildLog() as build_log:
         build_log.note(f"{time.strftime('%Y-%m-%d %H:%M:%S')} job {job_id}: "
                        f"{message.request.get_package()} {message.request.get_version()} "
                        f"from {message.queue}")
@@ -279,11 +286,6 @@ def prepare_build_root(build_root):
                      "set build-root to a directory of this user's")
 
 
-def log_path(build_root, job_id):
-    """Where the build log of job *job_id* goes."""
-    return build_root / "logs" / f"{job_id}.log"
-
-
 def make_work_dir(build_root, job_id):
     """A fresh, empty work directory for the job under *build_root*."""
     parent = build_root / "work"
@@ -301,29 +303,21 @@ def clean(work):
 
 
 class BuildLog:
-    """The job's log file: each command, and its output, appended."""
+    """Each command, and its output, on standard output (the job's log); the newest kept for quotes."""
 
-    def __init__(self, path):
-        self.path = Path(path)
-        self.handle = None
-        self.start = 0
+    def __init__(self):
+        self.kept = b""
+        self.lock = threading.Lock()
 
     def __enter__(self):
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(self.path, "ab")
-        except OSError as exc:
-            raise Failed(f"cannot write the build log {self.path}: {exc.strerror}") from None
-        self.start = self.handle.tell()
         return self
 
     def __exit__(self, *exc_info):
-        self.handle.close()
+        sys.stdout.flush()
 
     def note(self, text):
         """Write a line of rbit's own."""
-        self.handle.write(f"== {text}\n".encode("utf-8", "replace"))
-        self.handle.flush()
+        self._emit(f"== {text}\n".encode("utf-8", "replace"))
 
     def run(self, argv, cwd=None, env=None, capture=False):
         """Run *argv* (a list, never a shell line), its output going to the log.
@@ -331,34 +325,52 @@ class BuildLog:
         Returns the exit status, or ``(status, output)`` with *capture*.
         """
         self.note("$ " + shlex.join(argv))
-        stdout = subprocess.PIPE if capture else self.handle
         try:
-            done = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=stdout, stderr=subprocess.STDOUT, check=False)
+            process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         except FileNotFoundError:
             self.note(f"{argv[0]}: not found")
             raise Failed(f"{argv[0]} is not installed on this build client") from None
         except OSError as exc:
             self.note(f"{argv[0]}: {exc.strerror}")
             raise Failed(f"cannot run {argv[0]}: {exc.strerror}") from None
+        captured = [] if capture else None
+        copier = threading.Thread(target=self._copy, args=(process.stdout, captured), daemon=True)
+        copier.start()
+        code = process.wait()
+        # A process the command left behind may hold its output open: do not wait for it long.
+        copier.join(OUTPUT_DRAIN_TIMEOUT)
         if not capture:
-            return done.returncode
-        self.handle.write(done.stdout)
-        self.handle.flush()
-        return done.returncode, done.stdout.decode("utf-8", "replace")
+            return code
+        return code, b"".join(captured).decode("utf-8", "replace")
+
+    def _copy(self, output, captured):
+        with output:
+            while chunk := output.read1(1 << 16):
+                self._emit(chunk)
+                if captured is not None:
+                    captured.append(chunk)
+
+    def _emit(self, data):
+        with self.lock:
+            self.kept = (self.kept + data)[-TAIL_BYTES:]
+            sys.stdout.flush()
+            try:
+                sys.stdout.buffer.write(data)
+            except AttributeError:  # a text-only stdout
+                sys.stdout.write(data.decode("utf-8", "replace"))
+            sys.stdout.flush()
 
     def tail(self, lines=TAIL_LINES):
         """The last *lines* lines written by this attempt."""
-        self.handle.flush()
-        with open(self.path, "rb") as handle:
-            handle.seek(self.start)
-            last = collections.deque(handle, maxlen=lines)
-        return "\n".join(line.decode("utf-8", "replace").rstrip("\r\n") for line in last)
+        with self.lock:
+            last = self.kept.decode("utf-8", "replace").splitlines()[-lines:]
+        return "\n".join(last)
 
     def failed(self, what, code=None):
         """The :class:`rbit.Failed` for *what*, a command that exited with status *code*."""
         status = "" if code is None else f" (exit status {code})"
-        return Failed(f"{what} failed{status}; build log {self.path} ends:\n{self.tail()}")
+        return Failed(f"{what} failed{status}; the job's log ends:\n{self.tail()}")
 
 
 # -- fetch ----------------------------------------------------------------------------

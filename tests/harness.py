@@ -92,6 +92,15 @@ def offline_config(path, runners, *, name="offline", rbit=None, amqp=None, pybit
     return path
 
 
+def job_log(config_path, job_id, attempt=None):
+    """The text of a job's log (the newest attempt) as a WorkerProcess on *config_path* keeps it."""
+    from rbit.logdir import attempt_path
+
+    path = attempt_path(Path(config_path).parent / "state" / "rbit" / "jobs", job_id, attempt)
+    assert path is not None, f"job {job_id} has no log"
+    return path.read_text(errors="replace")
+
+
 class WorkerProcess:
     """``python -m rbit CONFIG`` in a subprocess, its output in a file the test can read."""
 
@@ -99,7 +108,9 @@ class WorkerProcess:
         self.config_path = Path(config_path)
         self.args = args
         self.log_path = Path(log_path or self.config_path.with_suffix(".log"))
-        self.env = environment(**(env or {}))
+        # Job logs go to this test's own directory (the default log_dir is under XDG_STATE_HOME).
+        self.env = environment(XDG_STATE_HOME=str(self.config_path.parent / "state"), **(env or {}))
+        self.env.pop("LOGS_DIRECTORY", None)
         self.process = None
         self._offset = 0
 

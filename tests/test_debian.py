@@ -18,7 +18,7 @@ from rbit.pybit import encode, make_request
 from rbitext import debian
 
 from .debian_fixtures import MISSING_PACKAGE, PACKAGE, fake_dput, make_repo, require_tools
-from .harness import WorkerProcess, offline_config, write_config
+from .harness import WorkerProcess, job_log, offline_config, write_config
 from .pybit_models import request_body
 from .test_config import check_one_line
 from .test_tools import rbit
@@ -149,7 +149,7 @@ def test_unknown_transport_method_fails(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["git", "svn"])
-def test_uri_starting_with_dash_is_not_an_option(method, tmp_path):
+def test_uri_starting_with_dash_is_not_an_option(method, tmp_path, capfd):
     """A uri like ``--upload-pack=CMD`` reaches the VCS after ``--``: a repository, never an option."""
     if method == "svn":
         require_tools("svn")
@@ -159,8 +159,7 @@ def test_uri_starting_with_dash_is_not_an_option(method, tmp_path):
         run_build(request_for(uri, method=method), {"build-root": str(tmp_path / "root")})
     assert not marker.exists()
     assert f"{method} " in failed.value.message
-    build_log = debian.log_path(tmp_path / "root", 7).read_text()
-    assert f" -- {shlex.quote(uri)} " in build_log
+    assert f" -- {shlex.quote(uri)} " in capfd.readouterr().out  # the build log
 
 
 def test_revision_starting_with_dash_is_refused(tmp_path):
@@ -182,7 +181,7 @@ def test_svn_export_at_revision(tmp_path):
         (tree / "file").write_text(revision)
         command = ["svn", "import", "-q", "-m", revision, str(tree), f"file://{repo}/{revision}"]
         subprocess.run(command, check=True)
-    with debian.BuildLog(tmp_path / "log") as build_log:
+    with debian.BuildLog() as build_log:
         dest = debian.fetch(request_for(f"file://{repo}", "1", method="svn").transport,
                             tmp_path / "out", build_log)
     assert (dest / "one" / "file").read_text() == "one"
@@ -201,7 +200,7 @@ def test_unmet_build_dependency_blocks(tmp_path):
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_failure_quotes_the_log_tail(keep, tmp_path):
-    """A failing build: Failed quoting the last 20 lines of the job's log.
+    """A failing build: Failed quoting the last 20 lines of the job's log (its output).
 
     keep-failed = true keeps the work directory; false removes it.
     """
@@ -217,7 +216,7 @@ def test_failure_quotes_the_log_tail(keep, tmp_path):
         run_build(request_for(repo), settings)
     message = failed.value.message
     assert "exit status 3" in message
-    assert str(debian.log_path(tmp_path / "root", 7)) in message
+    assert "exit status 3); the job's log ends:\n" in message
     assert message.splitlines()[-debian.TAIL_LINES:] == [f"line{i}" for i in range(11, 31)]
     kept = leftover_work(tmp_path / "root")
     assert len(kept) == (1 if keep else 0)
@@ -247,22 +246,22 @@ def test_builder_placeholders(tmp_path):
     assert (output / f"{PACKAGE}_1.0.dsc").exists()
 
 
-def test_master_request_builds_source_and_all_binaries(tmp_path):
+def test_master_request_builds_source_and_all_binaries(tmp_path, capfd):
     """PyBit's master request: a full dpkg-buildpackage -us -uc; the .dsc and _all.deb in output/JOB."""
     repo = tmp_path / "repo"
     make_repo(repo)
     assert run_build(request_for(repo), {"build-root": str(tmp_path / "root")}) == []
     names = sorted(path.name for path in (tmp_path / "root" / "output" / "7").iterdir())
     assert f"{PACKAGE}_1.0.dsc" in names and f"{PACKAGE}_1.0_all.deb" in names
-    assert "$ dpkg-buildpackage -us -uc -d\n" in debian.log_path(tmp_path / "root", 7).read_text()
+    assert "== $ dpkg-buildpackage -us -uc -d\n" in capfd.readouterr().out
 
 
-def test_other_architecture_builds_arch_binaries_only(tmp_path):
+def test_other_architecture_builds_arch_binaries_only(tmp_path, capfd):
     """A request that is not the master: dpkg-checkbuilddeps -B and dpkg-buildpackage -B, no source."""
     repo = tmp_path / "repo"
     make_repo(repo, architecture="any")
     assert run_build(request_for(repo, master=False), {"build-root": str(tmp_path / "root")}) == []
-    build_log = debian.log_path(tmp_path / "root", 7).read_text()
+    build_log = capfd.readouterr().out
     assert "$ dpkg-checkbuilddeps -B\n" in build_log
     assert "$ dpkg-buildpackage -us -uc -d -B\n" in build_log
     output = tmp_path / "root" / "output" / "7"
@@ -270,12 +269,12 @@ def test_other_architecture_builds_arch_binaries_only(tmp_path):
     assert not list(output.glob("*.dsc"))
 
 
-def test_other_architecture_of_arch_all_package_builds_nothing(tmp_path):
+def test_other_architecture_of_arch_all_package_builds_nothing(tmp_path, capfd):
     """Not the master, every binary package Architecture: all: nothing to build, and no failure."""
     repo = tmp_path / "repo"
     make_repo(repo)
     assert run_build(request_for(repo, master=False), {"build-root": str(tmp_path / "root")}) == []
-    assert "dpkg-buildpackage" not in debian.log_path(tmp_path / "root", 7).read_text()
+    assert "dpkg-buildpackage" not in capfd.readouterr().out
     assert leftover_work(tmp_path / "root") == []
 
 
@@ -334,7 +333,8 @@ def test_worker_builds_the_commit_asked_for(tmp_path, vhost, unique, pybit_web):
     """Through the worker: git checked out at vcs_id, built by dpkg-buildpackage.
 
     Statuses Building then Done; the .deb of that commit in output/JOB; the
-    work directory removed; dry-run: dput is not called.
+    work directory removed; dry-run: dput is not called; each command, its output and
+    each phase in the job's log.
     """
     repo = tmp_path / "repo"
     first, _ = make_repo(repo, versions=("1.0", "1.1"))
@@ -349,10 +349,12 @@ def test_worker_builds_the_commit_asked_for(tmp_path, vhost, unique, pybit_web):
     assert not list(output.glob("*1.1*"))
     assert worker.dput_calls() == []
     assert leftover_work(worker.build_root) == []
-    assert "dpkg-buildpackage" in debian.log_path(worker.build_root, 11).read_text()
+    build_log = job_log(worker.process.config_path, 11)
+    assert "== $ dpkg-buildpackage -us -uc -d\n" in build_log and "dpkg-deb: building package" in build_log
     for phase in ("fetch", "checkbuilddeps", "build", "upload", "clean"):
-        assert f"job 11 ({worker.queue}): {phase}: " in log
-    assert "upload: dry run, not uploading to test-archive" in log
+        assert f" INFO rbitext.debian: {phase}: " in build_log
+    assert "upload: dry run, not uploading to test-archive" in build_log
+    assert "dpkg-buildpackage" not in log  # the worker's own log: the job's start and end
 
 
 def test_worker_uploads_with_dput(tmp_path, vhost, unique, pybit_web):

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from .broker import AMQP_HOST, AMQP_PORT
-from .harness import ROOT, WorkerProcess
+from .harness import ROOT, WorkerProcess, job_log
 from .pybit_models import request_body
 
 EXAMPLE = ROOT / "rbit.ini.example"
@@ -45,7 +45,7 @@ def example_copy(tmp_path, vhost, unique):
 def test_hello_example_runs_a_request_to_done(tmp_path, vhost, unique):
     """The shipped example, pointed at the test broker, serves its queue with
     python!rbitext.hello:hello: a request published as PyBit's controller does logs
-    "Hello, World!" and ends Done."""
+    "Hello, World!" in the job's log and ends Done."""
     path, dist = example_copy(tmp_path, vhost, unique)
     queue = f"{dist}_any_latex_pdf"
     with WorkerProcess(path) as worker:
@@ -54,15 +54,15 @@ def test_hello_example_runs_a_request_to_done(tmp_path, vhost, unique):
                                          suite="latex", fmt="pdf"), f"{dist}.any.latex.pdf")
         worker.wait_log(r"job 301: hello 1\.0-1 from \S+ ended Done", timeout=15)
     assert worker.process.returncode == 0
-    assert re.search(rf"Hello, World! Job 301 asks for hello 1\.0-1 on any \(queue {queue}\)", worker.log)
+    assert re.search(rf"Hello, World! Job 301 asks for hello 1\.0-1 on any \(queue {queue}\)", job_log(path, 301))
     assert re.search(rf"job 301 queue {queue}: Done", worker.log)
     assert vhost.depth(queue) == 0
 
 
 def test_readme_quick_start_with_rbit_publish(tmp_path, vhost, unique):
     """The README's quick start: `rbit publish CONFIG --job-id 1 --package hello --version 1.0`
-    gives the running example worker a job; it logs "Hello, World! Job 1 asks for hello 1.0"
-    and the job ends Done."""
+    gives the running example worker a job; the job ends Done and `rbit logs CONFIG 1` prints
+    its log: "Hello, World! Job 1 asks for hello 1.0"."""
     path, dist = example_copy(tmp_path, vhost, unique)
     queue = f"{dist}_any_latex_pdf"
     with WorkerProcess(path) as worker:
@@ -73,5 +73,9 @@ def test_readme_quick_start_with_rbit_publish(tmp_path, vhost, unique):
             capture_output=True, text=True, timeout=20, env=worker.env)
         assert done.returncode == 0, done.stdout + done.stderr
         worker.wait_log(r"job 1: hello 1\.0 from \S+ ended Done", timeout=15)
-    assert "Hello, World! Job 1 asks for hello 1.0" in worker.log
+    shown = subprocess.run([sys.executable, "-m", "rbit", "logs", str(path), "1"],
+                           capture_output=True, text=True, timeout=20, env=worker.env)
+    assert shown.returncode == 0, shown.stderr
+    assert "Hello, World! Job 1 asks for hello 1.0" in shown.stdout
+    assert "Hello, World!" not in worker.log
     assert re.search(rf"job 1 queue {queue}: Done", worker.log)

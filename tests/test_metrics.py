@@ -62,7 +62,8 @@ def test_healthz_and_metrics_of_a_serving_worker(tmp_path, vhost, unique, pybit_
     """While serving, ``/healthz`` is 200 ``{"healthy": true, "broker": "connected",
     "queues": [...]}``; after a Done job, a Failed job and a bad body, ``/metrics`` counts
     ``rbit_jobs_total{queue,status}``, the duration histogram, ``rbit_rejected_messages_total``,
-    and has ``rbit_status_backlog`` and ``rbit_reconnects_total``; other paths are 404."""
+    and has ``rbit_status_backlog`` and ``rbit_reconnects_total``; ``/`` is the live page and other
+    paths are 404."""
     dist = f"m{unique}"
     queue, key = f"{dist}_any_latex_pdf", f"{dist}.any.latex.pdf"
     port = free_port()
@@ -115,8 +116,8 @@ def test_healthz_and_metrics_of_a_serving_worker(tmp_path, vhost, unique, pybit_
 
         code, _, _ = http_get(f"{base}/nothing-here")
         assert code == 404
-        code, _, _ = http_get(f"{base}/")
-        assert code == 404
+        code, content_type, _ = http_get(f"{base}/")
+        assert (code, content_type) == (200, "text/html; charset=utf-8")  # the live page
 
         # The broker drops the worker's connection: it reconnects and counts it.
         assert close_connections(vhost) >= 1

@@ -23,7 +23,7 @@ from rbit.runners import load as load_runner
 from rbit.runners.python import PythonRunner
 from rbit.runners.shell import ShellRunner
 
-from .harness import WorkerProcess, cmdline, write_config
+from .harness import WorkerProcess, cmdline, job_log, write_config
 from .pybit_models import queue_name, request_body, routing_key
 
 #: ``printf '%s\0'`` each argument the program got into OUT_DIR/<job id>.argv (``%%`` is a ``%``).
@@ -287,7 +287,8 @@ def test_shell_exit_status_gives_the_outcome(tmp_path, vhost, unique, pybit_web)
 
 def test_shell_status_lines_on_the_status_fd_are_reported(tmp_path, vhost, unique, pybit_web):
     """Lines the program writes to fd $RBIT_STATUS_FD are reported as statuses in order;
-    Done follows when none was final; an unknown name never reaches PyBit."""
+    Done follows when none was final; an unknown name never reaches PyBit (it is logged as an
+    error in the job's log, beside the program's output)."""
     line = ("/bin/sh -c 'echo Uploaded to the archive >&$RBIT_STATUS_FD"
             " && echo Bogus >&$RBIT_STATUS_FD && echo hello from the build'")
     worker, queue, key = shell_worker(tmp_path, vhost, unique, line, pybit=pybit_keys(pybit_web))
@@ -298,7 +299,10 @@ def test_shell_status_lines_on_the_status_fd_are_reported(tmp_path, vhost, uniqu
         assert pybit_web.wait_for((231, "Done"), timeout=10), worker.log
     assert pybit_web.statuses(231) == ["Waiting", "Building", "Uploaded", "Done"]
     assert all(report.status in statuses.ALL for report in pybit_web.reports)
-    assert "hello from the build" in worker.log
+    log = job_log(worker.config_path, 231)
+    assert "hello from the build" in log
+    assert re.search(r"ERROR rbit\.runners\.shell: runner program reported .*'Bogus'", log), log
+    assert "hello from the build" not in worker.log
 
 
 def test_shell_runner_past_its_timeout_is_stopped_and_failed(tmp_path, vhost, unique, pybit_web):

@@ -20,7 +20,7 @@ import rbit
 from rbit import statuses
 
 from .broker import rabbitmqctl
-from .harness import WorkerProcess, wait_until, write_config
+from .harness import WorkerProcess, job_log, wait_until, write_config
 from .pybit_models import queue_name, request_body, routing_key
 from .pybit_web import FakePyBit
 
@@ -365,7 +365,7 @@ def test_statuses_building_runner_statuses_then_done(tmp_path, vhost, unique, py
 
 def test_failed_and_other_exceptions_report_failed(tmp_path, vhost, unique, pybit_web):
     """rbit.Failed makes the job Failed with its message; any other exception makes it
-    Failed with the traceback in the worker's log."""
+    Failed with the traceback in the job's log."""
     queue, key = queue_for(unique)
     path, _ = make_config(tmp_path, vhost, unique, pybit=pybit_section(pybit_web))
     pybit_web.add_job(61)
@@ -381,8 +381,9 @@ def test_failed_and_other_exceptions_report_failed(tmp_path, vhost, unique, pybi
     assert pybit_web.statuses(61) == ["Waiting", "Building", "Failed"]
     assert pybit_web.statuses(62) == ["Waiting", "Building", "Failed"]
     assert "the build broke on purpose" in worker.log
-    assert "Traceback (most recent call last)" in worker.log
-    assert "RuntimeError: kaboom crash-x" in worker.log
+    assert "RuntimeError: kaboom crash-x" in worker.log  # the end line says why
+    assert "Traceback (most recent call last)" in job_log(path, 62)
+    assert "Traceback" not in worker.log
 
 
 def test_unknown_status_fails_the_job_and_never_reaches_pybit(tmp_path, vhost, unique, pybit_web):

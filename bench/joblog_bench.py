@@ -1,0 +1,169 @@
+"""Benchmark of a job's build log: 20 MB written as fast as a program can, through a real worker.
+
+Usage::
+
+    python bench/joblog_bench.py [--runs 5] [--mb 20] [--json]
+
+One worker, started as an operator starts it (the ``rbit`` console script
+beside this Python, ``rbit CONFIG``), in a throw-away vhost of the local
+RabbitMQ, serves a ``shell!`` queue whose program writes MB megabytes of
+numbered lines to its standard output, twice over: with ``cat`` of a
+prepared file (large writes) and with ``seq`` (the lines made as it goes).
+
+For each program it reports, as medians over RUNS jobs:
+
+- the program's own wall time writing into the job's log (measured inside
+  the job, around the program) against the same program writing to a file
+  on the same disk (measured the same way, outside rbit): the ratio is
+  rbit's cost to the build;
+- the job's duration as the worker records it (start of the job's process
+  to the end of its log) against a bare ``subprocess.run`` of the program
+  with its output to a file;
+- the worker's CPU time (utime + stime from ``/proc/PID/stat``) for the job,
+  in milliseconds and as a share of the job's duration.
+
+Every log is checked to hold all of the program's output.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rbit import logdir  # noqa: E402
+from tests.broker import drop_vhost, make_vhost  # noqa: E402
+from tests.harness import write_config  # noqa: E402
+from tests.pybit_models import request_body  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+#: Wraps a program so that it stamps its own start and end (ns) into a file: ``sh -c WRAP sh OUT PROG ARGS``.
+WRAP = 'out=$1; shift; s=$(date +%s%N); "$@"; e=$(date +%s%N); echo "$s $e" > "$out"'
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def stamped_seconds(path):
+    start, end = map(int, Path(path).read_text().split())
+    return (end - start) / 1e9
+
+
+def baseline(argv, out_dir, runs):
+    """(program's own time, whole subprocess time) writing to a file, medians."""
+    own, whole = [], []
+    for run in range(runs):
+        target, stamp = out_dir / f"baseline-{run}.out", out_dir / f"baseline-{run}.stamp"
+        started = time.perf_counter()
+        with open(target, "wb") as handle:
+            subprocess.run(["/bin/sh", "-c", WRAP, "sh", str(stamp), *argv], stdout=handle, check=True)
+        whole.append(time.perf_counter() - started)
+        own.append(stamped_seconds(stamp))
+        target.unlink()
+    return statistics.median(own), statistics.median(whole)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--mb", type=int, default=20)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    script = shutil.which("rbit", path=str(Path(sys.executable).parent))
+    if script is None:
+        sys.exit("no rbit console script beside this Python: pip install . first")
+    work = Path(tempfile.mkdtemp(prefix="rbit-joblog-bench-"))
+    lines = work / "lines.txt"
+    size = args.mb << 20
+    with open(lines, "wb") as handle:
+        n = 0
+        while handle.tell() < size:
+            handle.write(b"".join(b"%d\n" % i for i in range(n + 1, n + 100_001)))
+            n += 100_000
+        handle.truncate(size)
+    seq_count = n  # seq writes about the same number of bytes
+    seq_bytes = sum(len(b"%d\n" % i) for i in range(1, seq_count + 1))
+    programs = {"cat": ["cat", str(lines)], "seq": ["seq", "1", str(seq_count)]}
+    vhost = make_vhost()
+    results = {"mb": args.mb, "runs": args.runs, "load_start": os.getloadavg()[0]}
+    try:
+        runners = {f"bench_any_{name}_pdf": {"runner": "shell!/bin/sh -c '" + WRAP.replace("%", "%%") + "' sh "
+                                             f"{work}/stamp-%ID {' '.join(argv)}"}
+                   for name, argv in programs.items()}
+        config = write_config(work / "rbit.ini", name=f"bench-{vhost.name[-8:]}", vhost=vhost, runners=runners,
+                              rbit={"log_dir": str(work / "logs"), "log_max": "1G"})
+        log_file = open(work / "worker.log", "wb")
+        worker = subprocess.Popen([script, str(config)], stdout=log_file, stderr=subprocess.STDOUT, cwd=str(work))
+        try:
+            deadline = time.monotonic() + 60
+            while " serving " not in (work / "worker.log").read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            job_id = 0
+            for name, program in programs.items():
+                expected = size if name == "cat" else seq_bytes
+                own_file, whole_file = baseline(program, work, args.runs)
+                own, whole, cpu = [], [], []
+                for _ in range(args.runs):
+                    job_id += 1
+                    before = cpu_seconds(worker.pid)
+                    vhost.publish_build(request_body(job_id, dist="bench", arch="any", suite=name, fmt="pdf"),
+                                        f"bench.any.{name}.pdf")
+                    deadline = time.monotonic() + 120
+                    while True:
+                        path = logdir.attempt_path(work / "logs", job_id)
+                        meta = logdir.read_meta(path) if path else {}
+                        if "outcome" in meta or time.monotonic() > deadline:
+                            break
+                        time.sleep(0.02)
+                    assert meta.get("outcome") == "Done", (meta, (work / "worker.log").read_text()[-2000:])
+                    cpu.append(cpu_seconds(worker.pid) - before)
+                    own.append(stamped_seconds(work / f"stamp-{job_id}"))
+                    whole.append(meta["duration"])
+                    text = path.read_bytes()
+                    output = text.split(b"\n", 1)[1].rsplit(b"rbit: job %d ended" % job_id, 1)[0]
+                    assert len(output) - expected in (0, 1), "a log is missing output"  # 1: a newline rbit added
+                    path.unlink()
+                results[name] = {
+                    "program_to_file_s": round(own_file, 4), "program_in_job_s": round(statistics.median(own), 4),
+                    "ratio": round(statistics.median(own) / own_file, 2),
+                    "subprocess_to_file_s": round(whole_file, 4), "job_s": round(statistics.median(whole), 4),
+                    "worker_cpu_ms": round(statistics.median(cpu) * 1000, 1),
+                    "worker_cpu_share": round(statistics.median(cpu) / statistics.median(whole), 3),
+                }
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(30)
+            log_file.close()
+    finally:
+        drop_vhost(vhost)
+        shutil.rmtree(work, ignore_errors=True)
+    results["load_end"] = os.getloadavg()[0]
+    print(f"{args.mb} MB of output, median of {args.runs} jobs; load {results['load_start']:.2f} -> "
+          f"{results['load_end']:.2f}")
+    print(f"{'program':8} {'to a file':>10} {'in a job':>10} {'ratio':>6}   {'bare run':>9} {'job':>9}   "
+          f"{'worker CPU':>10} {'share':>6}")
+    for name in programs:
+        r = results[name]
+        print(f"{name:8} {r['program_to_file_s'] * 1000:8.1f}ms {r['program_in_job_s'] * 1000:8.1f}ms "
+              f"{r['ratio']:6.2f}   {r['subprocess_to_file_s'] * 1000:7.1f}ms {r['job_s'] * 1000:7.1f}ms   "
+              f"{r['worker_cpu_ms']:8.1f}ms {r['worker_cpu_share'] * 100:5.1f}%")
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
