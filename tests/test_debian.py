@@ -134,7 +134,7 @@ def test_good_settings_pass_the_check(tmp_path):
 
 def test_build_root_of_another_user_is_refused(tmp_path, monkeypatch):
     """A build root that another user owns (say a planted /tmp/rbit-debian) fails the job."""
-    monkeypatch.setattr(debian.os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
     with pytest.raises(Failed, match="belongs to another user"):
         run_build(request_for(tmp_path / "repo"), {"build-root": str(tmp_path)})
 
