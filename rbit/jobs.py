@@ -28,6 +28,7 @@ Messages from the job process to the worker, on the first pipe, each a tuple:
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -54,8 +55,7 @@ _F_SETPIPE_SZ = 1031
 
 #: Modules every job needs; the fork server imports them once, so that no job
 #: pays for them (unpickling a job's Message needs rbit.pybit, hence jsonpickle).
-#: ``__main__`` spares each job from running the console script's imports again.
-PRELOAD = ["__main__", "rbit.jobs", "rbit.message", "rbit.pybit", "rbit.runners.python", "rbit.runners.shell"]
+PRELOAD = ["rbit.jobs", "rbit.message", "rbit.pybit", "rbit.runners.python", "rbit.runners.shell"]
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,27 @@ def fork_context(preload=()) -> multiprocessing.context.ForkServerContext:
     Starting it here, not at the first job, keeps its start-up (a fresh
     interpreter importing the runners) out of the first job's pickup time.
     """
+    _main_as_package_main()
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(dict.fromkeys([*PRELOAD, *preload])))
     multiprocessing.forkserver.ensure_running()
     return context
+
+
+def _main_as_package_main() -> None:
+    """Keep job processes from running the ``rbit`` console script again.
+
+    multiprocessing prepares each new process by running the parent's
+    ``__main__`` again: from its file when it has no module spec, which for the
+    console script means importing the CLI and click in every job; but not at
+    all when ``__main__`` is a package's ``__main__`` module, as under
+    ``python -m rbit``. Nothing a job needs lives in ``__main__``, so a main
+    without a spec is described as ``rbit.__main__``: both ways of starting
+    the worker then cost a job the same.
+    """
+    main = sys.modules.get("__main__")
+    if main is not None and getattr(main, "__spec__", None) is None:
+        main.__spec__ = importlib.util.find_spec("rbit.__main__")
 
 
 def runner_modules(sections) -> list[str]:

@@ -101,12 +101,18 @@ def job_log(config_path, job_id, attempt=None):
     return path.read_text(errors="replace")
 
 
-class WorkerProcess:
-    """``python -m rbit CONFIG`` in a subprocess, its output in a file the test can read."""
+#: The ``rbit`` console script installed beside this Python, as the systemd unit runs it.
+CONSOLE_SCRIPT = Path(sys.executable).parent / "rbit"
 
-    def __init__(self, config_path, *args, env=None, log_path=None):
+
+class WorkerProcess:
+    """``python -m rbit CONFIG`` (or, with *console*, the ``rbit`` console script) in a
+    subprocess, its output in a file the test can read."""
+
+    def __init__(self, config_path, *args, env=None, log_path=None, console=False):
         self.config_path = Path(config_path)
         self.args = args
+        self.command = [str(CONSOLE_SCRIPT)] if console else [sys.executable, "-m", "rbit"]
         self.log_path = Path(log_path or self.config_path.with_suffix(".log"))
         # Job logs go to this test's own directory (the default log_dir is under XDG_STATE_HOME).
         self.env = environment(XDG_STATE_HOME=str(self.config_path.parent / "state"), **(env or {}))
@@ -117,7 +123,7 @@ class WorkerProcess:
     def start(self):
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "rbit", str(self.config_path), *self.args],
+            [*self.command, str(self.config_path), *self.args],
             stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=str(self.config_path.parent),
         )
         return self

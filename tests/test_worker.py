@@ -60,6 +60,15 @@ def record_runner(message, set_status, settings):
         handle.write(json.dumps(entry) + "\n")
 
 
+def imports(message, set_status, settings):
+    """Write down which of the command line's modules the job's process has loaded."""
+    import sys
+
+    loaded = {name: name in sys.modules for name in ("rbit.cli", "click")}
+    with open(settings["record"], "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"job_id": message.job_id, "loaded": loaded}) + "\n")
+
+
 def behave(message, set_status, settings):
     """Record the call, then do what the package name's first word says."""
     record_runner(message, set_status, settings)
@@ -572,3 +581,18 @@ def test_bad_messages_are_moved_unchanged_to_the_rejected_queue(tmp_path, vhost,
         moved.append(body)
     assert moved == bad_bodies
     assert {report.job_id for report in pybit_web.reports} == {112}
+
+
+@pytest.mark.parametrize("console", [True, False], ids=["rbit CONFIG", "python -m rbit CONFIG"])
+def test_a_job_never_imports_the_command_line_again(tmp_path, vhost, unique, console):
+    """A job's process never imports the CLI (and click) again, whether the worker was
+    started by the ``rbit`` console script, as the systemd unit starts it, or by ``python -m
+    rbit``: both ways cost a job the same."""
+    queue, key = queue_for(unique)
+    path, record = make_config(tmp_path, vhost, unique, function="imports")
+    with WorkerProcess(path, console=console) as worker:
+        worker.wait_ready()
+        vhost.publish_build(body_for(95, unique), key)
+        ended(worker, 95, "Done", timeout=30)
+    # (This runner's own module imports kombu for the tests, so kombu is not looked at here.)
+    assert records(record) == [{"job_id": 95, "loaded": {"rbit.cli": False, "click": False}}]
