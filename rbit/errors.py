@@ -53,6 +53,10 @@ class QueueLocked(BrokerError):
     """An exclusive queue is held by another connection."""
 
 
+class QueueMismatch(BrokerError):
+    """A queue exists with other flags or arguments than rbit declares (PRECONDITION_FAILED)."""
+
+
 class Unroutable(BrokerError):
     """The broker returned a mandatory message: no queue is bound to its routing key."""
 

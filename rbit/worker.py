@@ -4,7 +4,10 @@ How a message travels:
 
 1. It arrives on a served queue. The channel's prefetch is 1, counted across
    all consumers, so the worker holds at most the one message it is about to
-   start.
+   start. Where the broker refuses such a shared prefetch (quorum queues,
+   RabbitMQ 4.3), each consumer has a prefetch of 1: a message that comes
+   beside the one taken is handed back at once, and the consumers are
+   cancelled before the last free slot's message is acknowledged, as below.
 2. It is decoded safely; a bad one is moved to the rejected queue.
 3. A copy goes, with a publisher confirm, to this worker's durable in-progress
    queue for the job's slot; then the original is acknowledged and the job
@@ -72,8 +75,14 @@ class Worker:
         self.wakeup = Wakeup()
         self.jobs = Jobs(config, self.reporter, self.metrics, self.wakeup, clock)
         self.jobs.context = context
-        self._subscribing = False
+        #: True while a message is being taken or consumers started: a delivery that
+        #: the broker sends meanwhile (a broker call dispatches what arrives while
+        #: it waits for its reply) is held and taken after, never in the middle.
+        self._taking = False
         self._held = []
+        #: Where the next round of consumers starts, so that with per-consumer
+        #: prefetch no queue always loses the race to the one consumed first.
+        self._first_queue = 0
         self.stopping = False
         self.stop_deadline = None
         self.hurry = False
@@ -137,8 +146,9 @@ class Worker:
             self.broker.connect(should_stop=self._give_up_broker, idle=self._idle)
         except StopWaiting:
             return False
+        self._held = []  # deliveries of a connection that is gone: the broker has them back
         try:
-            queues.declare_worker(self.broker, self.settings, self.config.runners)
+            queues.declare_worker(self.broker, self.settings, self.config.runners, self.config.amqp.queue_type)
         except QueueLocked as exc:
             raise NameInUse(f"another worker named {self.settings.name!r} is connected to this broker") from exc
         if first:
@@ -188,24 +198,35 @@ class Worker:
         if self.stopping or self.jobs.finishing or self.broker.consuming(JOBS) or self.jobs.free_slot() is None:
             return
         # The broker may deliver on the first queues while a later basic.consume
-        # waits for its reply; such a message is held (prefetch 1: at most one)
-        # and taken once every consumer is in place, so that cancelling them then
-        # finds them all.
-        self._subscribing = True
+        # waits for its reply; such a message is held and taken once every
+        # consumer is in place, so that cancelling them then finds them all.
+        runners = self.config.runners
+        first = self._first_queue % len(runners)
+        self._taking = True
         try:
-            self.broker.consume(JOBS, [queues.build_queue(s.queue, s.routing_key) for s in self.config.runners],
-                                self._on_message)
+            self.broker.consume(JOBS, [queues.build_queue(s.queue, s.routing_key)
+                                       for s in runners[first:] + runners[:first]], self._on_message)
         finally:
-            self._subscribing = False
-        held, self._held = self._held, []
-        for queue, delivery in held:
-            self._on_message(queue, delivery)
+            self._taking = False
+        self._take_held()
 
     def _on_message(self, queue: str, delivery) -> None:
-        """A build request arrived on *queue*: start it, or move it to the rejected queue."""
-        if self._subscribing:
-            self._held.append((queue, delivery))
-            return
+        """A build request arrived on *queue*: take it, unless one is being taken (then later)."""
+        self._held.append((queue, delivery))
+        if not self._taking:
+            self._take_held()
+
+    def _take_held(self) -> None:
+        while self._held and not self._taking:
+            queue, delivery = self._held.pop(0)
+            self._taking = True
+            try:
+                self._take(queue, delivery)
+            finally:
+                self._taking = False
+
+    def _take(self, queue: str, delivery) -> None:
+        """Start the build request *delivery* from *queue*, or move it to the rejected queue."""
         slot = self.jobs.free_slot()
         if self.stopping or slot is None:
             # Not expected (consumers are cancelled before the last slot fills),
@@ -228,6 +249,7 @@ class Worker:
             return
         if len(self.slots) + 1 >= self.settings.concurrency:
             self.broker.cancel(JOBS)
+        self._first_queue = next(i for i, s in enumerate(self.config.runners) if s.queue == queue) + 1
         queues.hold(self.broker, delivery, queue, self.settings.name, slot)
         delivery.ack()
         self.jobs.start(slot, queue, message, delivery)
