@@ -83,6 +83,7 @@ class Worker:
         #: Where the next round of consumers starts, so that with per-consumer
         #: prefetch no queue always loses the race to the one consumed first.
         self._first_queue = 0
+        self._recovered = False
         self.stopping = False
         self.stop_deadline = None
         self.hurry = False
@@ -104,7 +105,12 @@ class Worker:
             self.http.start()
         try:
             self.jobs.context = self.jobs.context or jobs.fork_context(jobs.runner_modules(self.config.runners))
-            if not self._connect(first=True):
+            try:
+                connected = self._connect()
+            except ConnectionLost as exc:  # the first connection broke before it served
+                self._reconnect(exc)
+                connected = self.broker.connected
+            if not connected:
                 return
             systemd.notify("READY=1\nSTATUS=serving " + ", ".join(s.queue for s in self.config.runners))
             while not self._done():
@@ -140,7 +146,7 @@ class Worker:
 
     # -- Connecting -----------------------------------------------------------------
 
-    def _connect(self, first: bool = False) -> bool:
+    def _connect(self) -> bool:
         """(Re)connect, declare, recover or resume; False if told to give up waiting."""
         try:
             self.broker.connect(should_stop=self._give_up_broker, idle=self._idle)
@@ -151,8 +157,9 @@ class Worker:
             queues.declare_worker(self.broker, self.settings, self.config.runners, self.config.amqp.queue_type)
         except QueueLocked as exc:
             raise NameInUse(f"another worker named {self.settings.name!r} is connected to this broker") from exc
-        if first:
+        if not self._recovered:  # once: what an earlier run of this worker left unfinished
             queues.recover(self.broker, self.settings.name, self.settings.concurrency, self.settings.rejected_queue)
+            self._recovered = True
         self.broker.qos(1)
         self.broker.consume(CANCELS, [queues.cancel_queue(self.settings.name)], self._on_cancel, no_ack=True)
         self.wakeup.watch(self.broker.fileno(), "broker")
