@@ -236,8 +236,9 @@ class Worker:
         """Start the build request *delivery* from *queue*, or move it to the rejected queue."""
         slot = self.jobs.free_slot()
         if self.stopping or slot is None:
-            # Not expected (consumers are cancelled before the last slot fills),
-            # but never hold a message that is not running.
+            # With a prefetch per consumer, a message that came beside the one
+            # that filled the last slot (consumers are cancelled before then);
+            # never hold a message that is not running.
             self.broker.cancel(JOBS)
             delivery.requeue()
             return
