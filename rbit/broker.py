@@ -36,14 +36,14 @@ RECONNECT_START, RECONNECT_STEP, RECONNECT_MAX = 1.0, 2.0, 30.0
 _LIBRARY_ERRORS = (amqp.exceptions.AMQPError, amqp.exceptions.MessageNacked,
                    kombu.exceptions.KombuError, OSError)
 
-#: Seconds to wait before each new try of a publish the broker refused (basic.nack): the
-#: first try goes at once on a fresh channel, as a quorum queue whose leader has just died
+#: Seconds to wait before each new try of a publish the broker refused (basic.nack), on a
+#: fresh channel: the first goes at once, as a quorum queue whose leader has just died
 #: keeps refusing an old channel's publishes for a while but takes a new one's once it
 #: has a new leader. After the last, the publish fails as a lost connection.
 PUBLISH_RETRY_WAITS = (0.0, 0.5, 1.0, 2.0, 4.0)
 
 LOG_CONNECT_FAILED = "cannot reach the broker (%s); next attempt in %.0f s"
-LOG_PUBLISH_REFUSED = "the broker refused a message for %s (basic.nack); trying again on a new channel in %.1f s"
+LOG_PUBLISH_REFUSED = "the broker refused a message for %s (basic.nack); it is published again on a new channel"
 LOG_PER_CONSUMER = ("the broker refuses a prefetch shared by all consumers (%s); each consumer now "
                     "gets its own prefetch of 1, and a message that comes beside the one taken is handed back")
 
@@ -321,32 +321,33 @@ class Broker:
         """Publish *message* and wait for the broker's confirm.
 
         A refused confirm (basic.nack: the broker did not take the message) is
-        never success: the message is published again on a fresh channel, at
-        most ``len(PUBLISH_RETRY_WAITS)`` times, and then the publish fails with
+        never success: the message is published again on a fresh channel, up
+        to ``len(PUBLISH_RETRY_WAITS)`` more times, and then the publish fails with
         :class:`~rbit.errors.ConnectionLost`, for the caller to do again once
         connected again. The message may then be there twice (a broker can
         refuse a message it took), which each of rbit's uses allows for. With
         *mandatory*, :class:`~rbit.errors.Unroutable` if the broker returns it.
         """
         returned = []
-        for wait in PUBLISH_RETRY_WAITS:
-            channel = self._publisher
-            if mandatory:
-                channel.events["basic_return"].add(lambda *args: returned.append(args))
-            try:
-                channel.basic_publish(_amqp_message(message), exchange=exchange,
-                                      routing_key=routing_key, mandatory=mandatory)
-                break
-            except amqp.exceptions.MessageNacked:
-                log.warning(LOG_PUBLISH_REFUSED, exchange or routing_key, wait)
-                _close_quietly(channel)
-                self._publisher = None
+        tries = 1 + len(PUBLISH_RETRY_WAITS)
+        for wait in (None, *PUBLISH_RETRY_WAITS):
+            if wait is not None:  # the one before was refused
                 time.sleep(wait)
                 self._connection.heartbeat_check()
+            if self._publisher is None:
                 self._publisher = self._connection.channel()
+            if mandatory:
+                self._publisher.events["basic_return"].add(lambda *args: returned.append(args))
+            try:
+                self._publisher.basic_publish(_amqp_message(message), exchange=exchange,
+                                              routing_key=routing_key, mandatory=mandatory)
+                break
+            except amqp.exceptions.MessageNacked:
+                log.warning(LOG_PUBLISH_REFUSED, exchange or routing_key)
+                channel, self._publisher = self._publisher, None
+                _close_quietly(channel)
         else:
-            raise ConnectionLost(f"the broker refused {len(PUBLISH_RETRY_WAITS)} times to take a message "
-                                 f"for {exchange or routing_key!r}")
+            raise ConnectionLost(f"the broker refused {tries} times to take a message for {exchange or routing_key!r}")
         if returned:
             raise Unroutable(f"no queue is bound to {exchange!r} with the key {routing_key!r}")
 

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .rabbit_node import START_TIMEOUT, NodeVhost, RabbitNode
+from .rabbit_node import START_TIMEOUT, NodeVhost, RabbitNode, free_port
 
 #: Nodes in the cluster: the smallest that keeps a majority when one is lost.
 SIZE = 3
@@ -40,8 +40,11 @@ class RabbitCluster:
 
     def __init__(self, size=SIZE):
         cookie = secrets.token_hex(16).upper()
-        self.nodes = [RabbitNode(cookie=cookie, extra_env={"RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": ERL_ARGS})
-                      for _ in range(size)]
+        ports = [free_port() for _ in range(size)]
+        # Each node listens on 127.0.0.1 and on ::1, at the same port.
+        self.nodes = [RabbitNode(port=port, listeners=[f"127.0.0.1:{port}", f"::1:{port}"], cookie=cookie,
+                                 extra_env={"RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": ERL_ARGS})
+                      for port in ports]
 
     # -- running -----------------------------------------------------------------
 
@@ -100,10 +103,13 @@ class RabbitCluster:
         """The nodes that are running now."""
         return [node for node in self.nodes if node.running]
 
-    def amqp_settings(self, nodes=None):
-        """``[amqp]`` overrides: ``host`` lists *nodes* (default all) as HOST:PORT, in order."""
-        nodes = self.nodes if nodes is None else nodes
-        return {"host": ", ".join(f"{node.host}:{node.port}" for node in nodes)}
+    def amqp_settings(self, ipv6_first=False):
+        """``[amqp]`` overrides: ``host`` lists the nodes as ``127.0.0.1:PORT``, in order (the first
+        as ``[::1]:PORT`` with *ipv6_first*)."""
+        hosts = [f"{node.host}:{node.port}" for node in self.nodes]
+        if ipv6_first:
+            hosts[0] = f"[::1]:{self.nodes[0].port}"
+        return {"host": ", ".join(hosts)}
 
     def vhost(self, name, default_queue_type=None):
         """A vhost of the cluster (created through the first live node), reached through *that*

@@ -26,7 +26,7 @@ from .test_reliability import Rig
 
 
 #: What a worker logs when it connects (rbit.broker), with the node's port.
-CONNECTED = r"connected to the broker at 127\.0\.0\.1:(\d+)"
+CONNECTED = r"connected to the broker at (?:127\.0\.0\.1|\[::1\]):(\d+)"
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +74,15 @@ def others(cluster, node):
 
 def test_the_node_the_worker_is_connected_to_dies_mid_job(cluster, crig):
     """README "Clusters": a worker connected to a node that dies moves to another node of
-    ``[amqp] host``, declares and resumes without operator help, and its running job goes on:
+    ``[amqp] host`` (listed as ``[::1]:PORT`` and ``127.0.0.1:PORT`` entries, each node with its
+    own port), declares and resumes without operator help, and its running job goes on:
     SIGKILL of that node mid-job; the job ends once, its statuses (Building, Uploaded, Done) all
     arrive in order, its in-progress copy is gone afterwards, and the next job runs."""
     rig = crig
     queue = rig.queue()
-    worker = rig.start(rig.config({queue: ("progress", {"seconds": "6"})}))
+    # [amqp] host = [::1]:P1, 127.0.0.1:P2, 127.0.0.1:P3: each node with its own port.
+    worker = rig.start(rig.config({queue: ("progress", {"seconds": "6"})}, amqp=cluster.amqp_settings(ipv6_first=True)))
+    assert f"connected to the broker at [::1]:{cluster.nodes[0].port}" in worker.log, worker.log[-2000:]
     rig.publish(1, queue)
     rig.wait_runs(1, n=1)
     node = connected_node(cluster, worker)

@@ -302,7 +302,7 @@ def test_a_publish_refused_every_time_fails_as_a_lost_connection(vhost, unique, 
     full_queue(vhost, name)
     broker = connected_broker(vhost)
     try:
-        with pytest.raises(ConnectionLost, match="refused 3 times"):
+        with pytest.raises(ConnectionLost, match="refused 4 times"):
             broker.publish(Outgoing("second"), name)
     finally:
         broker.close()
