@@ -307,3 +307,72 @@ def test_a_publish_refused_every_time_fails_as_a_lost_connection(vhost, unique, 
     finally:
         broker.close()
     assert vhost.depth(name) == 1
+
+
+# -- the worker taking messages one at a time (no broker) -----------------------------------
+
+
+class ReentrantBroker:
+    """A broker that delivers a second message while the worker publishes the first one's
+    in-progress copy, as py-amqp dispatches whatever arrives while it waits for a confirm."""
+
+    connected = True
+
+    def __init__(self):
+        self.published = []
+        self.consumers = {}
+        self.during_publish = None
+
+    def publish(self, message, routing_key, exchange="", mandatory=False):
+        self.published.append(routing_key)
+        during, self.during_publish = self.during_publish, None
+        if during is not None:
+            during()
+
+    def consume(self, key, specs, callback, no_ack=False):
+        self.consumers[key] = callback
+
+    def cancel(self, key):
+        self.consumers.pop(key, None)
+
+    def consuming(self, key):
+        return key in self.consumers
+
+
+def test_a_message_delivered_while_one_is_being_taken_waits_and_is_handed_back(tmp_path):
+    """§6 "a worker never holds more messages than it is running", with a prefetch per consumer:
+    a message that the broker delivers while the worker is still taking another (here, while it
+    waits for the confirm of the in-progress copy) is taken only after that one, finds no free
+    slot, and is handed back; it never shares the slot or the in-progress queue of the first."""
+    from types import SimpleNamespace
+
+    from rbit.broker import Delivery
+    from rbit.config import load
+    from rbit.worker import Worker
+
+    from .harness import write_config
+    from .pybit_models import request_body
+
+    queue = "cnx_any_latex_pdf"
+    path = write_config(tmp_path / "w.ini", name="w", vhost=None,
+                        runners={queue: {"runner": "python!rbitext.hello:hello"}})
+    broker = ReentrantBroker()
+    worker = Worker(load(path, environ={}), broker)
+    started, settled = [], []
+    worker.jobs.start = lambda slot, queue, message, delivery: (
+        started.append((slot, message.job_id)), worker.jobs.slots.__setitem__(slot, SimpleNamespace(job_id=message.job_id)))
+
+    def delivery(job_id):
+        return Delivery(request_body(job_id), {}, {}, False, lambda ack, job_id=job_id: settled.append((job_id, ack)))
+
+    try:
+        worker._resume_consuming()
+        on_message = broker.consumers["jobs"]  # the worker cancels it before the copy: one slot
+        broker.during_publish = lambda: on_message(queue, delivery(2))
+        on_message(queue, delivery(1))
+    finally:
+        worker.wakeup.close()
+    assert started == [(0, 1)]
+    assert settled == [(1, True), (2, False)]
+    assert broker.published == [queues.in_progress_name("w", 0)]
+    assert not broker.consuming("jobs")
