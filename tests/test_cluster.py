@@ -85,6 +85,9 @@ def test_the_node_the_worker_is_connected_to_dies_mid_job(cluster, crig):
     assert f"connected to the broker at [::1]:{cluster.nodes[0].port}" in worker.log, worker.log[-2000:]
     rig.publish(1, queue)
     rig.wait_runs(1, n=1)
+    rows = cluster.queues(rig.vhost.name)
+    for name in (queue, rig.in_progress()):  # PyBit's build queue too, in this quorum vhost
+        assert rows[name]["type"] == "quorum" and len(rows[name]["members"]) == 3, rows[name]
     node = connected_node(cluster, worker)
     assert cluster.leader(rig.in_progress(), rig.vhost.name) is node  # it dies too
     node.kill()
@@ -106,19 +109,22 @@ def test_the_node_the_worker_is_connected_to_dies_mid_job(cluster, crig):
 def test_the_node_leading_the_in_progress_queue_dies_mid_job(cluster, crig):
     """README "Clusters": the in-progress queue is a quorum queue, so losing the node that leads
     it loses no copy, and a worker connected to a surviving node notices nothing: SIGKILL of the
-    leader mid-job; the job ends once with all its statuses, the copy is gone afterwards, the
-    worker kept its connection, and its next job (a copy published to the new leader, on a fresh
-    channel if the old one's publishes are refused) runs to Done."""
+    node leading the in-progress queue and the (quorum) build queue, mid-job; the job ends once
+    with all its statuses, the copy is gone afterwards, the worker kept its connection and its
+    consumer, and its next job (a copy published to the new leader, on a fresh channel if the
+    old one's publishes are refused) runs to Done."""
     rig = crig
     queue = rig.queue()
     first, leader = cluster.nodes[0], cluster.nodes[1]
     declare_on(leader, rig.vhost, queues.in_progress_queue(rig.name, 0, queues.QUORUM))
+    declare_on(leader, rig.vhost, queues.build_queue(queue, rig.routing_key(queue)))  # PyBit's, led there too
     worker = rig.start(rig.config({queue: ("progress", {"seconds": "6"})}))
     assert connected_node(cluster, worker) is first
     rig.publish(1, queue)
     rig.wait_runs(1, n=1)
     assert rig.vhost.depth(rig.in_progress()) == 1
     assert cluster.leader(rig.in_progress(), rig.vhost.name) is leader
+    assert cluster.leader(queue, rig.vhost.name) is leader
     leader.kill()
     rig.ended(worker, 1, "Done", timeout=60)
     rig.wait_status(1, statuses.DONE, timeout=30)
