@@ -21,7 +21,7 @@ import amqp
 import kombu.exceptions
 from kombu import Connection, Consumer, Exchange, Queue
 
-from .errors import BrokerError, ConnectionLost, QueueLocked, QueueMismatch, QueueMissing, Unroutable
+from .errors import BrokerError, ConnectionLost, QueueLocked, QueueMismatch, QueueMissing, QueueUnavailable, Unroutable
 from .queues import PYBIT_EXCHANGE, QueueSpec
 
 log = logging.getLogger(__name__)
@@ -254,9 +254,26 @@ class Broker:
         return self._connection.connection.sock.fileno()
 
     @_translated
-    def declare(self, spec: QueueSpec) -> None:
-        """Declare *spec* (and PyBit's exchange and the binding, if it has a routing key)."""
-        _kombu_queue(spec)(self._channel).declare()
+    def declare(self, spec: QueueSpec, spare: bool = False) -> None:
+        """Declare *spec* (and PyBit's exchange and the binding, if it has a routing key).
+
+        :class:`~rbit.errors.QueueUnavailable` for a classic queue of a cluster node
+        that is down. The refusal closes the channel: with *spare*, the declaration
+        uses a channel of its own, leaving the consumers' alone; without, the
+        channel is replaced (before anything consumes on it).
+        """
+        channel = self._connection.channel() if spare else self._channel
+        try:
+            _kombu_queue(spec)(channel).declare()
+        except amqp.exceptions.NotFound as exc:
+            if "home node" not in (exc.reply_text or ""):
+                raise
+            if not spare:
+                self._channel = self._connection.channel()
+            raise QueueUnavailable(exc.reply_text) from exc
+        finally:
+            if spare:
+                _close_quietly(channel)
 
     @_translated
     def qos(self, prefetch: int) -> None:

@@ -45,6 +45,10 @@ class ConnectionLost(BrokerError):
     """The connection or channel to the broker failed; connecting again cures it."""
 
 
+class QueueUnavailable(ConnectionLost):
+    """A durable classic queue whose node is down: it is back when that node is."""
+
+
 class QueueMissing(BrokerError):
     """A queue that was looked for does not exist."""
 

@@ -35,7 +35,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
-from .errors import QueueMismatch
+from .errors import QueueMismatch, QueueUnavailable
 
 if TYPE_CHECKING:
     from .broker import Broker, Delivery
@@ -64,6 +64,7 @@ CLASSIC, QUORUM = "classic", "quorum"
 QUORUM_DELIVERY_LIMIT = 1_000_000
 
 LOG_REJECTED = "rejected a message from %s: %s"
+LOG_UNAVAILABLE = "not serving %s while its node is down (%s); trying again"
 LOG_PUT_BACK = "put back a job that %s did not finish, on %s"
 
 
@@ -139,20 +140,36 @@ def cancel_queue(worker_name: str) -> QueueSpec:
                      arguments={"x-queue-type": CLASSIC})
 
 
-def declare_worker(broker: Broker, settings, sections, queue_type: str = CLASSIC) -> None:
+def declare_worker(broker: Broker, settings, sections, queue_type: str = CLASSIC) -> list[str]:
     """Declare everything a worker uses; its name queue first, which claims the name
-    (:class:`~rbit.errors.QueueLocked` if another worker holds it).
+    (:class:`~rbit.errors.QueueLocked` if another worker holds it). Return the served
+    queues that cannot be declared now (see :func:`declare_served`).
 
     A queue that exists with other arguments is refused by the broker:
     :class:`~rbit.errors.QueueMismatch`, saying what to do.
     """
     broker.declare(cancel_queue(settings.name))
+    unavailable = []
     for section in sections:
-        _declare(broker, build_queue(section.queue, section.routing_key), MISMATCH_BUILD)
-        _declare(broker, delay_queue(section.queue, settings.blocked_delay, queue_type), MISMATCH_OWN)
+        try:
+            declare_served(broker, settings, section, queue_type)
+        except QueueUnavailable as exc:
+            log.warning(LOG_UNAVAILABLE, section.queue, exc)
+            unavailable.append(section.queue)
     _declare(broker, rejected_queue(settings.rejected_queue, queue_type), MISMATCH_OWN)
     for slot in range(settings.concurrency):
         _declare(broker, in_progress_queue(settings.name, slot, queue_type), MISMATCH_OWN)
+    return unavailable
+
+
+def declare_served(broker: Broker, settings, section, queue_type: str = CLASSIC, spare: bool = False) -> None:
+    """Declare a served build queue and its delay queue.
+
+    :class:`~rbit.errors.QueueUnavailable` while a classic one is out of reach
+    (its cluster node is down): the worker serves its other queues meanwhile.
+    """
+    _declare(broker, build_queue(section.queue, section.routing_key), MISMATCH_BUILD, spare)
+    _declare(broker, delay_queue(section.queue, settings.blocked_delay, queue_type), MISMATCH_OWN, spare)
 
 
 #: What to do about an rbit queue that exists with other arguments.
@@ -164,9 +181,9 @@ MISMATCH_BUILD = ("it was not declared as PyBit declares it (no arguments), so P
                   "(README: Clusters)")
 
 
-def _declare(broker: Broker, spec: QueueSpec, advice: str) -> None:
+def _declare(broker: Broker, spec: QueueSpec, advice: str, spare: bool = False) -> None:
     try:
-        broker.declare(spec)
+        broker.declare(spec, spare) if spare else broker.declare(spec)
     except QueueMismatch as exc:
         raise QueueMismatch(f"{exc}: {advice}") from exc
 

@@ -37,7 +37,7 @@ from typing import Callable
 
 from . import jobs, queues, systemd
 from .broker import StopWaiting
-from .errors import BadMessage, BrokerError, ConnectionLost, NameInUse, QueueLocked
+from .errors import BadMessage, BrokerError, ConnectionLost, NameInUse, QueueLocked, QueueUnavailable
 from .message import Message
 from .metrics import HealthServer, Metrics
 from .outcome import Stop
@@ -55,6 +55,9 @@ CANCELS = "cancels"
 
 #: How long the worker waits at most for the status backlog at a clean stop.
 REPORT_FLUSH_TIMEOUT = 5.0
+
+#: Seconds at least between two tries to declare a served queue whose node is down.
+UNAVAILABLE_RETRY = 5.0
 
 #: Seconds between two reconnections when the broker refuses the one before.
 RECONNECT_PAUSE = 1.0
@@ -84,6 +87,10 @@ class Worker:
         #: prefetch no queue always loses the race to the one consumed first.
         self._first_queue = 0
         self._recovered = False
+        #: Served queues whose (classic) queue is out of reach: its cluster node is down;
+        #: declared again at the first turn of the loop after this moment.
+        self._unavailable = []
+        self._retry_at = 0.0
         self.stopping = False
         self.stop_deadline = None
         self.hurry = False
@@ -140,6 +147,7 @@ class Worker:
             self.broker.drain()
             self.broker.heartbeat_check()
             self.jobs.finish(self.broker)
+            self._serve_returned()
             self._resume_consuming()
         except ConnectionLost as exc:
             self._reconnect(exc)
@@ -154,7 +162,8 @@ class Worker:
             return False
         self._held = []  # deliveries of a connection that is gone: the broker has them back
         try:
-            queues.declare_worker(self.broker, self.settings, self.config.runners, self.config.amqp.queue_type)
+            self._unavailable = queues.declare_worker(self.broker, self.settings, self.config.runners,
+                                                      self.config.amqp.queue_type)
         except QueueLocked as exc:
             raise NameInUse(f"another worker named {self.settings.name!r} is connected to this broker") from exc
         if not self._recovered:  # once: what an earlier run of this worker left unfinished
@@ -212,10 +221,29 @@ class Worker:
         self._taking = True
         try:
             self.broker.consume(JOBS, [queues.build_queue(s.queue, s.routing_key)
-                                       for s in runners[first:] + runners[:first]], self._on_message)
+                                       for s in runners[first:] + runners[:first]
+                                       if s.queue not in self._unavailable], self._on_message)
         finally:
             self._taking = False
         self._take_held()
+
+    def _serve_returned(self) -> None:
+        """Declare again the served queues whose node was down; consume those that are back."""
+        if not self._unavailable or self.clock() < self._retry_at:
+            return
+        self._retry_at = self.clock() + UNAVAILABLE_RETRY
+        back = []
+        for section in self.config.runners:
+            if section.queue in self._unavailable:
+                try:
+                    queues.declare_served(self.broker, self.settings, section, self.config.amqp.queue_type, spare=True)
+                except QueueUnavailable:
+                    continue
+                back.append(section.queue)
+        if back:
+            log.info("serving %s again: its node is back", ", ".join(back))
+            self._unavailable = [queue for queue in self._unavailable if queue not in back]
+            self.broker.cancel(JOBS)  # resumed at once, with them
 
     def _on_message(self, queue: str, delivery) -> None:
         """A build request arrived on *queue*: take it, unless one is being taken (then later)."""

@@ -224,3 +224,34 @@ def test_the_whole_cluster_restarted_node_by_node_under_load_every_job_ends_once
     assert rig.vhost.depth(rig.in_progress(0)) == 0 and rig.vhost.depth(rig.in_progress(1)) == 0
     assert len(re.findall(CONNECTED, worker.log)) >= 2, "the worker never had to move"
     assert worker.process.poll() is None
+
+
+def test_a_classic_build_queue_waits_for_its_node_while_the_other_queues_are_served(cluster, tmp_path, unique,
+                                                                                   pybit_web):
+    """README "Clusters", what still depends on one node: in a vhost whose default queue type is
+    classic, a build queue lives on one node. A worker (queue_type = quorum) serving such a queue
+    on a node that dies says it is not serving it, goes on serving its other queue (a job there
+    runs), and serves it again once its node is back (a job there runs)."""
+    vhost = cluster.vhost(f"classic-{unique}")
+    rig = Rig(tmp_path, unique, vhost, pybit_web, amqp={**cluster.amqp_settings(), "queue_type": "quorum"})
+    try:
+        lost, kept = rig.queue("a"), rig.queue("b")
+        node = cluster.nodes[1]
+        declare_on(node, vhost, queues.build_queue(lost, rig.routing_key(lost)))  # a classic queue there
+        worker = rig.start(rig.config({lost: ("ok", {}), kept: ("ok", {})}))
+        assert connected_node(cluster, worker) is not node
+        assert cluster.queues(vhost.name)[lost]["type"] == "classic"
+        node.kill()
+        worker.wait_log(rf"not serving {lost} while its node is down", timeout=30)
+        worker.wait_ready(count=2, timeout=30)
+        rig.publish(1, kept)
+        rig.ended(worker, 1, "Done", timeout=30)
+        node.start()
+        cluster.await_nodes()
+        worker.wait_log(rf"serving {lost} again", timeout=60)
+        rig.publish(2, lost)
+        rig.ended(worker, 2, "Done", timeout=30)
+        assert worker.process.poll() is None
+    finally:
+        rig.cleanup()
+        cluster.heal()
