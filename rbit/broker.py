@@ -21,7 +21,8 @@ import amqp
 import kombu.exceptions
 from kombu import Connection, Consumer, Exchange, Queue
 
-from .errors import BrokerError, ConnectionLost, QueueLocked, QueueMismatch, QueueMissing, QueueUnavailable, Unroutable
+from .errors import (BrokerError, ConnectionLost, QueueLocked, QueueMismatch, QueueMissing, QueueUnavailable,
+                     Unroutable)
 from .queues import PYBIT_EXCHANGE, QueueSpec
 
 log = logging.getLogger(__name__)

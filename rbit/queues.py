@@ -183,7 +183,7 @@ MISMATCH_BUILD = ("it was not declared as PyBit declares it (no arguments), so P
 
 def _declare(broker: Broker, spec: QueueSpec, advice: str, spare: bool = False) -> None:
     try:
-        broker.declare(spec, spare) if spare else broker.declare(spec)
+        broker.declare(spec, spare=spare)
     except QueueMismatch as exc:
         raise QueueMismatch(f"{exc}: {advice}") from exc
 

@@ -101,7 +101,8 @@ def test_pybits_build_queue_in_a_quorum_vhost_and_rbits_quorum_queues_coexist(qu
     assert types[rig.name] == ("classic", True), types
     published = rbit("publish", config, "--job-id", rig.job(2), "--queue", queue)
     assert published.returncode == 0, published
-    assert wait_until(lambda: "not run" in worker.log or re.search(rf"job {rig.job(2)}: .* (ended|not run)", worker.log), 20)
+    # Not a job of this PyBit: dropped ("not run"); what counts is that the worker took it.
+    assert wait_until(lambda: re.search(rf"job {rig.job(2)}: .* (ended|not run)", worker.log), 20), worker.log
 
 
 def test_a_job_is_held_by_its_quorum_in_progress_copy_and_shown_by_rbit_status(qrig):
@@ -195,7 +196,7 @@ def test_quorum_build_queues_a_worker_holds_no_message_it_does_not_run(quorum_ri
     job at once; and every job runs once."""
     rig = quorum_rig
     q1, q2 = rig.queue("a"), rig.queue("b")
-    runners = {q1: ("slow", {"seconds": "8"}), q2: ("slow", {"seconds": "8"})}
+    runners = {q1: ("slow", {"seconds": "5"}), q2: ("slow", {"seconds": "5"})}
     for n in (1, 2):
         rig.publish(n, q1)
     for n in (3, 4):
@@ -359,8 +360,12 @@ def test_a_message_delivered_while_one_is_being_taken_waits_and_is_handed_back(t
     broker = ReentrantBroker()
     worker = Worker(load(path, environ={}), broker)
     started, settled = [], []
-    worker.jobs.start = lambda slot, queue, message, delivery: (
-        started.append((slot, message.job_id)), worker.jobs.slots.__setitem__(slot, SimpleNamespace(job_id=message.job_id)))
+
+    def start(slot, queue, message, delivery):  # instead of a job's process
+        started.append((slot, message.job_id))
+        worker.jobs.slots[slot] = SimpleNamespace(job_id=message.job_id)
+
+    worker.jobs.start = start
 
     def delivery(job_id):
         return Delivery(request_body(job_id), {}, {}, False, lambda ack, job_id=job_id: settled.append((job_id, ack)))
