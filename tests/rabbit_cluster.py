@@ -20,6 +20,7 @@ whatever happened before; a test that killed a node calls
 
 import json
 import secrets
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,6 +30,18 @@ from .rabbit_node import START_TIMEOUT, NodeVhost, RabbitNode, free_port
 
 #: Nodes in the cluster: the smallest that keeps a majority when one is lost.
 SIZE = 3
+
+def _have_ipv6():
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+#: True where this machine has IPv6 loopback: the nodes then listen on ::1 too.
+IPV6 = _have_ipv6()
 
 #: Erlang VM flags for the test nodes: schedulers that do not spin while idle, so
 #: that three nodes leave the machine's two shared cores to the tests.
@@ -41,8 +54,9 @@ class RabbitCluster:
     def __init__(self, size=SIZE):
         cookie = secrets.token_hex(16).upper()
         ports = [free_port() for _ in range(size)]
-        # Each node listens on 127.0.0.1 and on ::1, at the same port.
-        self.nodes = [RabbitNode(port=port, listeners=[f"127.0.0.1:{port}", f"::1:{port}"], cookie=cookie,
+        # Each node listens on 127.0.0.1 and (where there is IPv6) on ::1, at the same port.
+        self.nodes = [RabbitNode(port=port, listeners=[f"127.0.0.1:{port}"] + ([f"::1:{port}"] if IPV6 else []),
+                                 cookie=cookie,
                                  extra_env={"RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": ERL_ARGS})
                       for port in ports]
 
@@ -105,9 +119,9 @@ class RabbitCluster:
 
     def amqp_settings(self, ipv6_first=False):
         """``[amqp]`` overrides: ``host`` lists the nodes as ``127.0.0.1:PORT``, in order (the first
-        as ``[::1]:PORT`` with *ipv6_first*)."""
+        as ``[::1]:PORT`` with *ipv6_first*, where the machine has IPv6)."""
         hosts = [f"{node.host}:{node.port}" for node in self.nodes]
-        if ipv6_first:
+        if ipv6_first and IPV6:
             hosts[0] = f"[::1]:{self.nodes[0].port}"
         return {"host": ", ".join(hosts)}
 
