@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import ssl
+import time
 from urllib.parse import quote
 
 import amqp
@@ -20,7 +21,8 @@ import kombu.exceptions
 from kombu import Connection, Consumer, Exchange, Queue
 
 from .delivery import Delivery, Outgoing
-from .errors import BrokerError, ConnectionLost, QueueLocked, QueueMissing, Unroutable
+from .errors import (BrokerError, ConnectionLost, QueueLocked, QueueMismatch, QueueMissing, QueueUnavailable,
+                     Unroutable)
 from .queues import PYBIT_EXCHANGE, QueueSpec
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,16 @@ RECONNECT_START, RECONNECT_STEP, RECONNECT_MAX = 1.0, 2.0, 30.0
 _LIBRARY_ERRORS = (amqp.exceptions.AMQPError, amqp.exceptions.MessageNacked,
                    kombu.exceptions.KombuError, OSError)
 
+#: Seconds to wait before each new try of a publish the broker refused (basic.nack), on a
+#: fresh channel: the first goes at once, as a quorum queue whose leader has just died
+#: keeps refusing an old channel's publishes for a while but takes a new one's once it
+#: has a new leader. After the last, the publish fails as a lost connection.
+PUBLISH_RETRY_WAITS = (0.0, 0.5, 1.0, 2.0, 4.0)
+
 LOG_CONNECT_FAILED = "cannot reach the broker (%s); next attempt in %.0f s"
+LOG_PUBLISH_REFUSED = "the broker refused a message for %s (basic.nack); it is published again on a new channel"
+LOG_PER_CONSUMER = ("the broker refuses a prefetch shared by all consumers (%s); each consumer now "
+                    "gets its own prefetch of 1, and a message that comes beside the one taken is handed back")
 
 
 @contextlib.contextmanager
@@ -50,7 +61,7 @@ def _as_rbit_errors():
     except amqp.exceptions.ResourceLocked as exc:
         raise QueueLocked(getattr(exc, "reply_text", None) or str(exc)) from exc
     except amqp.exceptions.PreconditionFailed as exc:
-        raise BrokerError(f"the broker refused a queue declaration: {exc.reply_text}") from exc
+        raise QueueMismatch(f"the broker refused a queue declaration: {exc.reply_text}") from exc
     except _LIBRARY_ERRORS as exc:
         raise ConnectionLost(_short(exc)) from exc
 
@@ -70,7 +81,8 @@ def connection_for(settings) -> Connection:
     """A kombu Connection (not yet connected) to every host of ``[amqp]``, for failover."""
     credentials = f"{quote(settings.user, safe='')}:{quote(settings.password, safe='')}@"
     vhost = quote(settings.virtual_host, safe="")
-    urls = [f"amqp://{credentials}{host}:{settings.port}/{vhost}" for host in settings.hosts]
+    # str(address) is HOST:PORT, an IPv6 address in brackets: each node with its own port.
+    urls = [f"amqp://{credentials}{address}/{vhost}" for address in settings.addresses]
     ssl_options = False
     if settings.ssl:
         ssl_options = {"cert_reqs": ssl.CERT_REQUIRED if settings.verify else ssl.CERT_NONE}
@@ -80,11 +92,11 @@ def connection_for(settings) -> Connection:
             ssl_options["certfile"] = settings.cert_file
         if settings.key_file:
             ssl_options["keyfile"] = settings.key_file
-        if settings.verify and len(settings.hosts) == 1:
+        if settings.verify and len(settings.addresses) == 1:
             # The name is checked against the certificate. kombu keeps one set
             # of TLS options for all failover hosts, so with several hosts only
             # the certificate chain is verified (the README says so).
-            ssl_options["server_hostname"] = settings.hosts[0]
+            ssl_options["server_hostname"] = settings.addresses[0].host
     return Connection(
         urls,
         heartbeat=settings.heartbeat or None,
@@ -141,7 +153,14 @@ class Broker:
         self.settings = settings
         self._connection = None
         self._channel = None
+        #: Publishes go on a channel of their own, which a refused publish replaces
+        #: (see :meth:`publish`) without touching the consumers or unsettled messages.
+        self._publisher = None
         self._consumers = {}
+        #: True while the broker takes one prefetch limit for all of a channel's
+        #: consumers (``basic.qos`` global). Quorum queues refuse it, and RabbitMQ
+        #: 4.3 refuses it for every queue: then each consumer gets its own.
+        self.shared_prefetch = getattr(settings, "queue_type", "classic") != "quorum"
 
     @property
     def connected(self) -> bool:
@@ -150,8 +169,7 @@ class Broker:
     @property
     def address(self) -> str:
         """``host:port`` of the broker connected to (or first configured), never credentials."""
-        connection = self._connection or connection_for(self.settings)
-        return f"{connection.hostname}:{connection.port}"
+        return _where(self._connection or connection_for(self.settings))
 
     def connect(self, should_stop=lambda: False, idle=lambda: None) -> None:
         """Connect, retrying with a capped backoff; each failed attempt is logged.
@@ -206,29 +224,67 @@ class Broker:
     def _opened(self, connection):
         self._connection = connection
         self._channel = connection.channel()
+        self._publisher = connection.channel()
         log.info("connected to the broker at %s", _where(connection))
 
     def fileno(self) -> int:
         return self._connection.connection.sock.fileno()
 
     @_translated
-    def declare(self, spec: QueueSpec) -> None:
-        """Declare *spec* (and PyBit's exchange and the binding, if it has a routing key)."""
-        _kombu_queue(spec)(self._channel).declare()
+    def declare(self, spec: QueueSpec, spare: bool = False) -> None:
+        """Declare *spec* (and PyBit's exchange and the binding, if it has a routing key).
+
+        :class:`~rbit.errors.QueueUnavailable` for a classic queue of a cluster node
+        that is down. The refusal closes the channel: with *spare*, the declaration
+        uses a channel of its own, leaving the consumers' alone; without, the
+        channel is replaced (before anything consumes on it).
+        """
+        channel = self._connection.channel() if spare else self._channel
+        try:
+            _kombu_queue(spec)(channel).declare()
+        except amqp.exceptions.NotFound as exc:
+            if "home node" not in (exc.reply_text or ""):
+                raise
+            if not spare:
+                self._channel = self._connection.channel()
+            raise QueueUnavailable(exc.reply_text) from exc
+        finally:
+            if spare:
+                _close_quietly(channel)
 
     @_translated
     def qos(self, prefetch: int) -> None:
-        # global=True: the limit counts the channel's unacknowledged messages
-        # across all its consumers, so the worker holds at most one message
-        # that has not become a running job, whatever number of queues it serves.
-        self._channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, a_global=True)
+        """Let the broker send at most *prefetch* unsettled messages: to the channel, or to each consumer.
+
+        Shared (``global``), the limit counts the channel's unacknowledged
+        messages across all its consumers, so the worker holds at most one
+        message that has not become a running job, whatever number of queues
+        it serves. Where the broker refuses that, each consumer gets its own
+        limit, and the worker hands back at once a message that came beside
+        the one it takes (see :mod:`rbit.worker`).
+        """
+        if self.shared_prefetch:
+            try:
+                self._channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, a_global=True)
+                return
+            except amqp.exceptions.AMQPError as exc:
+                if not _refuses_global_qos(exc):
+                    raise
+                self._per_consumer(exc)
+        self._channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, a_global=False)
+
+    def _per_consumer(self, exc):
+        """The broker refused a shared prefetch: use per-consumer ones from now on, on a new connection."""
+        self.shared_prefetch = False
+        log.warning(LOG_PER_CONSUMER, getattr(exc, "reply_text", None) or exc)
+        raise ConnectionLost(f"the broker refused a shared prefetch: {_short(exc)}") from exc
 
     @_translated
     def consume(self, key: str, specs, callback, no_ack: bool = False) -> None:
         """Consume the queues of *specs*, remembered under *key*; ``callback(queue_name, delivery)``."""
 
         def on_message(queue_name, message):
-            settle = None if no_ack else (lambda ack: message.ack() if ack else message.requeue())
+            settle = None if no_ack else functools.partial(_settle, message)
             callback(queue_name, _delivery(message, settle))
 
         consumers = [
@@ -236,9 +292,14 @@ class Broker:
                      on_message=functools.partial(on_message, spec.name))
             for spec in specs
         ]
-        for consumer in consumers:
-            consumer.consume()
         self._consumers[key] = consumers
+        try:
+            for consumer in consumers:
+                consumer.consume()
+        except amqp.exceptions.AMQPError as exc:
+            if self.shared_prefetch and _refuses_global_qos(exc):
+                self._per_consumer(exc)  # a quorum queue: RabbitMQ closes the connection
+            raise
 
     @_translated
     def cancel(self, key: str) -> None:
@@ -253,13 +314,34 @@ class Broker:
     def publish(self, message: Outgoing, routing_key: str, exchange: str = "", mandatory: bool = False) -> None:
         """Publish *message* and wait for the broker's confirm.
 
-        With *mandatory*, :class:`~rbit.errors.Unroutable` if the broker returns it.
+        A refused confirm (basic.nack: the broker did not take the message) is
+        never success: the message is published again on a fresh channel, up
+        to ``len(PUBLISH_RETRY_WAITS)`` more times, and then the publish fails with
+        :class:`~rbit.errors.ConnectionLost`, for the caller to do again once
+        connected again. The message may then be there twice (a broker can
+        refuse a message it took), which each of rbit's uses allows for. With
+        *mandatory*, :class:`~rbit.errors.Unroutable` if the broker returns it.
         """
         returned = []
-        if mandatory:
-            self._channel.events["basic_return"].add(lambda *args: returned.append(args))
-        self._channel.basic_publish(_amqp_message(message), exchange=exchange,
-                                    routing_key=routing_key, mandatory=mandatory)
+        tries = 1 + len(PUBLISH_RETRY_WAITS)
+        for wait in (None, *PUBLISH_RETRY_WAITS):
+            if wait is not None:  # the one before was refused
+                time.sleep(wait)
+                self._connection.heartbeat_check()
+            if self._publisher is None:
+                self._publisher = self._connection.channel()
+            if mandatory:
+                self._publisher.events["basic_return"].add(lambda *args: returned.append(args))
+            try:
+                self._publisher.basic_publish(_amqp_message(message), exchange=exchange,
+                                              routing_key=routing_key, mandatory=mandatory)
+                break
+            except amqp.exceptions.MessageNacked:
+                log.warning(LOG_PUBLISH_REFUSED, exchange or routing_key)
+                channel, self._publisher = self._publisher, None
+                _close_quietly(channel)
+        else:
+            raise ConnectionLost(f"the broker refused {tries} times to take a message for {exchange or routing_key!r}")
         if returned:
             raise Unroutable(f"no queue is bound to {exchange!r} with the key {routing_key!r}")
 
@@ -273,8 +355,7 @@ class Broker:
         message = self._channel.basic_get(queue_name, no_ack=False)
         if message is None:
             return None
-        channel, tag = message.channel, message.delivery_tag
-        return _delivery(message, lambda ack: channel.basic_ack(tag) if ack else channel.basic_reject(tag, True))
+        return _delivery(message, functools.partial(_settle, message))
 
     @_translated
     def queue_info(self, queue_name: str) -> tuple[int, int]:
@@ -333,7 +414,7 @@ class Broker:
     def close(self) -> None:
         """Drop the connection, quietly: it may be dead already."""
         self._consumers.clear()
-        connection, self._connection, self._channel = self._connection, None, None
+        connection, self._connection, self._channel, self._publisher = self._connection, None, None, None
         if connection is not None:
             try:
                 connection.release()
@@ -363,8 +444,34 @@ class StopWaiting(BrokerError):
 
 
 def _where(connection):
-    """Host and port of *connection*, never its credentials."""
-    return f"{connection.hostname}:{connection.port}"
+    """Host and port of *connection* (an IPv6 address in brackets), never its credentials."""
+    host = connection.hostname
+    return f"[{host}]:{connection.port}" if ":" in host else f"{host}:{connection.port}"
+
+
+def _settle(message, ack: bool) -> None:
+    """Acknowledge *message*, or hand it back to its queue with ``basic.nack`` (requeue).
+
+    A nack, not a reject: RabbitMQ 4.3 and later count a rejected message's
+    delivery against a quorum queue's delivery limit (20 by default), and
+    drop it at the limit; a nacked one is not counted, as the message did not
+    fail, the worker just did not take it.
+    """
+    if ack:
+        message.channel.basic_ack(message.delivery_tag)
+    else:
+        message.channel.send_method(amqp.spec.Basic.Nack, "Lbb", (message.delivery_tag, False, True))
+
+
+def _refuses_global_qos(exc) -> bool:
+    """True if *exc* is the broker refusing a shared (global) prefetch.
+
+    RabbitMQ 3.x refuses to consume a quorum queue on a channel with one
+    (540 NOT_IMPLEMENTED "... does not support global qos"); 4.3 refuses
+    ``basic.qos`` itself (the deprecated feature ``global_qos``).
+    """
+    text = (getattr(exc, "reply_text", None) or str(exc)).lower()
+    return "global qos" in text or "global_qos" in text
 
 
 def _close_quietly(channel):

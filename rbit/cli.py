@@ -285,8 +285,8 @@ def status_command(config_path):
     config = load_config(config_path)
     broker = connected_broker(config)
     try:
-        click.echo(f"worker {config.worker.name} on {config.amqp.hosts[0]}:{config.amqp.port} "
-                   f"vhost {config.amqp.virtual_host}")
+        click.echo(f"worker {config.worker.name} on {broker.address} "
+                   f"vhost {config.amqp.virtual_host}, {config.amqp.queue_type} queues")
         click.echo(format_rows(queue_rows(broker, config)))
     except RbitError as exc:
         fail(str(exc), RET_ERROR)

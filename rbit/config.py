@@ -1,11 +1,14 @@
 """Reading the ini file into typed, validated settings, before any connection is made."""
 
 import configparser
+import ipaddress
 import logging.config
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from . import joblog, runners
 from .logdir import default_log_dir
@@ -47,7 +50,14 @@ AMQP_DEFAULTS = {
     "cert_file": "",
     "key_file": "",
     "verify": "true",
+    "queue_type": "classic",
 }
+
+#: The values of ``[amqp] queue_type``: the type of the queues rbit declares for itself.
+QUEUE_TYPES = ("classic", "quorum")
+
+#: A host name rbit can put in a URL: letters, digits, dots, hyphens, underscores.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9._-]*[A-Za-z0-9_])?")
 
 #: Keys of ``[pybit]`` and their defaults.
 PYBIT_DEFAULTS = {
@@ -92,12 +102,24 @@ class WorkerSettings:
     log_echo: bool = False
 
 
+class Address(NamedTuple):
+    """One broker node of ``[amqp] host``: its host (an IPv6 address without brackets) and port."""
+
+    host: str
+    port: int
+
+    def __str__(self):
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
 @dataclass(frozen=True)
 class AmqpSettings:
     """The ``[amqp]`` section: where the broker is."""
 
     hosts: tuple = ("localhost",)
     port: int = 5672
+    #: Every node of ``host`` with its own port (``port`` for those that give none), in order.
+    addresses: tuple = (Address("localhost", 5672),)
     user: str = "guest"
     password: str = field(default="guest", repr=False)
     virtual_host: str = "/"
@@ -107,6 +129,8 @@ class AmqpSettings:
     cert_file: str | None = None
     key_file: str | None = None
     verify: bool = True
+    #: ``classic`` or ``quorum``: the type of rbit's own queues (see :mod:`rbit.queues`).
+    queue_type: str = "classic"
 
 
 @dataclass(frozen=True)
@@ -339,10 +363,18 @@ def _warn_if_readable(path, what, warnings):
 
 
 def _amqp(section, environ, warnings):
-    hosts = tuple(h.strip() for h in section.text("host", required=True).split(",") if h.strip())
+    port = section.number("port", minimum=1, integer=True)
+    if port > 65535:
+        raise section.error("port", f"must be a TCP port, 1 to 65535, not {port}")
+    addresses = tuple(_address(section, entry, port) for entry in section.text("host", required=True).split(","))
+    queue_type = section.text("queue_type").lower()
+    if queue_type not in QUEUE_TYPES:
+        raise section.error("queue_type", f"must be {' or '.join(QUEUE_TYPES)}, not {queue_type!r}")
     return AmqpSettings(
-        hosts=hosts,
-        port=section.number("port", minimum=1, integer=True),
+        hosts=tuple(address.host for address in addresses),
+        port=port,
+        addresses=addresses,
+        queue_type=queue_type,
         user=section.text("user"),
         password=section.secret("password", PASSWORD_ENV["amqp"], environ, warnings) or "",
         virtual_host=section.text("virtual_host") or "/",
@@ -353,6 +385,45 @@ def _amqp(section, environ, warnings):
         key_file=section.text("key_file") or None,
         verify=section.flag("verify"),
     )
+
+
+def _address(section, entry, default_port):
+    """One entry of ``[amqp] host``: ``HOST``, ``HOST:PORT``, ``[IPv6]``, ``[IPv6]:PORT`` or a bare IPv6 address."""
+    entry = entry.strip()
+    if not entry:
+        raise section.error("host", "has an empty entry: separate hosts with one comma, like a.example, b.example:5673")
+    if "://" in entry:
+        raise section.error("host", f"{entry!r}: give host names (HOST or HOST:PORT), not URLs")
+    if "%" in entry:
+        raise section.error("host", f"{entry!r}: IPv6 addresses with a zone (%) are not supported")
+    host, port = entry, None
+    if entry.startswith("["):
+        inside, bracket, rest = entry[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise section.error("host", f"{entry!r}: write an IPv6 address in brackets, like [::1]:5672")
+        host, port = inside, (rest[1:] if rest else None)
+        if not _is_ipv6(host):
+            raise section.error("host", f"{entry!r}: {host!r} in brackets is not an IPv6 address")
+    elif entry.count(":") > 1:
+        if not _is_ipv6(entry):
+            raise section.error("host", f"{entry!r}: write an IPv6 address in brackets, like [::1]:5672")
+    elif ":" in entry:
+        host, port = entry.split(":")
+    if port is not None:
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise section.error("host", f"{entry!r}: the port must be a number from 1 to 65535")
+        port = int(port)
+    if not _is_ipv6(host) and (len(host) > 253 or not _HOST_NAME.fullmatch(host)):
+        raise section.error("host", f"{entry!r} is not a host name, an IP address or HOST:PORT")
+    return Address(host, default_port if port is None else port)
+
+
+def _is_ipv6(text):
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _pybit(section, environ, warnings):

@@ -45,12 +45,20 @@ class ConnectionLost(BrokerError):
     """The connection or channel to the broker failed; connecting again cures it."""
 
 
+class QueueUnavailable(ConnectionLost):
+    """A durable classic queue whose node is down: it is back when that node is."""
+
+
 class QueueMissing(BrokerError):
     """A queue that was looked for does not exist."""
 
 
 class QueueLocked(BrokerError):
     """An exclusive queue is held by another connection."""
+
+
+class QueueMismatch(BrokerError):
+    """A queue exists with other flags or arguments than rbit declares (PRECONDITION_FAILED)."""
 
 
 class Unroutable(BrokerError):

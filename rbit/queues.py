@@ -17,6 +17,15 @@ Beside PyBit's exchange and build queues, rbit keeps (``NAME`` is ``[rbit] name`
     PyBit's reference client: cancel requests arrive here. Being exclusive,
     it also stops two workers with the same name from running at once.
 
+The first three are declared by ``[amqp] queue_type``. ``classic`` declares
+them as rbit always has, with no queue type: they take the vhost's default.
+``quorum`` makes them quorum queues, replicated over a cluster's nodes (see
+:func:`owned`). The cancel queue is always a classic one: a quorum queue can be
+neither exclusive nor auto-delete, and this one holds nothing that must
+outlive its connection. Build queues are declared exactly as PyBit declares
+them, with no arguments, so that a vhost whose default queue type is quorum
+makes them quorum queues for PyBit and rbit alike.
+
 Nothing else in rbit spells a queue name or a header.
 """
 
@@ -25,6 +34,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
+
+from .errors import QueueMismatch, QueueUnavailable
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -43,7 +54,18 @@ HEADER_REASON = "x-rbit-reason"
 #: value is that worker's name (PyBit's history may show that name building it).
 HEADER_RECOVERED = "x-rbit-recovered"
 
+#: ``[amqp] queue_type`` values.
+CLASSIC, QUORUM = "classic", "quorum"
+
+#: The delivery limit of rbit's own quorum queues: never reached. RabbitMQ 4
+#: gives quorum queues a limit of 20 by default and drops a message returned
+#: more often; ``rbit status`` returns the in-progress copies it shows, and
+#: ``rbit rejected`` the messages it lists, so without this a copy could be
+#: dropped by looking at it. The value is part of the queue's declaration.
+QUORUM_DELIVERY_LIMIT = 1_000_000
+
 LOG_REJECTED = "rejected a message from %s: %s"
+LOG_UNAVAILABLE = "not serving %s while its node is down (%s); trying again"
 LOG_PUT_BACK = "put back a job that %s did not finish, on %s"
 
 
@@ -57,6 +79,17 @@ class QueueSpec:
     exclusive: bool = False
     auto_delete: bool = False
     arguments: dict = field(default_factory=dict)
+
+
+def owned(name: str, queue_type: str = CLASSIC, **arguments) -> QueueSpec:
+    """A durable queue of rbit's own, of *queue_type*, with *arguments*.
+
+    A quorum queue must be durable, not exclusive and not auto-delete; those
+    are rbit's own queues' flags anyway.
+    """
+    if queue_type == QUORUM:
+        arguments = {"x-queue-type": QUORUM, "x-delivery-limit": QUORUM_DELIVERY_LIMIT, **arguments}
+    return QueueSpec(name, arguments=arguments)
 
 
 def build_queue(name: str, routing_key: str) -> QueueSpec:
@@ -74,42 +107,86 @@ def in_progress_name(worker_name: str, slot: int) -> str:
     return f"rbit.inprogress.{worker_name}.{slot}"
 
 
-def in_progress_queue(worker_name: str, slot: int) -> QueueSpec:
-    return QueueSpec(in_progress_name(worker_name, slot))
+def in_progress_queue(worker_name: str, slot: int, queue_type: str = CLASSIC) -> QueueSpec:
+    return owned(in_progress_name(worker_name, slot), queue_type)
 
 
-def delay_queue(queue: str, delay: float) -> QueueSpec:
-    """The queue that holds a Blocked message of *queue* for *delay* seconds, then returns it."""
+def delay_queue(queue: str, delay: float, queue_type: str = CLASSIC) -> QueueSpec:
+    """The queue that holds a Blocked message of *queue* for *delay* seconds, then returns it.
+
+    A quorum delay queue dead-letters at least once: the message stays in it
+    until the build queue has confirmed it, so that a node lost in between
+    loses nothing (RabbitMQ 3.10 and later; it needs ``x-overflow:
+    reject-publish``, which never applies here: the queue has no length limit).
+    """
     ms = max(1, int(round(delay * 1000)))
-    return QueueSpec(
-        f"rbit.delay.{queue}.{ms}ms",
-        arguments={
-            "x-message-ttl": ms,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": queue,
-        },
-    )
+    arguments = {"x-message-ttl": ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}
+    if queue_type == QUORUM:
+        arguments.update({"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
+    return owned(f"rbit.delay.{queue}.{ms}ms", queue_type, **arguments)
 
 
-def rejected_queue(name: str) -> QueueSpec:
-    return QueueSpec(name)
+def rejected_queue(name: str, queue_type: str = CLASSIC) -> QueueSpec:
+    return owned(name, queue_type)
 
 
 def cancel_queue(worker_name: str) -> QueueSpec:
-    """The worker's own queue for PyBit's CancelRequests, bound with its name."""
-    return QueueSpec(worker_name, routing_key=worker_name, durable=False, exclusive=True, auto_delete=True)
+    """The worker's own queue for PyBit's CancelRequests, bound with its name.
+
+    Classic whatever the vhost's default queue type (a quorum queue cannot be
+    exclusive); it lives on the node the worker is connected to, and is made
+    again on the next one when that node goes.
+    """
+    return QueueSpec(worker_name, routing_key=worker_name, durable=False, exclusive=True, auto_delete=True,
+                     arguments={"x-queue-type": CLASSIC})
 
 
-def declare_worker(broker: Broker, settings, sections) -> None:
+def declare_worker(broker: Broker, settings, sections, queue_type: str = CLASSIC) -> list[str]:
     """Declare everything a worker uses; its name queue first, which claims the name
-    (:class:`~rbit.errors.QueueLocked` if another worker holds it)."""
+    (:class:`~rbit.errors.QueueLocked` if another worker holds it). Return the served
+    queues that cannot be declared now (see :func:`declare_served`).
+
+    A queue that exists with other arguments is refused by the broker:
+    :class:`~rbit.errors.QueueMismatch`, saying what to do.
+    """
     broker.declare(cancel_queue(settings.name))
+    unavailable = []
     for section in sections:
-        broker.declare(build_queue(section.queue, section.routing_key))
-        broker.declare(delay_queue(section.queue, settings.blocked_delay))
-    broker.declare(rejected_queue(settings.rejected_queue))
+        try:
+            declare_served(broker, settings, section, queue_type)
+        except QueueUnavailable as exc:
+            log.warning(LOG_UNAVAILABLE, section.queue, exc)
+            unavailable.append(section.queue)
+    _declare(broker, rejected_queue(settings.rejected_queue, queue_type), MISMATCH_OWN)
     for slot in range(settings.concurrency):
-        broker.declare(in_progress_queue(settings.name, slot))
+        _declare(broker, in_progress_queue(settings.name, slot, queue_type), MISMATCH_OWN)
+    return unavailable
+
+
+def declare_served(broker: Broker, settings, section, queue_type: str = CLASSIC, spare: bool = False) -> None:
+    """Declare a served build queue and its delay queue.
+
+    :class:`~rbit.errors.QueueUnavailable` while a classic one is out of reach
+    (its cluster node is down): the worker serves its other queues meanwhile.
+    """
+    _declare(broker, build_queue(section.queue, section.routing_key), MISMATCH_BUILD, spare)
+    _declare(broker, delay_queue(section.queue, settings.blocked_delay, queue_type), MISMATCH_OWN, spare)
+
+
+#: What to do about an rbit queue that exists with other arguments.
+MISMATCH_OWN = ("it was declared with another [amqp] queue_type; stop the workers using it, "
+                "let it empty and delete it (README: Changing queue_type)")
+#: What to do about a build queue that exists with other arguments than PyBit's.
+MISMATCH_BUILD = ("it was not declared as PyBit declares it (no arguments), so PyBit's own declaration "
+                  "fails too; for quorum build queues use a vhost whose default queue type is quorum "
+                  "(README: Clusters)")
+
+
+def _declare(broker: Broker, spec: QueueSpec, advice: str, spare: bool = False) -> None:
+    try:
+        broker.declare(spec, spare=spare)
+    except QueueMismatch as exc:
+        raise QueueMismatch(f"{exc}: {advice}") from exc
 
 
 def origin(message: Delivery) -> str | None:

@@ -4,7 +4,10 @@ How a message travels:
 
 1. It arrives on a served queue. The channel's prefetch is 1, counted across
    all consumers, so the worker holds at most the one message it is about to
-   start.
+   start. Where the broker refuses such a shared prefetch (quorum queues,
+   RabbitMQ 4.3), each consumer has a prefetch of 1: a message that comes
+   beside the one taken is handed back at once, and the consumers are
+   cancelled before the last free slot's message is acknowledged, as below.
 2. It is decoded safely; a bad one is moved to the rejected queue.
 3. A copy goes, with a publisher confirm, to this worker's durable in-progress
    queue for the job's slot; then the original is acknowledged and the job
@@ -34,7 +37,7 @@ from typing import Callable
 
 from . import jobs, queues, systemd
 from .broker import StopWaiting
-from .errors import BadMessage, BrokerError, ConnectionLost, NameInUse, QueueLocked
+from .errors import BadMessage, BrokerError, ConnectionLost, NameInUse, QueueLocked, QueueUnavailable
 from .message import Message
 from .metrics import HealthServer, Metrics
 from .outcome import Stop
@@ -53,6 +56,9 @@ CANCELS = "cancels"
 
 #: How long the worker waits at most for the status backlog at a clean stop.
 REPORT_FLUSH_TIMEOUT = 5.0
+
+#: Seconds at least between two tries to declare a served queue whose node is down.
+UNAVAILABLE_RETRY = 5.0
 
 #: Seconds between two reconnections when the broker refuses the one before.
 RECONNECT_PAUSE = 1.0
@@ -74,12 +80,23 @@ class Worker:
         self.jobs.board = self.board = Board(self.settings.name, self.jobs.log_dir)
         self.http = HealthServer(self.settings.http, self.metrics, self.health, self.board) if self.settings.http else None
         self.jobs.context = context
-        self._subscribing = False
+        #: True while a message is being taken or consumers started: a delivery that
+        #: the broker sends meanwhile (a broker call dispatches what arrives while
+        #: it waits for its reply) is held and taken after, never in the middle.
+        self._taking = False
         self._held = []
         #: Slots whose in-progress copy may be on the broker although their job never
         #: started (the connection broke between the copy and the acknowledgement):
         #: the original comes back, so the copy is removed on reconnecting.
         self._unsure: set[int] = set()
+        #: Where the next round of consumers starts, so that with per-consumer
+        #: prefetch no queue always loses the race to the one consumed first.
+        self._first_queue = 0
+        self._recovered = False
+        #: Served queues whose (classic) queue is out of reach: its cluster node is down;
+        #: declared again at the first turn of the loop after this moment.
+        self._unavailable = []
+        self._retry_at = 0.0
         self.stopping = False
         self.stop_deadline = None
         self.hurry = False
@@ -102,7 +119,12 @@ class Worker:
             self.http.start()
         try:
             self.jobs.context = self.jobs.context or jobs.fork_context(jobs.runner_modules(self.config.runners))
-            if not self._connect(first=True):
+            try:
+                connected = self._connect()
+            except ConnectionLost as exc:  # the first connection broke before it served
+                self._reconnect(exc)
+                connected = self.broker.connected
+            if not connected:
                 return
             systemd.notify("READY=1\nSTATUS=serving " + ", ".join(s.queue for s in self.config.runners))
             while not self._done():
@@ -132,24 +154,28 @@ class Worker:
             self.broker.drain()
             self.broker.heartbeat_check()
             self.jobs.finish(self.broker)
+            self._serve_returned()
             self._resume_consuming()
         except ConnectionLost as exc:
             self._reconnect(exc)
 
     # -- Connecting -----------------------------------------------------------------
 
-    def _connect(self, first: bool = False) -> bool:
+    def _connect(self) -> bool:
         """(Re)connect, declare, recover or resume; False if told to give up waiting."""
         try:
             self.broker.connect(should_stop=self._give_up_broker, idle=self._idle)
         except StopWaiting:
             return False
+        self._held = []  # deliveries of a connection that is gone: the broker has them back
         try:
-            queues.declare_worker(self.broker, self.settings, self.config.runners)
+            self._unavailable = queues.declare_worker(self.broker, self.settings, self.config.runners,
+                                                      self.config.amqp.queue_type)
         except QueueLocked as exc:
             raise NameInUse(f"another worker named {self.settings.name!r} is connected to this broker") from exc
-        if first:
+        if not self._recovered:  # once: what an earlier run of this worker left unfinished
             queues.recover(self.broker, self.settings.name, self.settings.concurrency, self.settings.rejected_queue)
+            self._recovered = True
         self.broker.qos(1)
         self.broker.consume(CANCELS, [queues.cancel_queue(self.settings.name)], self._on_cancel, no_ack=True)
         self.wakeup.watch(self.broker.fileno(), "broker")
@@ -199,28 +225,59 @@ class Worker:
         if self.stopping or self.jobs.finishing or self.broker.consuming(JOBS) or self.jobs.free_slot() is None:
             return
         # The broker may deliver on the first queues while a later basic.consume
-        # waits for its reply; such a message is held (prefetch 1: at most one)
-        # and taken once every consumer is in place, so that cancelling them then
-        # finds them all.
-        self._subscribing = True
+        # waits for its reply; such a message is held and taken once every
+        # consumer is in place, so that cancelling them then finds them all.
+        runners = self.config.runners
+        first = self._first_queue % len(runners)
+        self._taking = True
         try:
-            self.broker.consume(JOBS, [queues.build_queue(s.queue, s.routing_key) for s in self.config.runners],
-                                self._on_message)
+            self.broker.consume(JOBS, [queues.build_queue(s.queue, s.routing_key)
+                                       for s in runners[first:] + runners[:first]
+                                       if s.queue not in self._unavailable], self._on_message)
         finally:
-            self._subscribing = False
-        held, self._held = self._held, []
-        for queue, delivery in held:
-            self._on_message(queue, delivery)
+            self._taking = False
+        self._take_held()
+
+    def _serve_returned(self) -> None:
+        """Declare again the served queues whose node was down; consume those that are back."""
+        if not self._unavailable or self.clock() < self._retry_at:
+            return
+        self._retry_at = self.clock() + UNAVAILABLE_RETRY
+        back = []
+        for section in self.config.runners:
+            if section.queue in self._unavailable:
+                try:
+                    queues.declare_served(self.broker, self.settings, section, self.config.amqp.queue_type, spare=True)
+                except QueueUnavailable:
+                    continue
+                back.append(section.queue)
+        if back:
+            log.info("serving %s again: its node is back", ", ".join(back))
+            self._unavailable = [queue for queue in self._unavailable if queue not in back]
+            self.broker.cancel(JOBS)  # resumed at once, with them
 
     def _on_message(self, queue: str, delivery) -> None:
-        """A build request arrived on *queue*: start it, or move it to the rejected queue."""
-        if self._subscribing:
-            self._held.append((queue, delivery))
-            return
+        """A build request arrived on *queue*: take it, unless one is being taken (then later)."""
+        self._held.append((queue, delivery))
+        if not self._taking:
+            self._take_held()
+
+    def _take_held(self) -> None:
+        while self._held and not self._taking:
+            queue, delivery = self._held.pop(0)
+            self._taking = True
+            try:
+                self._take(queue, delivery)
+            finally:
+                self._taking = False
+
+    def _take(self, queue: str, delivery) -> None:
+        """Start the build request *delivery* from *queue*, or move it to the rejected queue."""
         slot = self.jobs.free_slot()
         if self.stopping or slot is None:
-            # Not expected (consumers are cancelled before the last slot fills),
-            # but never hold a message that is not running.
+            # With a prefetch per consumer, a message that came beside the one
+            # that filled the last slot (consumers are cancelled before then);
+            # never hold a message that is not running.
             self.broker.cancel(JOBS)
             delivery.requeue()
             return
@@ -240,6 +297,7 @@ class Worker:
         if len(self.slots) + 1 >= self.settings.concurrency:
             self.broker.cancel(JOBS)
         self._unsure.add(slot)
+        self._first_queue = next(i for i, s in enumerate(self.config.runners) if s.queue == queue) + 1
         queues.hold(self.broker, delivery, queue, self.settings.name, slot)
         delivery.ack()
         self._unsure.discard(slot)

@@ -341,7 +341,7 @@ class MemoryBroker:
     def fileno(self) -> int:
         return self._read
 
-    def declare(self, spec: QueueSpec) -> None:
+    def declare(self, spec: QueueSpec, spare: bool = False) -> None:
         self._check()
         self.server._declare(spec, self)
 

@@ -90,8 +90,12 @@ class RabbitNode:
     lines, written after rbit's own.
     """
 
-    def __init__(self, *, port=None, host="127.0.0.1", listeners=None, extra_conf=(), name=None):
+    def __init__(self, *, port=None, host="127.0.0.1", listeners=None, extra_conf=(), name=None,
+                 cookie=None, extra_env=None):
         self.server_script, self.ctl_script = find_scripts()
+        #: The Erlang cookie (nodes of one cluster share theirs); a random one by default.
+        self.cookie = cookie or secrets.token_hex(16).upper()
+        self.extra_env = dict(extra_env or {})
         self.host = host
         self.port = port or free_port(host)
         self.dist_port = free_port()
@@ -123,7 +127,7 @@ class RabbitNode:
         (self.dir / "rabbitmq-env.conf").write_text("# this node reads no system-wide env file\n")
         cookie = self.dir / ".erlang.cookie"
         if not cookie.exists():
-            cookie.write_text(secrets.token_hex(16).upper())
+            cookie.write_text(self.cookie)
             cookie.chmod(0o400)
 
     @property
@@ -149,6 +153,7 @@ class RabbitNode:
             "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.dir / "advanced.config"),
             "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
         })
+        env.update(self.extra_env)
         return env
 
     # -- running -----------------------------------------------------------------
@@ -217,6 +222,22 @@ class RabbitNode:
                 pass
             self.process.wait(10)
         self._kill_leftover_vm()
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+
+    @property
+    def running(self):
+        return self.process is not None and self.process.poll() is None
+
+    def shutdown(self, timeout=60):
+        """Stop the node cleanly (``rabbitmqctl stop``), keeping its data for :meth:`start`."""
+        if self.running:
+            self.ctl("stop", check=False, timeout=timeout)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
         if self._output is not None:
             self._output.close()
             self._output = None

@@ -20,6 +20,8 @@ import signal
 import subprocess
 import time
 
+import rbit
+
 
 def record(settings, event, message, extra=""):
     """Append one event line to ``settings['record']`` (when set), flushed to disk at once.
@@ -155,4 +157,13 @@ def stubborn(message, set_status, settings):
         _spawn_sleeper(settings, message)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     time.sleep(float(settings.get("seconds", "1000")))
+    record(settings, "end", message)
+
+
+def blocked_once(message, set_status, settings):
+    """Raises ``rbit.Blocked`` the first time it is called for a job; returns the next time."""
+    seen = any(entry[1] == message.job_id for entry in events(settings["record"], "start"))
+    record(settings, "start", message)
+    if not seen:
+        raise rbit.Blocked("a build dependency is missing")
     record(settings, "end", message)

@@ -129,6 +129,26 @@ MISTAKES = [
      edit(lambda s: s.__setitem__("pybit", {"password_file": "/etc/hostname"})),
      "pybit", "url", "credentials go only to the configured PyBit"),
     ("nothing-after-processor", runner_key("runner", "python!"), f"runner:{QUEUE}", "runner", "nothing after"),
+    ("queue-type-unknown", edit(lambda s: s["amqp"].update(queue_type="mirrored")),
+     "amqp", "queue_type", "classic or quorum"),
+    ("host-port-not-a-number", edit(lambda s: s["amqp"].update(host="127.0.0.1:amqp")),
+     "amqp", "host", "1 to 65535"),
+    ("host-port-out-of-range", edit(lambda s: s["amqp"].update(host="a.example, 127.0.0.1:65536")),
+     "amqp", "host", "1 to 65535"),
+    ("host-port-empty", edit(lambda s: s["amqp"].update(host="127.0.0.1:")), "amqp", "host", "1 to 65535"),
+    ("host-empty-entry", edit(lambda s: s["amqp"].update(host="a.example,,b.example")), "amqp", "host", "empty entry"),
+    ("host-trailing-comma", edit(lambda s: s["amqp"].update(host="a.example,")), "amqp", "host", "empty entry"),
+    ("host-ipv6-without-brackets-and-port", edit(lambda s: s["amqp"].update(host="::1:5672:x")),
+     "amqp", "host", "in brackets"),
+    ("host-ipv6-unclosed-bracket", edit(lambda s: s["amqp"].update(host="[::1:5672")), "amqp", "host", "in brackets"),
+    ("host-not-ipv6-in-brackets", edit(lambda s: s["amqp"].update(host="[rabbit]:5672")),
+     "amqp", "host", "not an IPv6 address"),
+    ("host-junk-after-brackets", edit(lambda s: s["amqp"].update(host="[::1]5672")), "amqp", "host", "in brackets"),
+    ("host-is-a-url", edit(lambda s: s["amqp"].update(host="amqp://rabbit.example")), "amqp", "host", "not URLs"),
+    ("host-with-user", edit(lambda s: s["amqp"].update(host="guest@rabbit.example")),
+     "amqp", "host", "not a host name"),
+    ("host-with-space", edit(lambda s: s["amqp"].update(host="rabbit one")), "amqp", "host", "not a host name"),
+    ("port-out-of-range", edit(lambda s: s["amqp"].update(port="70000")), "amqp", "port", "1 to 65535"),
     ("function-not-callable", runner_key("runner", "python!rbitext.hello:log.name"),
      f"runner:{QUEUE}", "runner", "not callable"),
 ]
@@ -289,6 +309,40 @@ def test_required_sections_only_and_pybit_optional(tmp_path):
     assert config.worker.rejected_queue == "rbit.rejected"
     assert config.amqp.hosts == ("localhost",)
     assert (config.amqp.port, config.amqp.user, config.amqp.virtual_host) == (5672, "guest", "/")
+
+
+def test_amqp_hosts_may_carry_their_own_ports(tmp_path):
+    """§3 ``[amqp] host``, README "Clusters": each entry is HOST, HOST:PORT, [IPv6] or [IPv6]:PORT
+    (or a bare IPv6 address); an entry without a port gets ``port``; the order is kept for
+    failover; queue_type defaults to classic."""
+    sections = base_sections()
+    sections["amqp"].update(host="rabbit-1.example, 127.0.0.1:5673 ,[::1]:5674, [fd00::2], ::1", port="5680")
+    config = load(tmp_path, sections)
+    assert [(a.host, a.port) for a in config.amqp.addresses] == [
+        ("rabbit-1.example", 5680), ("127.0.0.1", 5673), ("::1", 5674), ("fd00::2", 5680), ("::1", 5680)]
+    assert [str(a) for a in config.amqp.addresses] == [
+        "rabbit-1.example:5680", "127.0.0.1:5673", "[::1]:5674", "[fd00::2]:5680", "[::1]:5680"]
+    assert config.amqp.hosts == ("rabbit-1.example", "127.0.0.1", "::1", "fd00::2", "::1")
+    assert config.amqp.queue_type == "classic"
+    sections["amqp"]["queue_type"] = "Quorum"
+    assert load(tmp_path, sections).amqp.queue_type == "quorum"
+
+
+def test_check_refuses_a_host_the_worker_cannot_use(tmp_path):
+    """§7 "a bad configuration is refused at start", issue 14: ``rbit CONFIG --check`` says
+    "configuration OK" only for hosts the worker can use; ``127.0.0.1:5673`` is one of them,
+    ``127.0.0.1:x`` is not (exit 2, one line, no traceback)."""
+    sections = base_sections(port=free_port())
+    sections["amqp"]["host"] = "127.0.0.1:5673"
+    path = tmp_path / "rbit.ini"
+    path.write_text(ini(sections))
+    code, out, err, _ = run_rbit(path, "--check")
+    assert code == 0 and "configuration OK" in out, (out, err)
+    sections["amqp"]["host"] = "127.0.0.1:x"
+    path.write_text(ini(sections))
+    code, out, err, _ = run_rbit(path, "--check")
+    assert code == 2, (out, err)
+    check_one_line(out + err, path, "amqp", "host", "1 to 65535")
 
 
 def test_every_runner_section_serves_its_queue_with_pybits_routing_key(tmp_path):

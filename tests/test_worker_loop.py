@@ -148,7 +148,7 @@ class Harness:
                         context=self.context)
         self.workers.append(worker)
         if connect:
-            assert worker._connect(first=True)
+            assert worker._connect()
         return worker
 
     def publish(self, job_id, package="done", **fields):
@@ -518,7 +518,7 @@ def test_a_worker_puts_back_the_jobs_it_left_unfinished_when_it_starts_again(har
     leftover.declare(QueueSpec(in_progress(worker)))
     leftover.publish(Outgoing(request_body(70), {HEADER_QUEUE: QUEUE}), in_progress(worker))
     leftover.close()
-    assert worker._connect(first=True)
+    assert worker._connect()
     turn_until(worker, lambda: not worker.slots and "Done" in reports(worker).statuses(70))
     assert harness.runs() == [(70, 1)]
     assert nothing_left(server, worker)
@@ -530,7 +530,7 @@ def test_two_workers_with_the_same_name_cannot_run_at_once(harness):
     harness.worker("w1")
     second = harness.worker("w1", connect=False)
     with pytest.raises(NameInUse):
-        second._connect(first=True)
+        second._connect()
 
 
 # -- The in-memory broker behaves as RabbitMQ does where the worker relies on it ---------
