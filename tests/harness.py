@@ -115,8 +115,10 @@ class WorkerProcess:
         self.command = [str(CONSOLE_SCRIPT)] if console else [sys.executable, "-m", "rbit"]
         self.log_path = Path(log_path or self.config_path.with_suffix(".log"))
         # Job logs go to this test's own directory (the default log_dir is under XDG_STATE_HOME).
-        self.env = environment(XDG_STATE_HOME=str(self.config_path.parent / "state"), **(env or {}))
+        # A LOGS_DIRECTORY of the environment the tests run in is not the test's: only *env* sets it.
+        self.env = environment(XDG_STATE_HOME=str(self.config_path.parent / "state"))
         self.env.pop("LOGS_DIRECTORY", None)
+        self.env.update(env or {})
         self.process = None
         self._offset = 0
 
