@@ -16,6 +16,10 @@ Beside PyBit's exchange and build queues, rbit keeps (``NAME`` is ``[rbit] name`
     exclusive and auto-delete, bound to ``pybit`` with the key NAME, like
     PyBit's reference client: cancel requests arrive here. Being exclusive,
     it also stops two workers with the same name from running at once.
+``rbit.alive.NAME``, ``rbit.workers``, ``rbit.reclaim.NAME``
+    the worker's latest announcement that it is alive (one message at most),
+    the registry of every worker that announces itself, and the lock held
+    while NAME's jobs are put back (see :mod:`rbit.reclaim`).
 
 Nothing else in rbit spells a queue name or a header.
 """
@@ -98,6 +102,24 @@ def rejected_queue(name: str) -> QueueSpec:
 def cancel_queue(worker_name: str) -> QueueSpec:
     """The worker's own queue for PyBit's CancelRequests, bound with its name."""
     return QueueSpec(worker_name, routing_key=worker_name, durable=False, exclusive=True, auto_delete=True)
+
+
+#: Durable registry: one message per worker name, so that a peer learns of workers it never heard.
+REGISTRY = "rbit.workers"
+
+
+def alive_queue(worker_name: str) -> QueueSpec:
+    """Where *worker_name* keeps its latest announcement: a publish drops the one before."""
+    return QueueSpec(f"rbit.alive.{worker_name}", arguments={"x-max-length": 1, "x-overflow": "drop-head"})
+
+
+def registry_queue() -> QueueSpec:
+    return QueueSpec(REGISTRY)
+
+
+def reclaim_lock(worker_name: str) -> QueueSpec:
+    """Exclusive: only the connection holding it may move *worker_name*'s in-progress copies."""
+    return QueueSpec(f"rbit.reclaim.{worker_name}", durable=False, exclusive=True)
 
 
 def declare_worker(broker: Broker, settings, sections) -> None:
