@@ -18,8 +18,9 @@ How a message travels:
    in-progress copy is removed. If the broker is away then, this waits for
    the reconnection.
 5. A worker that died mid-job finds its in-progress copies when it starts
-   again and puts them back on their queues (``rbit recover`` does it for a
-   worker that never comes back).
+   again and puts them back on their queues; if it does not come back within
+   ``reclaim_after``, a live peer does it (:mod:`rbit.liveness`), and
+   ``rbit recover`` does it by hand.
 
 The loop is single-threaded and takes its broker from its caller, so tests
 can drive it with an in-memory one. One turn of it is :meth:`Worker.loop`.
@@ -35,6 +36,7 @@ from typing import Callable
 from . import jobs, queues, systemd
 from .broker import StopWaiting
 from .errors import BadMessage, BrokerError, ConnectionLost, NameInUse, QueueLocked
+from .liveness import Liveness
 from .message import Message
 from .metrics import HealthServer, Metrics
 from .outcome import Stop
@@ -74,6 +76,7 @@ class Worker:
         self.jobs.board = self.board = Board(self.settings.name, self.jobs.log_dir)
         self.http = HealthServer(self.settings.http, self.metrics, self.health, self.board) if self.settings.http else None
         self.jobs.context = context
+        self.liveness = Liveness(self.settings, self.jobs, clock, idle=self._idle, should_stop=self._give_up_broker)
         self._subscribing = False
         self._held = []
         #: Slots whose in-progress copy may be on the broker although their job never
@@ -102,7 +105,7 @@ class Worker:
             self.http.start()
         try:
             self.jobs.context = self.jobs.context or jobs.fork_context(jobs.runner_modules(self.config.runners))
-            if not self._connect(first=True):
+            if not self._connect():
                 return
             systemd.notify("READY=1\nSTATUS=serving " + ", ".join(s.queue for s in self.config.runners))
             while not self._done():
@@ -124,6 +127,7 @@ class Worker:
         if self._done():
             return
         self.wakeup.wait(self._timeout(self.clock()))
+        self.liveness.check(self.clock())  # before any job's news: a fenced worker reports nothing more
         self.jobs.service()
         if not self.broker.connected:
             self._reconnect(None)
@@ -132,24 +136,26 @@ class Worker:
             self.broker.drain()
             self.broker.heartbeat_check()
             self.jobs.finish(self.broker)
+            self._hold_deliveries(self.liveness.tick)
             self._resume_consuming()
         except ConnectionLost as exc:
             self._reconnect(exc)
 
     # -- Connecting -----------------------------------------------------------------
 
-    def _connect(self, first: bool = False) -> bool:
-        """(Re)connect, declare, recover or resume; False if told to give up waiting."""
+    def _connect(self) -> bool:
+        """(Re)connect, declare, join (recovering at the first start) and resume; False if told to give up waiting."""
+        self.liveness.disconnected()
         try:
-            self.broker.connect(should_stop=self._give_up_broker, idle=self._idle)
+            self.broker.connect(should_stop=self._give_up_broker, idle=self._idle,
+                                max_pause=self.liveness.max_pause)
         except StopWaiting:
             return False
         try:
             queues.declare_worker(self.broker, self.settings, self.config.runners)
         except QueueLocked as exc:
             raise NameInUse(f"another worker named {self.settings.name!r} is connected to this broker") from exc
-        if first:
-            queues.recover(self.broker, self.settings.name, self.settings.concurrency, self.settings.rejected_queue)
+        self.liveness.join(self.broker)
         self.broker.qos(1)
         self.broker.consume(CANCELS, [queues.cancel_queue(self.settings.name)], self._on_cancel, no_ack=True)
         self.wakeup.watch(self.broker.fileno(), "broker")
@@ -191,12 +197,14 @@ class Worker:
     def _idle(self) -> None:
         """Keep the jobs serviced while the loop waits for the broker."""
         self._apply_stop(self.clock())
+        self.liveness.check(self.clock())
         self.jobs.service()
 
     # -- Taking jobs ---------------------------------------------------------------
 
     def _resume_consuming(self) -> None:
-        if self.stopping or self.jobs.finishing or self.broker.consuming(JOBS) or self.jobs.free_slot() is None:
+        if (self.stopping or self.jobs.finishing or self.broker.consuming(JOBS) or self.jobs.free_slot() is None
+                or not self.liveness.joined):
             return
         # The broker may deliver on the first queues while a later basic.consume
         # waits for its reply; such a message is held (prefetch 1: at most one)
@@ -212,13 +220,24 @@ class Worker:
         for queue, delivery in held:
             self._on_message(queue, delivery)
 
+    def _hold_deliveries(self, action: Callable) -> None:
+        """Call ``action(broker)``, taking a message that arrives meanwhile only once it is done."""
+        self._subscribing = True
+        try:
+            action(self.broker)
+        finally:
+            self._subscribing = False
+        held, self._held = self._held, []
+        for queue, delivery in held:
+            self._on_message(queue, delivery)
+
     def _on_message(self, queue: str, delivery) -> None:
         """A build request arrived on *queue*: start it, or move it to the rejected queue."""
         if self._subscribing:
             self._held.append((queue, delivery))
             return
         slot = self.jobs.free_slot()
-        if self.stopping or slot is None:
+        if self.stopping or slot is None or not self.liveness.joined:
             # Not expected (consumers are cancelled before the last slot fills),
             # but never hold a message that is not running.
             self.broker.cancel(JOBS)
@@ -287,11 +306,12 @@ class Worker:
         """What ``/healthz`` says: healthy while connected to the broker and not stopping."""
         connected = self.broker.connected
         return {
-            "healthy": connected and not self.stopping,
+            "healthy": connected and not self.stopping and not self.liveness.fenced,
             "broker": "connected" if connected else "disconnected",
             "queues": [section.queue for section in self.config.runners],
             "running": len(self.running()),
             "stopping": self.stopping,
+            "fenced": self.liveness.fenced,
         }
 
     def _done(self) -> bool:
@@ -307,7 +327,7 @@ class Worker:
         timeout = self.settings.polling_time
         if self.broker.connected and self.config.amqp.heartbeat:
             timeout = min(timeout, self.config.amqp.heartbeat / 4)
-        moments = self.jobs.moments()
+        moments = self.jobs.moments() + self.liveness.moments()
         if self.stopping and self.stop_deadline is not None:
             moments.append(self.stop_deadline)
         if self.jobs.finishing:
@@ -320,6 +340,11 @@ class Worker:
                 self.jobs.finish(self.broker)
             except BrokerError as exc:
                 log.warning("could not put back every message (%s); the next start recovers them", exc)
+        if self.broker.connected:
+            try:
+                self.liveness.leave(self.broker)
+            except BrokerError as exc:
+                log.debug("could not leave the registry: %s", exc)
         self.broker.close()
         self.reporter.stop(REPORT_FLUSH_TIMEOUT)
         if self.http is not None:
