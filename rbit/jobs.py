@@ -12,8 +12,7 @@ does not renew it in time (frozen, or cut off from the broker), the job kills
 its own group when it runs out, before a peer may run the job again.
 
 The worker's one message to the job process: ``("lease", deadline)``, a
-``time.monotonic()`` value (CLOCK_MONOTONIC is the same for every process of
-the host).
+:func:`rbit.lease.clock` value (the same clock in every process of a host).
 
 A second pipe takes the job's output: its write end becomes the job process's
 standard output and error (and so those of every program it starts), and its
@@ -43,9 +42,9 @@ import select
 import signal
 import sys
 import threading
-import time
 
 from . import history, statuses
+from .lease import clock as lease_clock
 from .outcome import Ended, Result, call_runner
 
 #: Seconds between SIGTERM and SIGKILL when a job's process group is stopped.
@@ -60,6 +59,10 @@ JOB_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 #: fcntl's F_SETPIPE_SZ (Linux).
 _F_SETPIPE_SZ = 1031
+
+#: Longest wait of the lifeline between two looks at the lease: a host thawed after a suspend
+#: (whose waits do not count the time asleep) stops its jobs at most this late.
+LIFELINE_TICK = 0.2
 
 #: Modules every job needs; the fork server imports them once, so that no job
 #: pays for them (unpickling a job's Message needs rbit.pybit, hence jsonpickle).
@@ -316,10 +319,10 @@ def _lifeline(conn):
     deadline = None
     try:
         while True:
-            timeout = None if deadline is None else deadline - time.monotonic()
+            timeout = None if deadline is None else deadline - lease_clock()
             if timeout is not None and timeout <= 0:
                 break  # the worker did not renew its lease: a peer may run this job soon
-            if conn.poll(timeout):
+            if conn.poll(None if timeout is None else min(timeout, LIFELINE_TICK)):
                 message = conn.recv()
                 if isinstance(message, tuple) and len(message) == 2 and message[0] == "lease":
                     deadline = message[1]

@@ -12,8 +12,8 @@ A worker with ``[rbit] reclaim_after = R`` (R > 0):
   that moment even if the worker is frozen.
 
 A peer counts a worker silent from the moment it first saw that worker's
-latest announcement, on the peer's own monotonic clock (no two hosts' clocks
-are ever compared), and never from before the peer itself was connected and
+latest announcement, on the peer's own clock (no two hosts' clocks are ever
+compared), and never from before the peer itself was connected and
 watching: a connection loss alone starts nobody's silence. After R seconds of
 silence the peer may put the worker's jobs back.
 
@@ -29,6 +29,7 @@ R/10 for this reason).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 #: Part of ``reclaim_after`` after which a worker that could not renew its lease stops its jobs.
@@ -42,6 +43,16 @@ MIN_RECLAIM_AFTER = 5.0
 #: Seconds between announcements of a worker with reclaiming off: it still tells its peers
 #: (who then never reclaim it), and ``rbit status`` shows it.
 OFF_INTERVAL = 30.0
+
+
+#: CLOCK_BOOTTIME counts the time a host spends suspended (CLOCK_MONOTONIC does not, so a thawed
+#: host would think its lease still good); both are the same for every process of a host.
+_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def clock() -> float:
+    """Now, on the clock of leases and silences (seconds; only differences mean anything)."""
+    return time.clock_gettime(_CLOCK)
 
 
 def interval(reclaim_after: float) -> float:

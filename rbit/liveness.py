@@ -35,7 +35,7 @@ LOG_JOINED = "announced to peers: reclaim_after %g s%s"
 class Liveness:
     """This worker's lease, announcements and watch, driven by the worker's loop."""
 
-    def __init__(self, settings, jobs, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, settings, jobs, clock: Callable[[], float] = timing.clock,
                  idle: Callable[[], None] = lambda: None, should_stop: Callable[[], bool] = lambda: False):
         self.settings = settings
         self.jobs = jobs
@@ -76,8 +76,9 @@ class Liveness:
 
     # -- the lease ----------------------------------------------------------------
 
-    def check(self, now: float) -> bool:
+    def check(self, now: float | None = None) -> bool:
         """Fence this worker if its lease has run out; True if it did just now."""
+        now = self.clock() if now is None else now
         if not self.lease.runs_out(now):
             return False
         self.joined = False
@@ -146,8 +147,8 @@ class Liveness:
         if self.reclaim_after > 0 and self.clock() >= self.next_watch:
             self._look_around(broker)
 
-    def moments(self) -> list[float]:
-        """When the loop must wake for this: the lease's end, the next announcement or look."""
+    def waits(self) -> list[float]:
+        """Seconds until the loop must wake for this: the lease's end, the next announcement or look."""
         found = []
         if self.lease.deadline is not None and not self.fenced:
             found.append(self.lease.deadline)
@@ -157,7 +158,8 @@ class Liveness:
                 found.append(self.next_watch)
         else:
             found.append(self.clock() + timing.MIN_INTERVAL)
-        return found
+        now = self.clock()
+        return [max(0.0, moment - now) for moment in found]
 
     def _announce(self, broker) -> bool:
         """Say this worker is alive; renew the lease (and its jobs') from the moment it was sent."""

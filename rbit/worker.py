@@ -76,7 +76,7 @@ class Worker:
         self.jobs.board = self.board = Board(self.settings.name, self.jobs.log_dir)
         self.http = HealthServer(self.settings.http, self.metrics, self.health, self.board) if self.settings.http else None
         self.jobs.context = context
-        self.liveness = Liveness(self.settings, self.jobs, clock, idle=self._idle, should_stop=self._give_up_broker)
+        self.liveness = Liveness(self.settings, self.jobs, idle=self._idle, should_stop=self._give_up_broker)
         self._subscribing = False
         self._held = []
         #: Slots whose in-progress copy may be on the broker although their job never
@@ -127,7 +127,7 @@ class Worker:
         if self._done():
             return
         self.wakeup.wait(self._timeout(self.clock()))
-        self.liveness.check(self.clock())  # before any job's news: a fenced worker reports nothing more
+        self.liveness.check()  # before any job's news: a fenced worker reports nothing more
         self.jobs.service()
         if not self.broker.connected:
             self._reconnect(None)
@@ -197,7 +197,7 @@ class Worker:
     def _idle(self) -> None:
         """Keep the jobs serviced while the loop waits for the broker."""
         self._apply_stop(self.clock())
-        self.liveness.check(self.clock())
+        self.liveness.check()
         self.jobs.service()
 
     # -- Taking jobs ---------------------------------------------------------------
@@ -327,7 +327,7 @@ class Worker:
         timeout = self.settings.polling_time
         if self.broker.connected and self.config.amqp.heartbeat:
             timeout = min(timeout, self.config.amqp.heartbeat / 4)
-        moments = self.jobs.moments() + self.liveness.moments()
+        moments = self.jobs.moments() + [now + wait for wait in self.liveness.waits()]
         if self.stopping and self.stop_deadline is not None:
             moments.append(self.stop_deadline)
         if self.jobs.finishing:
