@@ -104,7 +104,7 @@ class Liveness:
         and announce (which renews the lease). A fenced worker joins only once
         its stopped jobs have ended.
         """
-        self.check(self.clock())
+        self.check()
         if self.fenced and self.jobs.running():
             return False
         name = self.settings.name
@@ -118,6 +118,9 @@ class Liveness:
             self.idle()
             time.sleep(LOCK_PAUSE)
         try:
+            self.check()  # waiting for the lock may have taken the rest of the lease
+            if self.fenced and self.jobs.running():
+                return False
             self.jobs.finish(broker)
             if self.recover:
                 queues.recover(broker, name, self.settings.concurrency, self.settings.rejected_queue)
