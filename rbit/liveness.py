@@ -50,8 +50,8 @@ class Liveness:
         #: True once this worker has announced itself on the current connection (and is not fenced).
         self.joined = False
         #: Whether the next join puts back what is left in this worker's in-progress queues:
-        #: at the start (an earlier run may have died), and after a fence.
-        self.recover = True
+        #: at the first start (an earlier run may have died), and after a fence.
+        self.recover = False
         self.next_announce = 0.0
         self.next_watch = 0.0
         #: The latest announcement of each peer watched.
@@ -95,15 +95,16 @@ class Liveness:
 
     # -- joining ----------------------------------------------------------------------
 
-    def join(self, broker) -> bool:
+    def join(self, broker, first: bool = False) -> bool:
         """Announce this worker on a new connection, or after a fence; False if not yet possible.
 
         Under this worker's own lock: end the slots of jobs lost to a fence
         (one log line each, nothing on the broker), put back what is left in
-        its in-progress queues at the first start or after a fence, register,
+        its in-progress queues at the *first* start or after a fence, register,
         and announce (which renews the lease). A fenced worker joins only once
         its stopped jobs have ended.
         """
+        self.recover = self.recover or first
         self.check()
         if self.fenced and self.jobs.running():
             return False

@@ -36,7 +36,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from . import queues
-from .broker import Outgoing
+from .delivery import Outgoing
 from .errors import QueueLocked, QueueMissing
 
 log = logging.getLogger(__name__)

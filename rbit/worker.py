@@ -105,7 +105,7 @@ class Worker:
             self.http.start()
         try:
             self.jobs.context = self.jobs.context or jobs.fork_context(jobs.runner_modules(self.config.runners))
-            if not self._connect():
+            if not self._connect(first=True):
                 return
             systemd.notify("READY=1\nSTATUS=serving " + ", ".join(s.queue for s in self.config.runners))
             while not self._done():
@@ -143,7 +143,7 @@ class Worker:
 
     # -- Connecting -----------------------------------------------------------------
 
-    def _connect(self) -> bool:
+    def _connect(self, first: bool = False) -> bool:
         """(Re)connect, declare, join (recovering at the first start) and resume; False if told to give up waiting."""
         self.liveness.disconnected()
         try:
@@ -155,7 +155,6 @@ class Worker:
             queues.declare_worker(self.broker, self.settings, self.config.runners)
         except QueueLocked as exc:
             raise NameInUse(f"another worker named {self.settings.name!r} is connected to this broker") from exc
-        self.liveness.join(self.broker)
         self.broker.qos(1)
         self.broker.consume(CANCELS, [queues.cancel_queue(self.settings.name)], self._on_cancel, no_ack=True)
         self.wakeup.watch(self.broker.fileno(), "broker")
@@ -164,6 +163,7 @@ class Worker:
         for slot in sorted(self._unsure):
             queues.release(self.broker, self.settings.name, slot)
             self._unsure.discard(slot)
+        self.liveness.join(self.broker, first=first)
         self._resume_consuming()
         log.info("serving %s as %s (concurrency %d)", ", ".join(s.queue for s in self.config.runners),
                  self.settings.name, self.settings.concurrency)
