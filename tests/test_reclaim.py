@@ -2,10 +2,11 @@
 cut-off worker never builds beside the worker that took its jobs over.
 
 The rules first, without a broker (rbit.lease, rbit.outcome, rbit.reclaim's announcements, the
-job process's lease, the configuration); then real ``python -m rbit`` workers with
+job process's lease, the configuration); then the reclaim protocol and the worker's loop on the
+in-memory broker, with clocks the tests move on; then real ``python -m rbit`` workers with
 ``reclaim_after = 10`` and ``[amqp] heartbeat = 2``, on a vhost of each test's own (so that no
 other test's worker watches or is watched), with the reliability tests' Rig and runners, and a
-private RabbitMQ node for the broker restart.
+private RabbitMQ node for the broker restarts.
 """
 
 import json
@@ -18,7 +19,7 @@ import time
 
 import pytest
 
-from rbit import jobs, runners, statuses
+from rbit import jobs, queues, reclaim, runners, statuses
 from rbit.config import PybitSettings
 from rbit.errors import ConfigError
 from rbit.lease import FENCE_FRACTION, Lease, Watch, interval
@@ -30,11 +31,13 @@ from rbit.reclaim import Announcement, decode
 from rbit.reporting import StatusReporter
 
 from .broker import drop_vhost, make_vhost
-from .harness import ROOT, wait_until, write_config
+from .harness import ROOT, alive, environment, wait_until, write_config
 from .pybit_models import request_body
 from .reliability_runners import events
 from .test_metrics import free_port, http_get
-from .test_reliability import Rig, alive, assert_gone, module_node, node  # noqa: F401  (fixtures)
+from .memory_broker import MemoryBroker
+from .test_reliability import Rig, assert_gone, module_node, node  # noqa: F401  (fixtures)
+from .test_worker_loop import KEY, QUEUE, context, harness, server, turn_until  # noqa: F401  (fixtures)
 
 #: ``[rbit]`` and ``[amqp]`` keys of every worker here: short times.
 RECLAIM_AFTER = 10
@@ -167,13 +170,13 @@ def test_a_job_process_stops_its_own_group_when_the_lease_runs_out(tmp_path):
     record = tmp_path / "runs.log"
     runner = runners.load("python!tests.reliability_runners:slow",
                           {"seconds": "60", "child": "yes", "record": str(record)})
-    context = jobs.fork_context()
+    forks = jobs.fork_context()
     processes = {}
     try:
         for job_id in (1, 2):
             body = request_body(job_id, f"p{job_id}", "1.0", "d", "any", "s", "pdf")
             message = Message(body=body, request=decode_build_request(body), queue="d_any_s_pdf")
-            processes[job_id] = jobs.JobProcess(context, runner, message)
+            processes[job_id] = jobs.JobProcess(forks, runner, message)
         started = lease_clock()
         for process in processes.values():
             process.start(lease=started + 3.0)
@@ -196,6 +199,136 @@ def test_a_job_process_stops_its_own_group_when_the_lease_runs_out(tmp_path):
             if process.process is not None:
                 process.kill()
                 process.close()
+
+
+# -- The loop and the protocol on the in-memory broker ------------------------------------------
+
+
+class Clock:
+    """The lease's clock for one worker, standing still but for what the test moves it on (its job
+    processes hold deadlines on it: keep the test's real time shorter than its lease)."""
+
+    def __init__(self):
+        self.now = lease_clock()
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def pass_time(workers, seconds, step=0.4):
+    """Move each (worker, clock) on by *seconds*, a turn of each worker's loop every *step*."""
+    workers = list(workers)
+    for _ in range(round(seconds / step)):
+        for worker, clock in workers:
+            clock.advance(step)
+            turn(worker)
+
+
+def turn(worker):
+    """One turn of *worker*'s loop, without waiting out a wait measured on a clock that stands still."""
+    worker.wakeup.wake()
+    worker.loop()
+
+
+def turn_while_still(worker, predicate, timeout=5.0):
+    """Turn *worker*'s loop (see :func:`turn`) until *predicate()* is true."""
+    assert wait_until(lambda: predicate() or turn(worker), timeout, interval=0), "the worker never got there"
+
+
+def copy_of(job_id, worker_name, slot=0, server=None):
+    """Put job *job_id*'s in-progress copy in *worker_name*'s slot queue, as the worker holds it."""
+    server.publish(request_body(job_id, package="done"), queues.in_progress_name(worker_name, slot),
+                   exchange="", headers={queues.HEADER_QUEUE: QUEUE})
+
+
+def test_a_peer_moves_a_silent_workers_copies_only_under_its_lock_and_only_once(server):
+    """README "Reclaiming, exactly once": a peer puts a silent worker's copies back only while it
+    holds that worker's lock, only if the worker has not announced itself since, and a second
+    peer then finds nothing to move; the copy goes back marked as recovered from the worker, and
+    the worker leaves the registry."""
+    dead, holder, first, second = (MemoryBroker(server, name) for name in ("d", "d-joining", "p1", "p2"))
+    for broker in (dead, holder, first, second):
+        broker.connect()
+    dead.declare(queues.build_queue(QUEUE, KEY))
+    dead.declare(queues.in_progress_queue("d", 0))
+    copy_of(1, "d", server=server)
+    reclaim.join(dead, "d")
+    reclaim.announce(dead, Announcement("d", "run", 1, 10.0))
+    seen = reclaim.latest(first, "d")
+    assert seen.key == ("run", 1) and "d" in reclaim.registry(first)
+
+    assert holder.claim(queues.reclaim_lock("d"))                 # the worker itself, joining again
+    assert reclaim.reclaim(first, "d", seen, 11.0, "rej") is None
+    holder.delete(queues.reclaim_lock("d").name)
+    reclaim.announce(dead, Announcement("d", "run", 2, 10.0))     # it spoke
+    assert reclaim.reclaim(first, "d", seen, 11.0, "rej") is None
+    assert server.depth(queues.in_progress_name("d", 0)) == 1 and server.depth(QUEUE) == 0
+
+    seen = reclaim.latest(first, "d")
+    assert reclaim.reclaim(first, "d", seen, 11.0, "rej") == 1
+    assert reclaim.reclaim(second, "d", seen, 11.0, "rej") == 0
+    assert server.depth(queues.in_progress_name("d", 0)) == 0
+    [back] = server.messages(QUEUE)
+    assert back.headers[queues.HEADER_RECOVERED] == "d"
+    assert "d" not in reclaim.registry(second)
+
+
+def test_loop_two_live_peers_run_a_silent_workers_job_once(harness, server):
+    """README "the host loses power", on the worker's loop: a worker dies mid-job; of two live
+    peers, after its reclaim_after of silence on their own clocks, one puts the job back, and the
+    job runs once more, as a redelivery, reported Building and Done by one peer alone."""
+    dead = harness.worker("d", reclaim_after="5")
+    harness.publish(1, package="wait")
+    turn_until(dead, lambda: harness.runs() == [(1, 0)])
+    peers = [harness.worker(name, reclaim_after="5") for name in ("p1", "p2")]
+    clocks = [Clock() for _ in peers]
+    for peer, clock in zip(peers, clocks):
+        peer.liveness.clock = clock
+        turn(peer)                                     # a first look: the dead worker is alive
+    for job in dead.running():
+        job.process.kill()
+    dead.broker.fail()                                 # it never turns again
+    harness.release(1)
+
+    pass_time(zip(peers, clocks), 4.8)                 # they announce meanwhile: their leases hold
+    assert harness.runs() == [(1, 0)], "reclaimed before reclaim_after"
+    assert not any(peer.liveness.fenced for peer in peers)
+    pass_time(zip(peers, clocks), 1.2)                 # the next look (every second) finds it silent
+    deadline = time.monotonic() + 5
+    while len(harness.runs()) < 2 or any(peer.running() for peer in peers):
+        assert time.monotonic() < deadline, harness.runs()
+        for peer in peers:
+            turn(peer)
+    assert harness.runs() == [(1, 0), (1, 1)]
+    assert sorted(peer.reporter.statuses(1) for peer in peers) == [[], ["Building", "Done"]]
+    assert server.depth(queues.in_progress_name("d", 0)) == 0 and server.depth(QUEUE) == 0
+
+
+def test_loop_a_worker_past_its_lease_reports_nothing_more_and_serves_again(harness, server, caplog):
+    """README "the worker is cut off from the broker": a worker whose lease ran out stops its job
+    (fenced: /healthz unhealthy), reports nothing more for that run, logs one line for the lost
+    job, then joins again: with no peer to have moved it, it puts its own copy back and runs the
+    job again, to Done."""
+    worker = harness.worker("a", reclaim_after="5")
+    clock = Clock()
+    worker.liveness.clock = clock
+    harness.publish(1, package="wait")
+    turn_until(worker, lambda: worker.reporter.statuses(1) == ["Building"] and harness.runs() == [(1, 0)])
+    job = worker.running()[0]
+    clock.advance(FENCE_FRACTION * 5)                  # no announcement got through in time
+    turn(worker)
+    assert worker.health()["fenced"] is True and worker.health()["healthy"] is False
+    assert wait_until(lambda: job.process.process.exitcode is not None, 2), "the fenced job was not stopped"
+    harness.release(1)
+    turn_while_still(worker, lambda: len(harness.runs()) == 2 and not worker.running())
+    assert harness.runs() == [(1, 0), (1, 1)]
+    assert worker.reporter.statuses(1) == ["Building", "Building", "Done"]
+    assert worker.health()["fenced"] is False
+    assert len([r for r in caplog.records if re.search(r"job 1: .* lost: ", r.getMessage())]) == 1
+    assert server.depth(queues.in_progress_name("a", 0)) == 0 and server.depth(QUEUE) == 0
 
 
 # -- Real workers --------------------------------------------------------------------------------
@@ -261,10 +394,9 @@ def history(rig, n):
 
 
 def rbit_command(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "rbit", *map(str, args)], capture_output=True, text=True, timeout=60,
-        cwd=str(ROOT), env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
-    )
+    """``python -m rbit ARGS`` as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "rbit", *map(str, args)], capture_output=True, text=True,
+                          timeout=60, cwd=str(ROOT), env=environment())
 
 
 def test_host_lost_a_live_peer_puts_the_job_back_and_runs_it(rig):
