@@ -171,8 +171,8 @@ class Broker:
         """``host:port`` of the broker connected to (or first configured), never credentials."""
         return _where(self._connection or connection_for(self.settings))
 
-    def connect(self, should_stop=lambda: False, idle=lambda: None) -> None:
-        """Connect, retrying with a capped backoff; each failed attempt is logged.
+    def connect(self, should_stop=lambda: False, idle=lambda: None, max_pause: float = RECONNECT_MAX) -> None:
+        """Connect, retrying with a backoff capped at *max_pause*; each failed attempt is logged.
 
         *idle* is called about once a second while waiting; *should_stop* is
         asked then too, and ends the wait with :class:`StopWaiting`. A broker
@@ -195,7 +195,7 @@ class Broker:
         try:
             connection.ensure_connection(
                 errback=on_error, max_retries=None, interval_start=RECONNECT_START,
-                interval_step=RECONNECT_STEP, interval_max=RECONNECT_MAX, callback=on_tick,
+                interval_step=RECONNECT_STEP, interval_max=min(max_pause, RECONNECT_MAX), callback=on_tick,
             )
         except amqp.exceptions.AccessRefused as exc:
             raise BrokerError(
@@ -369,6 +369,22 @@ class Broker:
             return ok.message_count, ok.consumer_count
         finally:
             _close_quietly(channel)
+
+    @_translated
+    def claim(self, spec: QueueSpec) -> bool:
+        """Declare the exclusive queue *spec* on a spare channel; False if another connection holds it."""
+        channel = self._connection.channel()
+        try:
+            _kombu_queue(spec)(channel).declare()
+            return True
+        except amqp.exceptions.ResourceLocked:
+            return False
+        finally:
+            _close_quietly(channel)
+
+    @_translated
+    def delete(self, queue_name: str) -> None:
+        self._channel.queue_delete(queue_name)
 
     def exists(self, queue_name: str) -> bool:
         """True if *queue_name* exists."""

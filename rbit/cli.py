@@ -279,8 +279,8 @@ def connected_broker(config):
 @main.command("status")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 def status_command(config_path):
-    """Show the queues CONFIG serves, the jobs in progress and the rejected messages."""
-    from .tools.overview import format_rows, queue_rows
+    """Show the queues CONFIG serves, the jobs in progress, the rejected messages, and every worker on the vhost."""
+    from .tools.overview import format_rows, format_workers, queue_rows, worker_rows
 
     config = load_config(config_path)
     broker = connected_broker(config)
@@ -288,6 +288,8 @@ def status_command(config_path):
         click.echo(f"worker {config.worker.name} on {broker.address} "
                    f"vhost {config.amqp.virtual_host}, {config.amqp.queue_type} queues")
         click.echo(format_rows(queue_rows(broker, config)))
+        click.echo()
+        click.echo(format_workers(worker_rows(broker)))
     except RbitError as exc:
         fail(str(exc), RET_ERROR)
     finally:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 from . import joblog, runners
 from .logdir import default_log_dir
 from .errors import ConfigError
+from .lease import MIN_RECLAIM_AFTER
 from .passwords import PASSWORD_ENV
 from .settings import check_known, parse_flag, parse_size
 
@@ -34,6 +35,7 @@ RBIT_DEFAULTS = {
     "log_max": "100M",
     "log_keep": "14",
     "log_echo": "false",
+    "reclaim_after": "300",
 }
 
 #: Keys of ``[amqp]`` and their defaults.
@@ -100,6 +102,8 @@ class WorkerSettings:
     log_max: int = 100 << 20
     log_keep: float = 14.0
     log_echo: bool = False
+    #: Seconds of silence after which a live peer puts this worker's jobs back (0: never).
+    reclaim_after: float = 300.0
 
 
 class Address(NamedTuple):
@@ -347,7 +351,17 @@ def _worker(section, environ):
         log_max=section.parsed(parse_size, "log_max", joblog.MIN_LOG_MAX),
         log_keep=section.number("log_keep", unit="days"),
         log_echo=section.flag("log_echo"),
+        reclaim_after=_reclaim_after(section),
     )
+
+
+def _reclaim_after(section):
+    """``0`` turns reclaiming off; otherwise long enough for several announcements (rbit.lease)."""
+    value = section.number("reclaim_after")
+    if 0 < value < MIN_RECLAIM_AFTER:
+        raise section.error("reclaim_after", f"must be 0 (off) or at least {MIN_RECLAIM_AFTER:g}, "
+                                             f"not {section.text('reclaim_after')!r}")
+    return value
 
 
 def _warn_if_readable(path, what, warnings):

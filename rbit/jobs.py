@@ -7,7 +7,12 @@ process makes itself a session and process-group leader, so the worker can
 stop everything it started with one ``killpg``. It watches its pipe to the
 worker: if the worker dies, the pipe closes and the job kills its own group,
 so that a restarted worker never finds the old build still running beside the
-new one.
+new one. It also holds the worker's lease (:mod:`rbit.lease`): if the worker
+does not renew it in time (frozen, or cut off from the broker), the job kills
+its own group when it runs out, before a peer may run the job again.
+
+The worker's one message to the job process: ``("lease", deadline)``, a
+:func:`rbit.lease.clock` value (the same clock in every process of a host).
 
 A second pipe takes the job's output: its write end becomes the job process's
 standard output and error (and so those of every program it starts), and its
@@ -33,11 +38,13 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import select
 import signal
 import sys
 import threading
 
 from . import history, statuses
+from .lease import clock as lease_clock
 from .outcome import Ended, Result, call_runner
 
 #: Seconds between SIGTERM and SIGKILL when a job's process group is stopped.
@@ -52,6 +59,10 @@ JOB_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 #: fcntl's F_SETPIPE_SZ (Linux).
 _F_SETPIPE_SZ = 1031
+
+#: Longest wait of the lifeline between two looks at the lease: a host thawed after a suspend
+#: (whose waits do not count the time asleep) stops its jobs at most this late.
+LIFELINE_TICK = 0.2
 
 #: Modules every job needs; the fork server imports them once, so that no job
 #: pays for them (unpickling a job's Message needs rbit.pybit, hence jsonpickle).
@@ -120,10 +131,12 @@ class JobProcess:
         self.output = None
         self.output_eof = False
 
-    def start(self) -> None:
-        """Start the job's process (not the job's clock: the caller keeps that)."""
+    def start(self, lease: float | None = None) -> None:
+        """Start the job's process (not the job's clock: the caller keeps that), holding *lease*."""
         parent_end, child_end = self.context.Pipe(duplex=True)
         output, output_child = self.context.Pipe(duplex=False)
+        if lease is not None:
+            parent_end.send(("lease", lease))  # waiting in the pipe before the job's first instruction
         self.process = self.context.Process(
             target=child_main,
             args=(child_end, output_child, self.runner, self.message, self.pybit, self.worker_name,
@@ -167,6 +180,15 @@ class JobProcess:
         except PermissionError:  # a member we may not signal (setuid): still there
             pass
         return False
+
+    def renew(self, deadline: float) -> None:
+        """The worker's lease now runs until *deadline*."""
+        try:
+            # Never block on a job that does not read (stopped, say): it keeps the earlier deadline.
+            if select.select([], [self.conn.fileno()], [], 0)[1]:
+                self.conn.send(("lease", deadline))
+        except (OSError, ValueError):  # the job has ended; its exit is noticed elsewhere
+            pass
 
     @property
     def pid(self) -> int:
@@ -293,12 +315,20 @@ def _run(runner, message, pybit, worker_name, set_status):
 
 
 def _lifeline(conn):
-    """If the worker goes away, take the whole job with it."""
+    """If the worker goes away, or its lease runs out, take the whole job with it."""
+    deadline = None
     try:
         while True:
-            conn.recv()
+            timeout = None if deadline is None else deadline - lease_clock()
+            if timeout is not None and timeout <= 0:
+                break  # the worker did not renew its lease: a peer may run this job soon
+            if conn.poll(None if timeout is None else min(timeout, LIFELINE_TICK)):
+                message = conn.recv()
+                if isinstance(message, tuple) and len(message) == 2 and message[0] == "lease":
+                    deadline = message[1]
     except (EOFError, OSError):
-        os.killpg(0, signal.SIGKILL)
+        pass
+    os.killpg(0, signal.SIGKILL)
 
 
 def _redirect_output(output) -> None:

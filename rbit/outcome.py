@@ -49,6 +49,8 @@ class Stop(enum.Enum):
     TIMEOUT = "timeout"
     CANCEL = "cancel"
     SHUTDOWN = "shutdown"
+    #: The worker could not renew its lease: a live peer puts the job back (see rbit.lease).
+    FENCED = "fenced"
 
 
 class Fate(enum.Enum):
@@ -62,6 +64,9 @@ class Fate(enum.Enum):
     PUT_BACK = "put back"
     #: The job was not run: the message is acknowledged and nothing is reported.
     DROP = "drop"
+    #: The job was lost to a fence: nothing is reported and the message is left alone (its
+    #: in-progress copy is for whoever puts it back: a live peer, or this worker when it joins again).
+    LOST = "lost"
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,9 @@ def decide(result: Result | None, *, last_final: str | None = None, stop: Stop =
     reported itself; *stop* why the worker stopped the job; *exit_text* how
     its process ended; *timeout* the runner section's timeout.
     """
+    if stop is Stop.FENCED:
+        return Decision(None, "this worker's lease ran out; the job is put back by a live peer, "
+                              "or by this worker if none did", Fate.LOST, "lost")
     if stop is Stop.TIMEOUT:
         status, text = statuses.FAILED, f"timed out after {timeout:g} s"
     elif stop is Stop.CANCEL:

@@ -16,6 +16,10 @@ Beside PyBit's exchange and build queues, rbit keeps (``NAME`` is ``[rbit] name`
     exclusive and auto-delete, bound to ``pybit`` with the key NAME, like
     PyBit's reference client: cancel requests arrive here. Being exclusive,
     it also stops two workers with the same name from running at once.
+``rbit.alive.NAME``, ``rbit.workers``, ``rbit.reclaim.NAME``
+    the worker's latest announcement that it is alive (one message at most),
+    the registry of every worker that announces itself, and the lock held
+    while NAME's jobs are put back (see :mod:`rbit.reclaim`).
 
 The first three are declared by ``[amqp] queue_type``. ``classic`` declares
 them as rbit always has, with no queue type: they take the vhost's default.
@@ -138,6 +142,28 @@ def cancel_queue(worker_name: str) -> QueueSpec:
     again on the next one when that node goes.
     """
     return QueueSpec(worker_name, routing_key=worker_name, durable=False, exclusive=True, auto_delete=True,
+                     arguments={"x-queue-type": CLASSIC})
+
+
+#: Durable registry: one message per worker name, so that a peer learns of workers it never heard.
+REGISTRY = "rbit.workers"
+
+
+def alive_queue(worker_name: str, queue_type: str = CLASSIC) -> QueueSpec:
+    """Where *worker_name* keeps its latest announcement: a publish drops the one before."""
+    return owned(f"rbit.alive.{worker_name}", queue_type, **{"x-max-length": 1, "x-overflow": "drop-head"})
+
+
+def registry_queue(queue_type: str = CLASSIC) -> QueueSpec:
+    return owned(REGISTRY, queue_type)
+
+
+def reclaim_lock(worker_name: str) -> QueueSpec:
+    """Exclusive: only the connection holding it may move *worker_name*'s in-progress copies.
+
+    Classic whatever the vhost's default (a quorum queue cannot be exclusive).
+    """
+    return QueueSpec(f"rbit.reclaim.{worker_name}", durable=False, exclusive=True,
                      arguments={"x-queue-type": CLASSIC})
 
 

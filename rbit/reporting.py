@@ -61,6 +61,7 @@ class _Lane:
     seqs: collections.deque[int] = field(default_factory=collections.deque)
     attempt: int = 0  # failed attempts at the first report so far, plus the one in flight
     due: float = 0.0  # time.monotonic() of the next attempt
+    drop_head: bool = False  # the first report was discarded while on its way: never retry it
 
 
 class StatusReporter:
@@ -93,6 +94,7 @@ class StatusReporter:
         self._pending: dict[int, Report] = {}  # by sequence number, oldest first
         self._lanes: dict[int, _Lane] = {}  # by job id, for the jobs with reports pending
         self._next_seq = 0
+        self._sending: int | None = None  # the sequence number of the report on its way to PyBit
         self._since_compact = 0
         self._spool_loaded = False
         self._thread: threading.Thread | None = None
@@ -164,6 +166,25 @@ class StatusReporter:
         if left:
             log.warning(UNDELIVERED_LOG, left, f"kept in {self._spool}" if self._spool else "lost")
 
+    def discard(self, job_id) -> int:
+        """Forget *job_id*'s reports not yet delivered (its job was lost: another worker reports it
+        now); return how many. A report already on its way to PyBit cannot be called back."""
+        with self._cond:
+            lane = self._lanes.get(job_id)
+            if lane is None:
+                return 0
+            dropped = [seq for seq in lane.seqs if seq != self._sending]
+            for seq in dropped:
+                lane.seqs.remove(seq)
+                del self._pending[seq]
+            lane.drop_head = bool(lane.seqs)
+            if not lane.seqs:
+                del self._lanes[job_id]
+            if dropped and self._spool is not None:
+                self._spool.rewrite(self._pending.values())
+            self._cond.notify_all()
+            return len(dropped)
+
     @property
     def backlog(self) -> int:
         """Number of reports not yet delivered (for metrics)."""
@@ -181,6 +202,7 @@ class StatusReporter:
                     if lane is None:
                         return
                     item = self._pending[lane.seqs[0]]
+                    self._sending = lane.seqs[0]
                     lane.attempt += 1
                     attempt, delay = lane.attempt, lane.delay
                 outcome = self._attempt(session, item, attempt, delay)
@@ -202,12 +224,13 @@ class StatusReporter:
 
     def _settle_locked(self, lane: _Lane, item: Report, outcome: str, stop: threading.Event) -> None:
         """Back the job off after a failed attempt, or take its report off the queue."""
-        if outcome == _RETRY:
+        self._sending = None
+        if outcome == _RETRY and not lane.drop_head:
             lane.due = time.monotonic() + lane.delay
             lane.delay = min(lane.delay * 2, self._retry_max)
             return
         del self._pending[lane.seqs.popleft()]
-        lane.attempt, lane.delay, lane.due = 0, self._retry_initial, 0.0
+        lane.attempt, lane.delay, lane.due, lane.drop_head = 0, self._retry_initial, 0.0, False
         if not lane.seqs:
             del self._lanes[item.job_id]
         self._since_compact += 1

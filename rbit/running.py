@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 LOG_JOB_START = "job %s: starting %s %s from %s in slot %d"
 LOG_JOB_END = "job %s: %s %s from %s ended %s in %.1f s%s"
 LOG_JOB_DROPPED = "job %s: %s %s from %s not run: %s"
+LOG_JOB_LOST = "job %s: %s %s from %s lost: %s"
 
 #: Seconds between two removals of job logs older than ``log_keep``.
 SWEEP_PERIOD = 3600.0
@@ -74,6 +75,8 @@ class Jobs:
         self.slots: dict[int, RunningJob] = {}
         #: Jobs that ended, in order, whose messages wait for their end on the broker.
         self.finishing: list[RunningJob] = []
+        #: The worker's lease (rbit.lease), which each job process holds too; None: no lease.
+        self.lease: float | None = None
 
     def free_slot(self) -> int | None:
         return next((slot for slot in range(self.settings.concurrency) if slot not in self.slots), None)
@@ -93,7 +96,7 @@ class Jobs:
         self.slots[slot] = job
         log.info(LOG_JOB_START, *job.describe(), slot)
         try:
-            process.start()
+            process.start(lease=self.lease)
         except OSError as exc:
             log.error("job %s (%s): cannot start its process: %s", job.job_id, queue, exc)
             self._end(job, f"cannot start the job's process: {exc}")
@@ -164,6 +167,26 @@ class Jobs:
             job.stop = why
         job.process.stop(self.clock(), grace)
 
+    def renew(self, deadline: float) -> None:
+        """The worker's lease now runs until *deadline*: tell every job process."""
+        self.lease = deadline
+        for job in self.running():
+            job.process.renew(deadline)
+
+    def fence(self) -> int:
+        """The lease ran out: kill every running job's group, forget every job's statuses not yet
+        sent, and leave every message alone (a live peer puts it back). How many were running."""
+        running = self.running()
+        for job in list(self.slots.values()):
+            if self.reporter.discard(job.job_id):
+                log.info("job %s (%s): statuses not yet sent to PyBit are dropped", job.job_id, job.queue)
+            if job.decision is not None:
+                job.decision = decide(job.result, stop=Stop.FENCED)
+            else:
+                job.stop = Stop.FENCED
+                job.process.kill()
+        return len(running)
+
     def moments(self) -> list[float]:
         """When the running jobs next need attention (a timeout, a SIGKILL after SIGTERM, output)."""
         now = self.clock()
@@ -174,6 +197,11 @@ class Jobs:
         """Give each ended job's message its one end, then free the slot."""
         while self.finishing:
             job = self.finishing[0]
+            if job.decision.fate is Fate.LOST:
+                log.warning(LOG_JOB_LOST, *job.describe(), job.decision.text)
+                self.finishing.pop(0)
+                del self.slots[job.slot]
+                continue
             if job.decision.fate is Fate.DELAY:
                 queues.delay(broker, job.delivery, job.queue, self.settings.blocked_delay)
             elif job.decision.fate is Fate.PUT_BACK:
@@ -184,7 +212,9 @@ class Jobs:
 
     def _on_event(self, job: RunningJob, event: tuple) -> None:
         kind = event[0]
-        if kind == "status":
+        if kind == "status" and job.stop is Stop.FENCED:
+            log.info("job %s (%s): %s not reported: the job was lost to a fence", job.job_id, job.queue, event[1])
+        elif kind == "status":
             _, status, text = event
             self._report(job, status, text)
             if status in FINAL:
@@ -212,6 +242,8 @@ class Jobs:
         self.metrics.job_ended(job.queue, decision.outcome, duration)
         if decision.fate is Fate.DROP:
             log.info(LOG_JOB_DROPPED, *job.describe(), decision.text)
+        elif decision.fate is Fate.LOST:
+            pass  # one line when its slot is freed (rbit.running.LOG_JOB_LOST)
         else:
             log.info(LOG_JOB_END, *job.describe(), decision.outcome, duration,
                      f": {decision.text}" if decision.text else "")

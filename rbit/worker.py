@@ -21,8 +21,9 @@ How a message travels:
    in-progress copy is removed. If the broker is away then, this waits for
    the reconnection.
 5. A worker that died mid-job finds its in-progress copies when it starts
-   again and puts them back on their queues (``rbit recover`` does it for a
-   worker that never comes back).
+   again and puts them back on their queues; if it does not come back within
+   ``reclaim_after``, a live peer does it (:mod:`rbit.liveness`), and
+   ``rbit recover`` does it by hand.
 
 The loop is single-threaded and takes its broker from its caller, so tests
 can drive it with an in-memory one. One turn of it is :meth:`Worker.loop`.
@@ -37,13 +38,15 @@ from typing import Callable
 
 from . import jobs, queues, systemd
 from .broker import StopWaiting
-from .errors import BadMessage, BrokerError, ConnectionLost, NameInUse, QueueLocked, QueueUnavailable
+from .errors import BadMessage, BrokerError, ConnectionLost, NameInUse, QueueLocked
+from .liveness import Liveness
 from .message import Message
 from .metrics import HealthServer, Metrics
 from .outcome import Stop
 from .pybit import decode_build_request, decode_cancel_request
 from .reporting import StatusReporter
 from .running import Jobs, RunningJob
+from .serving import Served
 from .wakeup import Wakeup
 from .web import Board
 
@@ -56,9 +59,6 @@ CANCELS = "cancels"
 
 #: How long the worker waits at most for the status backlog at a clean stop.
 REPORT_FLUSH_TIMEOUT = 5.0
-
-#: Seconds at least between two tries to declare a served queue whose node is down.
-UNAVAILABLE_RETRY = 5.0
 
 #: Seconds between two reconnections when the broker refuses the one before.
 RECONNECT_PAUSE = 1.0
@@ -80,6 +80,8 @@ class Worker:
         self.jobs.board = self.board = Board(self.settings.name, self.jobs.log_dir)
         self.http = HealthServer(self.settings.http, self.metrics, self.health, self.board) if self.settings.http else None
         self.jobs.context = context
+        self.liveness = Liveness(self.settings, self.jobs, idle=self._idle, should_stop=self._give_up_broker,
+                                 queue_type=config.amqp.queue_type)
         #: True while a message is being taken or consumers started: a delivery that
         #: the broker sends meanwhile (a broker call dispatches what arrives while
         #: it waits for its reply) is held and taken after, never in the middle.
@@ -89,14 +91,8 @@ class Worker:
         #: started (the connection broke between the copy and the acknowledgement):
         #: the original comes back, so the copy is removed on reconnecting.
         self._unsure: set[int] = set()
-        #: Where the next round of consumers starts, so that with per-consumer
-        #: prefetch no queue always loses the race to the one consumed first.
-        self._first_queue = 0
+        self.served = Served(config, clock)
         self._recovered = False
-        #: Served queues whose (classic) queue is out of reach: its cluster node is down;
-        #: declared again at the first turn of the loop after this moment.
-        self._unavailable = []
-        self._retry_at = 0.0
         self.stopping = False
         self.stop_deadline = None
         self.hurry = False
@@ -146,6 +142,7 @@ class Worker:
         if self._done():
             return
         self.wakeup.wait(self._timeout(self.clock()))
+        self.liveness.check()  # before any job's news: a fenced worker reports nothing more
         self.jobs.service()
         if not self.broker.connected:
             self._reconnect(None)
@@ -155,6 +152,7 @@ class Worker:
             self.broker.heartbeat_check()
             self.jobs.finish(self.broker)
             self._serve_returned()
+            self._hold_deliveries(self.liveness.tick)
             self._resume_consuming()
         except ConnectionLost as exc:
             self._reconnect(exc)
@@ -162,20 +160,18 @@ class Worker:
     # -- Connecting -----------------------------------------------------------------
 
     def _connect(self) -> bool:
-        """(Re)connect, declare, recover or resume; False if told to give up waiting."""
+        """(Re)connect, declare, join (recovering at the first start) and resume; False if told to give up waiting."""
+        self.liveness.disconnected()
         try:
-            self.broker.connect(should_stop=self._give_up_broker, idle=self._idle)
+            self.broker.connect(should_stop=self._give_up_broker, idle=self._idle,
+                                max_pause=self.liveness.max_pause)
         except StopWaiting:
             return False
         self._held = []  # deliveries of a connection that is gone: the broker has them back
         try:
-            self._unavailable = queues.declare_worker(self.broker, self.settings, self.config.runners,
-                                                      self.config.amqp.queue_type)
+            self.served.declare(self.broker)
         except QueueLocked as exc:
             raise NameInUse(f"another worker named {self.settings.name!r} is connected to this broker") from exc
-        if not self._recovered:  # once: what an earlier run of this worker left unfinished
-            queues.recover(self.broker, self.settings.name, self.settings.concurrency, self.settings.rejected_queue)
-            self._recovered = True
         self.broker.qos(1)
         self.broker.consume(CANCELS, [queues.cancel_queue(self.settings.name)], self._on_cancel, no_ack=True)
         self.wakeup.watch(self.broker.fileno(), "broker")
@@ -184,6 +180,9 @@ class Worker:
         for slot in sorted(self._unsure):
             queues.release(self.broker, self.settings.name, slot)
             self._unsure.discard(slot)
+        # Once: what an earlier run of this worker left unfinished is put back under its lock.
+        self._hold_deliveries(lambda broker: self.liveness.join(broker, first=not self._recovered))
+        self._recovered = True
         self._resume_consuming()
         log.info("serving %s as %s (concurrency %d)", ", ".join(s.queue for s in self.config.runners),
                  self.settings.name, self.settings.concurrency)
@@ -217,43 +216,28 @@ class Worker:
     def _idle(self) -> None:
         """Keep the jobs serviced while the loop waits for the broker."""
         self._apply_stop(self.clock())
+        self.liveness.check()
         self.jobs.service()
 
     # -- Taking jobs ---------------------------------------------------------------
 
     def _resume_consuming(self) -> None:
-        if self.stopping or self.jobs.finishing or self.broker.consuming(JOBS) or self.jobs.free_slot() is None:
+        if (self.stopping or self.jobs.finishing or self.broker.consuming(JOBS) or self.jobs.free_slot() is None
+                or not self.liveness.joined):
             return
         # The broker may deliver on the first queues while a later basic.consume
         # waits for its reply; such a message is held and taken once every
         # consumer is in place, so that cancelling them then finds them all.
-        runners = self.config.runners
-        first = self._first_queue % len(runners)
         self._taking = True
         try:
-            self.broker.consume(JOBS, [queues.build_queue(s.queue, s.routing_key)
-                                       for s in runners[first:] + runners[:first]
-                                       if s.queue not in self._unavailable], self._on_message)
+            self.broker.consume(JOBS, self.served.specs(), self._on_message)
         finally:
             self._taking = False
         self._take_held()
 
     def _serve_returned(self) -> None:
-        """Declare again the served queues whose node was down; consume those that are back."""
-        if not self._unavailable or self.clock() < self._retry_at:
-            return
-        self._retry_at = self.clock() + UNAVAILABLE_RETRY
-        back = []
-        for section in self.config.runners:
-            if section.queue in self._unavailable:
-                try:
-                    queues.declare_served(self.broker, self.settings, section, self.config.amqp.queue_type, spare=True)
-                except QueueUnavailable:
-                    continue
-                back.append(section.queue)
-        if back:
-            log.info("serving %s again: its node is back", ", ".join(back))
-            self._unavailable = [queue for queue in self._unavailable if queue not in back]
+        """Consume again the served queues whose node was down, once they are back."""
+        if self.served.retry(self.broker):
             self.broker.cancel(JOBS)  # resumed at once, with them
 
     def _on_message(self, queue: str, delivery) -> None:
@@ -261,6 +245,15 @@ class Worker:
         self._held.append((queue, delivery))
         if not self._taking:
             self._take_held()
+
+    def _hold_deliveries(self, action: Callable) -> None:
+        """Call ``action(broker)``, taking a message that arrives meanwhile only once it is done."""
+        self._taking = True
+        try:
+            action(self.broker)
+        finally:
+            self._taking = False
+        self._take_held()
 
     def _take_held(self) -> None:
         while self._held and not self._taking:
@@ -274,7 +267,7 @@ class Worker:
     def _take(self, queue: str, delivery) -> None:
         """Start the build request *delivery* from *queue*, or move it to the rejected queue."""
         slot = self.jobs.free_slot()
-        if self.stopping or slot is None:
+        if self.stopping or slot is None or not self.liveness.joined:
             # With a prefetch per consumer, a message that came beside the one
             # that filled the last slot (consumers are cancelled before then);
             # never hold a message that is not running.
@@ -297,7 +290,7 @@ class Worker:
         if len(self.slots) + 1 >= self.settings.concurrency:
             self.broker.cancel(JOBS)
         self._unsure.add(slot)
-        self._first_queue = next(i for i, s in enumerate(self.config.runners) if s.queue == queue) + 1
+        self.served.taken_from(queue)
         queues.hold(self.broker, delivery, queue, self.settings.name, slot)
         delivery.ack()
         self._unsure.discard(slot)
@@ -345,11 +338,12 @@ class Worker:
         """What ``/healthz`` says: healthy while connected to the broker and not stopping."""
         connected = self.broker.connected
         return {
-            "healthy": connected and not self.stopping,
+            "healthy": connected and not self.stopping and not self.liveness.fenced,
             "broker": "connected" if connected else "disconnected",
             "queues": [section.queue for section in self.config.runners],
             "running": len(self.running()),
             "stopping": self.stopping,
+            "fenced": self.liveness.fenced,
         }
 
     def _done(self) -> bool:
@@ -365,7 +359,7 @@ class Worker:
         timeout = self.settings.polling_time
         if self.broker.connected and self.config.amqp.heartbeat:
             timeout = min(timeout, self.config.amqp.heartbeat / 4)
-        moments = self.jobs.moments()
+        moments = self.jobs.moments() + [now + wait for wait in self.liveness.waits()]
         if self.stopping and self.stop_deadline is not None:
             moments.append(self.stop_deadline)
         if self.jobs.finishing:
@@ -378,6 +372,11 @@ class Worker:
                 self.jobs.finish(self.broker)
             except BrokerError as exc:
                 log.warning("could not put back every message (%s); the next start recovers them", exc)
+        if self.broker.connected:
+            try:
+                self.liveness.leave(self.broker)
+            except BrokerError as exc:
+                log.debug("could not leave the registry: %s", exc)
         self.broker.close()
         self.reporter.stop(REPORT_FLUSH_TIMEOUT)
         if self.http is not None:

@@ -319,7 +319,7 @@ class MemoryBroker:
     def address(self) -> str:
         return f"memory:{self.name}"
 
-    def connect(self, should_stop=lambda: False, idle=lambda: None) -> None:
+    def connect(self, should_stop=lambda: False, idle=lambda: None, max_pause: float = 30.0) -> None:
         self.close()
         deadline = time.monotonic() + REFUSE_LIMIT
         while self._refusals or (self._refuse_while is not None and self._refuse_while()):
@@ -404,6 +404,17 @@ class MemoryBroker:
         queue = self.server._queue(queue_name)
         self._check_owner(queue)
         return len(queue.ready), len(queue.consumers)
+
+    def claim(self, spec: QueueSpec) -> bool:
+        try:
+            self.declare(spec)
+        except QueueLocked:
+            return False
+        return True
+
+    def delete(self, queue_name: str) -> None:
+        self._check()
+        self.server._delete(queue_name)
 
     def exists(self, queue_name: str) -> bool:
         try:

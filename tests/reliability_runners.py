@@ -167,3 +167,14 @@ def blocked_once(message, set_status, settings):
     if not seen:
         raise rbit.Blocked("a build dependency is missing")
     record(settings, "end", message)
+
+
+def tick(message, set_status, settings):
+    """Records a ``tick`` line every 0.2 s for ``seconds`` (default 30): while it runs, the record
+    shows it alive, so that two runs of one job can be seen not to overlap."""
+    record(settings, "start", message)
+    end = time.monotonic() + float(settings.get("seconds", "30"))
+    while time.monotonic() < end:
+        record(settings, "tick", message)
+        time.sleep(0.2)
+    record(settings, "end", message)

@@ -23,6 +23,8 @@ LAST_FINAL = [None, statuses.DONE, statuses.FAILED, statuses.BLOCKED, statuses.C
 
 def expected(result, last_final, stop):
     """The rule, written out as the README's life-of-a-job says it: (outcome, fate)."""
+    if stop is Stop.FENCED:
+        return "lost", Fate.LOST
     if stop is Stop.TIMEOUT:
         return statuses.FAILED, Fate.ACK
     if stop is Stop.CANCEL:
@@ -45,7 +47,8 @@ def expected(result, last_final, stop):
 def test_every_combination(name, last_final, stop):
     """The status to report and the message's fate for every way a job can end: a stop by
     the worker wins (timeout: Failed; cancel: Cancelled, dropped; shutdown: Waiting, back on
-    its queue); then what the runner raised (Blocked: delayed; Failed or any other exception:
+    its queue; a fence: nothing reported, the message left for whoever puts it back); then what
+    the runner raised (Blocked: delayed; Failed or any other exception:
     Failed); a runner that returned ends with its own last final status, else Done; a job
     PyBit's history does not want is dropped with nothing reported. A status the runner
     already reported is not reported twice."""
@@ -55,6 +58,8 @@ def test_every_combination(name, last_final, stop):
     assert (decision.outcome, decision.fate) == (outcome, fate)
     if fate is Fate.DROP:
         assert decision.status is None and decision.text == SKIPPED.text
+    elif fate is Fate.LOST:
+        assert decision.status is None
     elif outcome == last_final:
         assert decision.status is None
     else:
@@ -65,6 +70,8 @@ def test_every_combination(name, last_final, stop):
     (Stop.TIMEOUT, RETURNED, "timed out after 5 s"),
     (Stop.CANCEL, None, "cancelled from PyBit"),
     (Stop.SHUTDOWN, None, "the worker stopped; the job is back on its queue"),
+    (Stop.FENCED, RETURNED, "this worker's lease ran out; the job is put back by a live peer, "
+                            "or by this worker if none did"),
     (Stop.NONE, None, "killed by SIGKILL"),
     (Stop.NONE, FAILED, "broke"),
     (Stop.NONE, CRASHED, "RuntimeError: kaboom"),

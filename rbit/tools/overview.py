@@ -1,9 +1,12 @@
-"""``rbit status``: what the broker holds for a worker: its queues, jobs in progress, rejects."""
+"""``rbit status``: what the broker holds for a worker (its queues, jobs in progress, rejects), and its peers."""
 
 from __future__ import annotations
 
-from .. import queues
+import time
+
+from .. import queues, reclaim
 from ..errors import BadMessage, QueueMissing
+from ..lease import OFF_INTERVAL
 from ..pybit import decode_build_request
 
 
@@ -55,4 +58,38 @@ def format_rows(rows: list[tuple]) -> str:
     for kind, name, messages, consumers, note in rows:
         shown = lambda n: "-" if n is None else str(n)  # noqa: E731
         lines.append(f"{kind:<12} {name:<44} {shown(messages):>8} {shown(consumers):>9}  {note}")
+    return "\n".join(lines)
+
+
+def worker_rows(broker, now: float | None = None) -> list[tuple]:
+    """(worker, last sign of life, state, jobs in progress) for each worker registered on the vhost.
+
+    The age is the announcement's own wall-clock stamp against this host's clock
+    (peers judge silence on their own monotonic clocks, never like this).
+    """
+    now = time.time() if now is None else now
+    rows = []
+    for name in reclaim.registry(broker):
+        seen = reclaim.latest(broker, name)
+        jobs = [describe_job(message)
+                for slot in queues.slots(broker, name, seen.concurrency if seen else 1)
+                for message in peek(broker, queues.in_progress_name(name, slot))]
+        if seen is None:
+            age, state = "never", "unknown"
+        else:
+            quiet = max(0.0, now - seen.sent)
+            age = f"{quiet:.0f} s ago"
+            limit = seen.reclaim_after or 2 * OFF_INTERVAL
+            state = ("alive" if quiet < limit else "silent") + (
+                f", reclaim after {seen.reclaim_after:g} s" if seen.reclaim_after else ", reclaim off")
+        rows.append((name, age, state, "; ".join(jobs) or "idle"))
+    return rows
+
+
+def format_workers(rows: list[tuple]) -> str:
+    lines = [f"{'WORKER':<28} {'LAST SEEN':>10}  {'STATE':<30} IN PROGRESS"]
+    for name, age, state, jobs in rows:
+        lines.append(f"{name:<28} {age:>10}  {state:<30} {jobs}")
+    if not rows:
+        lines.append("(no worker has announced itself on this vhost)")
     return "\n".join(lines)
