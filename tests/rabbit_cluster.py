@@ -1,4 +1,4 @@
-"""A private three-node RabbitMQ cluster for the tests that lose broker nodes (issue 14).
+"""A private three-node RabbitMQ cluster for the tests that lose broker nodes.
 
 Three :class:`~tests.rabbit_node.RabbitNode` s, each with its own node name,
 AMQP and distribution ports and data directory, share one Erlang cookie and

@@ -1,4 +1,4 @@
-"""Losing a RabbitMQ node loses no job (contract §8 "Clusters", issue 14), on a real cluster.
+"""Losing a RabbitMQ node loses no job, on a real cluster.
 
 Three private RabbitMQ nodes on this machine (tests/rabbit_cluster.py: their own
 node names, ports and data directories, clustered with ``rabbitmqctl
@@ -171,7 +171,7 @@ def test_a_blocked_job_comes_back_after_the_delay_though_the_delay_queues_leader
 
 
 def test_a_message_rejected_while_a_node_is_down_is_in_the_rejected_queue(cluster, crig):
-    """README "Clusters", §7: the rejected queue is a quorum queue: with the node that led it
+    """README "Clusters", a message that is not a build request: the rejected queue is a quorum queue: with the node that led it
     SIGKILLed, a body that is not a build request still ends, unchanged and with its reason, in
     the rejected queue (not on its build queue), and ``rbit rejected`` lists it."""
     rig = crig

@@ -312,7 +312,7 @@ def test_required_sections_only_and_pybit_optional(tmp_path):
 
 
 def test_amqp_hosts_may_carry_their_own_ports(tmp_path):
-    """§3 ``[amqp] host``, README "Clusters": each entry is HOST, HOST:PORT, [IPv6] or [IPv6]:PORT
+    """``[amqp] host``, README "Clusters": each entry is HOST, HOST:PORT, [IPv6] or [IPv6]:PORT
     (or a bare IPv6 address); an entry without a port gets ``port``; the order is kept for
     failover; queue_type defaults to classic."""
     sections = base_sections()
@@ -329,7 +329,7 @@ def test_amqp_hosts_may_carry_their_own_ports(tmp_path):
 
 
 def test_check_refuses_a_host_the_worker_cannot_use(tmp_path):
-    """§7 "a bad configuration is refused at start", issue 14: ``rbit CONFIG --check`` says
+    """A bad configuration is refused at start: ``rbit CONFIG --check`` says
     "configuration OK" only for hosts the worker can use; ``127.0.0.1:5673`` is one of them,
     ``127.0.0.1:x`` is not (exit 2, one line, no traceback)."""
     sections = base_sections(port=free_port())

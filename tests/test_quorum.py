@@ -1,4 +1,4 @@
-"""``[amqp] queue_type = quorum`` on one broker (issue 14 points 1 and 3): everything that works
+"""``[amqp] queue_type = quorum`` on one broker: everything that works
 with classic queues still works with quorum ones.
 
 The real ``python -m rbit`` runs on vhosts of the shared broker made for each test, some
@@ -129,7 +129,7 @@ def test_a_job_is_held_by_its_quorum_in_progress_copy_and_shown_by_rbit_status(q
 
 
 def test_a_blocked_job_waits_in_the_quorum_delay_queue_and_comes_back(qrig):
-    """§5.6, README "Clusters": a Blocked job's message waits blocked_delay seconds in the quorum
+    """Blocked jobs, README "Clusters": a Blocked job's message waits blocked_delay seconds in the quorum
     delay queue (TTL and at-least-once dead-lettering back to its build queue), then runs again."""
     rig = qrig
     queue = rig.queue()
@@ -148,7 +148,7 @@ def test_a_blocked_job_waits_in_the_quorum_delay_queue_and_comes_back(qrig):
 
 
 def test_a_bad_message_goes_to_the_quorum_rejected_queue_and_rbit_rejected_lists_it(quorum_rig):
-    """§7, ``rbit rejected``, with quorum queues: a body that is not a build request is moved,
+    """Bad input goes to the rejected queue, ``rbit rejected``, with quorum queues: a body that is not a build request is moved,
     unchanged, to the quorum rejected queue; ``rbit rejected`` lists it as often as asked (each
     listing hands it back), and ``--requeue-all`` puts it back on its build queue."""
     rig = quorum_rig
@@ -173,7 +173,7 @@ def test_a_bad_message_goes_to_the_quorum_rejected_queue_and_rbit_rejected_lists
 
 
 def test_a_worker_killed_mid_job_gets_its_job_back_from_the_quorum_in_progress_queue(qrig):
-    """§6 "no job is lost", with quorum queues: a worker SIGKILLed mid-job leaves the copy in its
+    """No job is lost, with quorum queues: a worker SIGKILLed mid-job leaves the copy in its
     quorum in-progress queue; started again, it puts the job back and runs it to an end."""
     rig = qrig
     queue, config, worker, job_pid, child = rig.start_slow_job()
@@ -189,7 +189,7 @@ def test_a_worker_killed_mid_job_gets_its_job_back_from_the_quorum_in_progress_q
 
 
 def test_quorum_build_queues_a_worker_holds_no_message_it_does_not_run(quorum_rig):
-    """§6 "a worker never holds more messages than it is running", with quorum build queues,
+    """A worker never holds more messages than it is running, with quorum build queues,
     which refuse a prefetch shared by all consumers: a worker (one slot) serving two queues,
     both with jobs waiting, runs one job while every other message stays ready on its queue
     (those that came beside it were handed back at once); a second, idle worker gets the next
@@ -276,7 +276,7 @@ def connected_broker(vhost):
 
 
 def test_a_refused_publish_is_tried_again_on_a_fresh_channel(vhost, unique, caplog):
-    """Issue 14, refused confirms: a publish the broker refuses (basic.nack, here a full queue
+    """Refused confirms: a publish the broker refuses (basic.nack, here a full queue
     that rejects publishes) is never taken as done: it is published again on a fresh channel
     until the broker takes it (here once the queue has room again)."""
     name = f"full-{unique}"
@@ -295,7 +295,7 @@ def test_a_refused_publish_is_tried_again_on_a_fresh_channel(vhost, unique, capl
 
 
 def test_a_publish_refused_every_time_fails_as_a_lost_connection(vhost, unique, monkeypatch):
-    """Issue 14, refused confirms: a publish the broker keeps refusing ends, after a bounded
+    """Refused confirms: a publish the broker keeps refusing ends, after a bounded
     number of tries, in ConnectionLost (the worker then connects again and does the step again),
     never in success; nothing was added to the queue."""
     monkeypatch.setattr(broker_module, "PUBLISH_RETRY_WAITS", (0.0, 0.1, 0.1))
@@ -341,7 +341,7 @@ class ReentrantBroker:
 
 
 def test_a_message_delivered_while_one_is_being_taken_waits_and_is_handed_back(tmp_path):
-    """§6 "a worker never holds more messages than it is running", with a prefetch per consumer:
+    """A worker never holds more messages than it is running, with a prefetch per consumer:
     a message that the broker delivers while the worker is still taking another (here, while it
     waits for the confirm of the in-progress copy) is taken only after that one, finds no free
     slot, and is handed back; it never shares the slot or the in-progress queue of the first."""
@@ -359,6 +359,7 @@ def test_a_message_delivered_while_one_is_being_taken_waits_and_is_handed_back(t
                         runners={queue: {"runner": "python!rbitext.hello:hello"}})
     broker = ReentrantBroker()
     worker = Worker(load(path, environ={}), broker)
+    worker.liveness.joined = True  # as after joining the other workers on the broker
     started, settled = [], []
 
     def start(slot, queue, message, delivery):  # instead of a job's process

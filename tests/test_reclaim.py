@@ -1,4 +1,4 @@
-"""Dead workers (contract §8, issue 13): a silent worker's jobs come back by themselves, and a
+"""Dead workers: a silent worker's jobs come back by themselves, and a
 cut-off worker never builds beside the worker that took its jobs over.
 
 The rules first, without a broker (rbit.lease, rbit.outcome, rbit.reclaim's announcements, the
