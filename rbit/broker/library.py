@@ -1,0 +1,163 @@
+"""The library side of the broker boundary: kombu connections and queues, amqp messages and errors.
+
+Everything here turns kombu's and amqp's objects into rbit's (:class:`~rbit.delivery.Delivery`,
+:class:`~rbit.queues.QueueSpec`, :class:`~rbit.errors.BrokerError`) or back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import ssl
+from urllib.parse import quote
+
+import amqp
+import kombu.exceptions
+from kombu import Connection, Exchange, Queue
+
+from ..delivery import Delivery, Outgoing
+from ..errors import BrokerError, ConnectionLost, QueueLocked, QueueMismatch, QueueMissing
+from ..queues import PYBIT_EXCHANGE, QueueSpec
+
+#: PyBit's exchange, declared exactly as PyBit declares it.
+_EXCHANGE = Exchange(PYBIT_EXCHANGE, type="direct", durable=True, auto_delete=False)
+
+#: The library's errors that a new connection cures (a refused publisher confirm among them).
+_LIBRARY_ERRORS = (amqp.exceptions.AMQPError, amqp.exceptions.MessageNacked,
+                   kombu.exceptions.KombuError, OSError)
+
+
+@contextlib.contextmanager
+def _as_rbit_errors():
+    """Let the library's errors leave as rbit's own."""
+    try:
+        yield
+    except BrokerError:
+        raise
+    except amqp.exceptions.NotFound as exc:
+        raise QueueMissing(getattr(exc, "reply_text", None) or str(exc)) from exc
+    except amqp.exceptions.ResourceLocked as exc:
+        raise QueueLocked(getattr(exc, "reply_text", None) or str(exc)) from exc
+    except amqp.exceptions.PreconditionFailed as exc:
+        raise QueueMismatch(f"the broker refused a queue declaration: {exc.reply_text}") from exc
+    except _LIBRARY_ERRORS as exc:
+        raise ConnectionLost(_short(exc)) from exc
+
+
+def _translated(method):
+    """A Broker method whose library errors leave as rbit's own."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with _as_rbit_errors():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def connection_for(settings) -> Connection:
+    """A kombu Connection (not yet connected) to every host of ``[amqp]``, for failover."""
+    credentials = f"{quote(settings.user, safe='')}:{quote(settings.password, safe='')}@"
+    vhost = quote(settings.virtual_host, safe="")
+    # str(address) is HOST:PORT, an IPv6 address in brackets: each node with its own port.
+    urls = [f"amqp://{credentials}{address}/{vhost}" for address in settings.addresses]
+    ssl_options = False
+    if settings.ssl:
+        ssl_options = {"cert_reqs": ssl.CERT_REQUIRED if settings.verify else ssl.CERT_NONE}
+        if settings.ca_file:
+            ssl_options["ca_certs"] = settings.ca_file
+        if settings.cert_file:
+            ssl_options["certfile"] = settings.cert_file
+        if settings.key_file:
+            ssl_options["keyfile"] = settings.key_file
+        if settings.verify and len(settings.addresses) == 1:
+            # The name is checked against the certificate. kombu keeps one set
+            # of TLS options for all failover hosts, so with several hosts only
+            # the certificate chain is verified (the README says so).
+            ssl_options["server_hostname"] = settings.addresses[0].host
+    return Connection(
+        urls,
+        heartbeat=settings.heartbeat or None,
+        ssl=ssl_options,
+        connect_timeout=5,
+        failover_strategy="round-robin",
+        transport_options={"confirm_publish": True},
+    )
+
+
+def _kombu_queue(spec: QueueSpec) -> Queue:
+    return Queue(
+        spec.name,
+        _EXCHANGE if spec.routing_key is not None else None,
+        routing_key=spec.routing_key,
+        durable=spec.durable,
+        exclusive=spec.exclusive,
+        auto_delete=spec.auto_delete,
+        queue_arguments=dict(spec.arguments) or None,
+    )
+
+
+def _delivery(message, settle) -> Delivery:
+    if settle is not None:
+        settle = _settled_as_rbit(settle)
+    properties = dict(message.properties)
+    headers = dict(properties.pop("application_headers", None) or {})
+    return Delivery(message.body, headers, properties,
+                    bool(message.delivery_info.get("redelivered")), settle)
+
+
+def _settled_as_rbit(settle):
+    """*settle* (an ack or a requeue) with the library's errors translated, like every Broker call."""
+
+    def settled(ack):
+        with _as_rbit_errors():
+            settle(ack)
+
+    return settled
+
+
+def _amqp_message(outgoing: Outgoing) -> amqp.Message:
+    properties = {**outgoing.properties, "delivery_mode": 2}
+    return amqp.Message(outgoing.body, application_headers=dict(outgoing.headers), **properties)
+
+
+def _where(connection):
+    """Host and port of *connection* (an IPv6 address in brackets), never its credentials."""
+    host = connection.hostname
+    return f"[{host}]:{connection.port}" if ":" in host else f"{host}:{connection.port}"
+
+
+def _settle(message, ack: bool) -> None:
+    """Acknowledge *message*, or hand it back to its queue with ``basic.nack`` (requeue).
+
+    A nack, not a reject: RabbitMQ 4.3 and later count a rejected message's
+    delivery against a quorum queue's delivery limit (20 by default), and
+    drop it at the limit; a nacked one is not counted, as the message did not
+    fail, the worker just did not take it.
+    """
+    if ack:
+        message.channel.basic_ack(message.delivery_tag)
+    else:
+        message.channel.send_method(amqp.spec.Basic.Nack, "Lbb", (message.delivery_tag, False, True))
+
+
+def _refuses_global_qos(exc) -> bool:
+    """True if *exc* is the broker refusing a shared (global) prefetch.
+
+    RabbitMQ 3.x refuses to consume a quorum queue on a channel with one
+    (540 NOT_IMPLEMENTED "... does not support global qos"); 4.3 refuses
+    ``basic.qos`` itself (the deprecated feature ``global_qos``).
+    """
+    text = (getattr(exc, "reply_text", None) or str(exc)).lower()
+    return "global qos" in text or "global_qos" in text
+
+
+def _close_quietly(channel):
+    try:
+        channel.close()
+    except Exception:  # the broker may have closed it already (after NotFound, say)
+        pass
+
+
+def _short(exc):
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
