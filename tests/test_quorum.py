@@ -45,19 +45,17 @@ def make_vhost(default_queue_type=None):
 def qrig(request, tmp_path, unique, pybit_web):
     """A Rig with ``queue_type = quorum`` on a vhost of its own: one whose default queue type is
     quorum (PyBit's build queues become quorum queues), and one whose default is classic."""
-    vhost = make_vhost("quorum" if request.param == "quorum-vhost" else None)
-    made = Rig(tmp_path, unique, vhost, pybit_web, amqp={"queue_type": "quorum"})
-    try:
-        yield made
-    finally:
-        made.cleanup()
-        rabbitmqctl("delete_vhost", vhost.name, check=False)
+    yield from _rig_on_own_vhost(tmp_path, unique, pybit_web, "quorum" if request.param == "quorum-vhost" else None)
 
 
 @pytest.fixture
 def quorum_rig(tmp_path, unique, pybit_web):
     """A Rig with ``queue_type = quorum`` on a vhost whose default queue type is quorum."""
-    vhost = make_vhost("quorum")
+    yield from _rig_on_own_vhost(tmp_path, unique, pybit_web, "quorum")
+
+
+def _rig_on_own_vhost(tmp_path, unique, pybit_web, default_queue_type):
+    vhost = make_vhost(default_queue_type)
     made = Rig(tmp_path, unique, vhost, pybit_web, amqp={"queue_type": "quorum"})
     try:
         yield made
