@@ -2,22 +2,26 @@
 
 Usage::
 
-    python bench/bench.py [--quick] [--json]
+    python bench/bench.py [--quick] [--json] [--both-paths] [--no-celery]
 
-What it does, in order, with one real worker (``python -m rbit CONFIG -q
---poll-time 60``, concurrency 1) in its own throw-away vhost:
+First the Celery columns (bench/celery_bench.py, if Celery 5 is installed:
+``pip install -r bench/requirements.txt``), then one real rbit worker started
+as the systemd unit starts it (the ``rbit`` console script beside this Python,
+``rbit CONFIG``; ``--both-paths`` also ``python -m rbit CONFIG``), concurrency
+1, in its own throw-away vhost:
 
 1. warm-up: one job, so that first-job costs (imports, the fork server's first
    fork) are not counted as idle or latency;
-2. idle: resident memory (VmRSS) of the worker and, separately, of its fork
-   server (the worker's child running ``multiprocessing.forkserver``), then
-   CPU time (utime+stime from ``/proc/PID/stat``) over 30 s of idleness;
+2. idle: PSS (``/proc/PID/smaps_rollup``) of the worker and of every process
+   below it (fork server, resource tracker), added up, then CPU time
+   (utime+stime from ``/proc/PID/stat``) over 10 s of idleness;
 3. pickup latency: one request at a time, the publisher's ``time.time()`` just
    before ``basic_publish`` against the runner's ``time.time()`` at its start
    (bench/runners.py sends it back by UDP); the next request is published only
    once the job has ended and the worker consumes again (idle worker);
-4. baselines: a bare kombu consume-and-ack loop (prefetch 1) over N pre-loaded
-   requests of the same kind, and ``subprocess.run(['/bin/true'])`` N times;
+4. baselines (the floor): a bare kombu consume-and-ack loop (prefetch 1) over
+   N pre-loaded requests of the same kind, and ``subprocess.run(['/bin/true'])``
+   N times;
 5. throughput of a no-op python runner: N requests pre-loaded, rate from the
    first job's start to the last job's end (both stamped by the runner);
 6. throughput of ``shell!/bin/true``: N requests pre-loaded between two
@@ -25,13 +29,15 @@ What it does, in order, with one real worker (``python -m rbit CONFIG -q
    queue, where the benchmark sees it arrive: the rate is N over the time
    between the two markers (the job processes cannot stamp themselves);
 7. memory soak: up to 20,000 no-op jobs, as many as the time left allows
-   (the count actually run is printed), then the resident memory again.
+   (the count actually run is printed), then the PSS again;
+8. broker round trips: the worker restarted with bench/amqp_trace on its
+   PYTHONPATH, 20 jobs one at a time, the AMQP methods it sent per job.
 
 Pre-loading uses the worker's own behaviour: a "gate" job holds its only slot,
 so it has cancelled its consumers; the benchmark fills a queue, then lets the
 gate job end.
 
-Every figure is printed next to its target with PASS or MISS.
+Every figure is printed next to Celery's, the floor and its target, with PASS or MISS\nfor rbit, and a table of ratios.
 """
 
 import argparse
