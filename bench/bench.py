@@ -2,22 +2,26 @@
 
 Usage::
 
-    python bench/bench.py [--quick] [--json]
+    python bench/bench.py [--quick] [--json] [--both-paths] [--no-celery]
 
-What it does, in order, with one real worker (``python -m rbit CONFIG -q
---poll-time 60``, concurrency 1) in its own throw-away vhost:
+First the Celery columns (bench/celery_bench.py, if Celery 5 is installed:
+``pip install -r bench/requirements.txt``), then one real rbit worker started
+as the systemd unit starts it (the ``rbit`` console script beside this Python,
+``rbit CONFIG``; ``--both-paths`` also ``python -m rbit CONFIG``), concurrency
+1, in its own throw-away vhost:
 
 1. warm-up: one job, so that first-job costs (imports, the fork server's first
    fork) are not counted as idle or latency;
-2. idle: resident memory (VmRSS) of the worker and, separately, of its fork
-   server (the worker's child running ``multiprocessing.forkserver``), then
-   CPU time (utime+stime from ``/proc/PID/stat``) over 30 s of idleness;
+2. idle: PSS (``/proc/PID/smaps_rollup``) of the worker and of every process
+   below it (fork server, resource tracker), added up, then CPU time
+   (utime+stime from ``/proc/PID/stat``) over 10 s of idleness;
 3. pickup latency: one request at a time, the publisher's ``time.time()`` just
    before ``basic_publish`` against the runner's ``time.time()`` at its start
    (bench/runners.py sends it back by UDP); the next request is published only
    once the job has ended and the worker consumes again (idle worker);
-4. baselines: a bare kombu consume-and-ack loop (prefetch 1) over N pre-loaded
-   requests of the same kind, and ``subprocess.run(['/bin/true'])`` N times;
+4. baselines (the floor): a bare kombu consume-and-ack loop (prefetch 1) over
+   N pre-loaded requests of the same kind, and ``subprocess.run(['/bin/true'])``
+   N times;
 5. throughput of a no-op python runner: N requests pre-loaded, rate from the
    first job's start to the last job's end (both stamped by the runner);
 6. throughput of ``shell!/bin/true``: N requests pre-loaded between two
@@ -25,13 +29,15 @@ What it does, in order, with one real worker (``python -m rbit CONFIG -q
    queue, where the benchmark sees it arrive: the rate is N over the time
    between the two markers (the job processes cannot stamp themselves);
 7. memory soak: up to 20,000 no-op jobs, as many as the time left allows
-   (the count actually run is printed), then the resident memory again.
+   (the count actually run is printed), then the PSS again;
+8. broker round trips: the worker restarted with bench/amqp_trace on its
+   PYTHONPATH, 20 jobs one at a time, the AMQP methods it sent per job.
 
 Pre-loading uses the worker's own behaviour: a "gate" job holds its only slot,
 so it has cancelled its consumers; the benchmark fills a queue, then lets the
 gate job end.
 
-Every figure is printed next to its target with PASS or MISS.
+Every figure is printed next to Celery's, the floor and its target, with PASS or MISS\nfor rbit, and a table of ratios.
 """
 
 import argparse
@@ -71,23 +77,27 @@ RESERVE = 20.0
 #: Job id written into the template request, replaced by each message's own.
 TEMPLATE_ID = 987654321
 
-#: Targets, by result key: (label, unit, test of the value or None, target as printed).
-TARGETS = {
-    "latency_p50_ms": ("pickup latency p50", "ms", None, "(info)"),
-    "latency_p99_ms": ("pickup latency p99", "ms", lambda v: v < 20, "< 20 ms"),
-    "noop_ratio": ("no-op python / bare kombu", "", lambda v: v >= 0.5, ">= 0.5"),
-    "shell_ratio": ("shell!/bin/true / bare subprocess", "", lambda v: v >= 0.8, ">= 0.8"),
-    "rss_idle_mb": ("worker RSS idle", "MB", lambda v: v < 60, "< 60 MB"),
-    "rss_growth_mb": ("worker RSS growth", "MB", lambda v: v < 5, "< 5 MB"),
-    "cpu_idle_pct": ("worker idle CPU", "%", lambda v: v < 1, "< 1 %"),
+#: The table's rows, by result key: (label, unit, whether higher is better, floor key, test, target as printed).
+#: The targets are issue 12's; the verdict is on the rbit columns.
+FIGURES = {
+    "latency_p50_ms": ("pickup p50", "ms", False, None, lambda v: v <= 5, "<= 5 ms"),
+    "latency_p99_ms": ("pickup p99", "ms", False, None, lambda v: v <= 20, "<= 20 ms"),
+    "noop_rate": ("no-op jobs/s", "/s", True, "bare_kombu_rate", lambda v: v >= 150, ">= 150 /s"),
+    "shell_rate": ("/bin/true jobs/s", "/s", True, "bare_subprocess_rate", None, "(see next)"),
+    "shell_ratio": ("/bin/true / floor", "", True, None, lambda v: v >= 0.3, ">= 0.3"),
+    "mem_idle_mb": ("idle PSS, all kept", "MB", False, None, lambda v: v <= 78, "<= 78 MB"),
+    "mem_growth_mb": ("PSS growth", "MB", False, None, lambda v: v < 2, "< 2 MB"),
+    "cpu_idle_pct": ("idle CPU", "%", False, None, lambda v: v < 1, "< 1 %"),
 }
 
 #: Phase sizes: full run and --quick.
 SIZES = {
-    "full": dict(idle_s=30.0, latency_n=200, batch_n=500, batch_box=60.0, soak_n=20000, soak_box=120.0,
-                 budget=TOTAL_BUDGET),
-    "quick": dict(idle_s=5.0, latency_n=30, batch_n=100, batch_box=20.0, soak_n=1000, soak_box=15.0,
-                  budget=TOTAL_BUDGET),
+    "full": dict(idle_s=10.0, latency_n=200, batch_n=500, batch_box=40.0, soak_n=20000, soak_box=120.0,
+                 budget=TOTAL_BUDGET, celery_latency_n=100, celery_batch_n=300, celery_soak_box=10.0,
+                 celery_pause=0.05, celery_box=20.0, module_soak_box=20.0),
+    "quick": dict(idle_s=3.0, latency_n=30, batch_n=100, batch_box=20.0, soak_n=1000, soak_box=10.0,
+                  budget=TOTAL_BUDGET, celery_latency_n=20, celery_batch_n=50, celery_soak_box=3.0,
+                  celery_pause=0.05, celery_box=8.0, module_soak_box=5.0),
 }
 
 
@@ -128,6 +138,40 @@ def children(pid):
         except (OSError, ValueError, IndexError):
             continue
     return found
+
+
+def pss_mb(pid):
+    """Proportional set size of *pid* in MB, from /proc/PID/smaps_rollup (VmRSS if unreadable), or None."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return rss_mb(pid)
+
+
+def descendants(pid):
+    """{pid: command line} of every process below *pid* (children, their children, ...)."""
+    found, todo = {}, [pid]
+    while todo:
+        for child, cmdline in children(todo.pop()).items():
+            if child not in found:
+                found[child] = cmdline
+                todo.append(child)
+    return found
+
+
+def tree_memory(pid):
+    """(PSS in MB of *pid* and every process it keeps, added up; {pid: (short name, MB)})."""
+    parts = {pid: ("main", pss_mb(pid))}
+    for child, cmdline in descendants(pid).items():
+        name = ("fork server" if "multiprocessing.forkserver" in cmdline
+                else "resource tracker" if "resource_tracker" in cmdline
+                else cmdline.split(" ")[0].rsplit("/", 1)[-1][:20])
+        parts[child] = (name, pss_mb(child))
+    return sum(mb for _, mb in parts.values() if mb is not None), parts
 
 
 def helper_pids(worker_pid):
@@ -272,13 +316,32 @@ class Stamps:
 # -- The worker ----------------------------------------------------------------
 
 
-class WorkerUnderTest:
-    """``python -m rbit CONFIG -q --poll-time 60`` (or *command*) as a real subprocess."""
+#: How the worker is started: the label printed, and whether it is the console script.
+PATHS = {"script": "rbit CONFIG", "module": "python -m rbit"}
 
-    def __init__(self, config_path, log_path, command=None, env=None):
+
+def rbit_command(path, config_path):
+    """The worker's command line: ``rbit CONFIG`` as the systemd unit runs it, or ``python -m rbit CONFIG``.
+
+    The console script is the one installed beside the Python running the
+    benchmark (``pip install -e .`` puts it there), as in the unit's
+    ``ExecStart=/opt/rbit/bin/rbit /etc/rbit/rbit.ini``.
+    """
+    if path == "module":
+        return [sys.executable, "-m", "rbit", str(config_path)]
+    script = Path(sys.executable).parent / "rbit"
+    if not script.exists():
+        raise SystemExit(f"no rbit console script beside {sys.executable}: pip install -e . first")
+    return [str(script), str(config_path)]
+
+
+class WorkerUnderTest:
+    """``rbit CONFIG`` (or ``python -m rbit CONFIG`` with path="module", or *command*) as a real subprocess."""
+
+    def __init__(self, config_path, log_path, command=None, env=None, path="script"):
         self.config_path = config_path
         self.log_path = log_path
-        self.command = command or [sys.executable, "-m", "rbit", str(config_path), "-q", "--poll-time", "60"]
+        self.command = command or rbit_command(path, config_path)
         self.env = env or {}
         self.process = None
 
@@ -326,9 +389,12 @@ class Bench:
         "gate": ("bench.any.gate.x", "python!runners:gate"),
     }
 
-    def __init__(self, sizes, log=print):
+    def __init__(self, sizes, log=print, path="script", stamps=None, baselines=None, trace=False):
         self.sizes = sizes
         self.log = log
+        self.path = path
+        self.trace = trace  # count the broker round trips per job at the end (a second, traced worker)
+        self.baselines = baselines  # bare kombu and subprocess rates measured by an earlier run, if any
         self.started = time.monotonic()
         self.suffix = uuid.uuid4().hex[:8]
         self.vhost = f"rbit-bench-{self.suffix}"
@@ -337,7 +403,7 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="rbit-bench-"))
         self.release_dir = self.tmp / "release"
         self.release_dir.mkdir()
-        self.stamps = Stamps()
+        self.stamps = stamps or Stamps()
         self.results = {}
         self.notes = []
         self.broker = None
@@ -384,6 +450,7 @@ class Bench:
             runners=runners, rbit={"concurrency": "1", "rejected_queue": self.rejected},
         )
         config.chmod(0o600)  # else the worker warns that every user can read the password
+        self.config = config
         self.worker = self.make_worker(config)
         self.worker.start()
         if wait:
@@ -391,7 +458,7 @@ class Bench:
 
     def make_worker(self, config):
         """The worker under test (a subclass may run it differently)."""
-        return WorkerUnderTest(config, self.tmp / "worker.log")
+        return WorkerUnderTest(config, self.tmp / "worker.log", path=self.path)
 
     def cleanup(self, keep_files=False):
         """Stop the worker, close the connections, delete the vhost (and the temporary files)."""
@@ -480,20 +547,27 @@ class Bench:
         self.forkserver, self.tracker = forkserver, tracker
 
     def memory(self):
-        """RSS (MB) of the worker, its fork server and its resource tracker."""
+        """PSS (MB) of the worker, its fork server, its resource tracker, and all it keeps added up."""
+        total, parts = tree_memory(self.worker.pid)
         return {
-            "worker": rss_mb(self.worker.pid),
-            "forkserver": rss_mb(self.forkserver),
-            "tracker": rss_mb(self.tracker) if self.tracker else None,
+            "total": total,
+            "parts": parts,
+            "worker": pss_mb(self.worker.pid),
+            "forkserver": pss_mb(self.forkserver),
+            "tracker": pss_mb(self.tracker) if self.tracker else None,
+            "worker_rss": rss_mb(self.worker.pid),
         }
 
     def phase_idle(self):
         seconds = self.sizes["idle_s"]
         memory = self.memory()
         self.results.update({
-            "rss_idle_mb": memory["worker"],
-            "forkserver_rss_idle_mb": memory["forkserver"],
-            "tracker_rss_idle_mb": memory["tracker"],
+            "mem_idle_mb": memory["total"],
+            "mem_idle_parts": {str(pid): [name, mb] for pid, (name, mb) in memory["parts"].items()},
+            "pss_idle_mb": memory["worker"],
+            "rss_idle_mb": memory["worker_rss"],
+            "forkserver_pss_idle_mb": memory["forkserver"],
+            "tracker_pss_idle_mb": memory["tracker"],
         })
         pids = {"worker": self.worker.pid, "forkserver": self.forkserver}
         before = {who: cpu_ticks(pid) for who, pid in pids.items()}
@@ -516,6 +590,9 @@ class Bench:
 
     def phase_bare_kombu(self):
         """A bare consume-and-ack loop, prefetch 1, over pre-loaded requests of the same kind."""
+        if self.baselines:
+            self.results["bare_kombu_rate"] = self.baselines["bare_kombu_rate"]
+            return
         count = self.sizes["batch_n"]
         queue = self.queue("bare")
         self.broker.declare_build_queue(queue, "bench.any.bare.x")
@@ -539,6 +616,9 @@ class Bench:
         self.results["bare_kombu_rate"] = count / window
 
     def phase_bare_subprocess(self):
+        if self.baselines:
+            self.results["bare_subprocess_rate"] = self.baselines["bare_subprocess_rate"]
+            return
         count = self.sizes["batch_n"]
         t0 = time.perf_counter()
         for _ in range(count):
@@ -585,7 +665,7 @@ class Bench:
     def phase_soak(self):
         """As many no-op jobs as fit (up to soak_n), then the resident memory again."""
         before = self.memory()
-        left = self.sizes["budget"] - RESERVE - self.elapsed() - 10
+        left = self.sizes["budget"] - RESERVE - self.elapsed() - (25 if self.trace else 10)
         box = max(5.0, min(self.sizes["soak_box"], left))
         rate = self.results.get("noop_rate_markers") or self.results["noop_rate"]
         count = max(1, min(self.sizes["soak_n"], int(rate * box * 1.05)))
@@ -600,12 +680,13 @@ class Bench:
             "soak_run": result["run"],
             "soak_s": took,
             "soak_rate": result["run"] / (result["t_end"] - result["t_begin"]),
-            "rss_before_soak_mb": before["worker"],
-            "rss_after_soak_mb": after["worker"],
-            "rss_growth_mb": after["worker"] - self.results["rss_idle_mb"],
-            "rss_growth_soak_only_mb": after["worker"] - before["worker"],
-            "forkserver_rss_after_mb": after["forkserver"],
-            "forkserver_growth_mb": after["forkserver"] - self.results["forkserver_rss_idle_mb"],
+            "mem_before_soak_mb": before["total"],
+            "mem_after_soak_mb": after["total"],
+            "mem_growth_mb": after["total"] - self.results["mem_idle_mb"],
+            "mem_growth_soak_only_mb": after["total"] - before["total"],
+            "pss_after_soak_mb": after["worker"],
+            "forkserver_pss_after_mb": after["forkserver"],
+            "forkserver_growth_mb": after["forkserver"] - self.results["forkserver_pss_idle_mb"],
         })
         if result["run"] < self.sizes["soak_n"]:
             self.notes.append(
@@ -613,6 +694,45 @@ class Bench:
                 f"{self.results['soak_rate']:.1f} jobs/s only that many fit its time box of {box:.0f} s "
                 f"(at most what the {self.sizes['budget']:.0f} s budget leaves); the growth is over those jobs"
             )
+
+    def phase_round_trips(self, jobs=20):
+        """Broker methods the worker sends per job, from a second worker traced by bench/amqp_trace.
+
+        The traced worker is the same command and configuration with
+        bench/amqp_trace first on PYTHONPATH: its sitecustomize wraps py-amqp's
+        ``send_method`` and ``wait`` (rbit is not changed). *jobs* latency jobs
+        run one at a time after two warm-up jobs; the methods the worker sent
+        from the first publish until the worker is idle again, divided by
+        *jobs*, are the cost of a job. A "wait" is a blocking round trip.
+        """
+        trace = self.tmp / "amqp-trace.txt"
+        self.worker.stop()
+        env = {"PYTHONPATH": os.pathsep.join([str(BENCH / "amqp_trace"), str(ROOT), str(BENCH)]),
+               "RBIT_BENCH_AMQP_TRACE": str(trace)}
+        self.worker = WorkerUnderTest(self.config, self.tmp / "worker-traced.log", path=self.path, env=env)
+        self.worker.start()
+        self.wait_consuming(timeout=30)
+        for _ in range(2):
+            self.run_one()
+        time.sleep(0.3)
+        t0 = time.time()
+        for _ in range(jobs):
+            self.run_one()
+        time.sleep(0.5)  # anything the worker sends once it consumes again belongs to the last job
+        t1 = time.time()
+        sent, waits = {}, {}
+        for line in trace.read_text().splitlines():
+            pid, stamp, kind, name = line.split(" ", 3)
+            if int(pid) != self.worker.pid or not t0 <= float(stamp) <= t1:
+                continue
+            (sent if kind == "send" else waits)[name] = (sent if kind == "send" else waits).get(name, 0) + 1
+        self.results.update({
+            "round_trip_jobs": jobs,
+            "methods_per_job": sum(sent.values()) / jobs,
+            "round_trips_per_job": sum(waits.values()) / jobs,
+            "methods_sent": {name: count / jobs for name, count in sorted(sent.items())},
+            "round_trip_waits": {name: count / jobs for name, count in sorted(waits.items())},
+        })
 
     def run(self):
         phases = [
@@ -625,6 +745,8 @@ class Bench:
             ("shell!/bin/true throughput", self.phase_shell),
             ("memory soak", self.phase_soak),
         ]
+        if self.trace:
+            phases.append(("broker round trips per job", self.phase_round_trips))
         self.results["loadavg_start"] = os.getloadavg()[0]
         self.setup()
         for title, phase in phases:
@@ -635,7 +757,7 @@ class Bench:
             self.log(f"[{self.elapsed():6.1f} s] {title}: done in {time.monotonic() - t0:.1f} s")
         self.results["run_s"] = self.elapsed()
         self.results["loadavg_end"] = os.getloadavg()[0]
-        problems = log_problems(self.worker.log_path)
+        problems = [line for path in sorted(self.tmp.glob("worker*.log")) for line in log_problems(path)]
         self.results["worker_log_problems"] = len(problems)
         self.notes += [f"worker log: {line}" for line in problems[:5]]
 
@@ -668,94 +790,197 @@ def log_problems(path):
     ]
 
 
-def verdict_rows(results):
+def fmt(value, unit):
+    if value is None:
+        return "-"
+    if unit == "":
+        return f"{value:.2f}"
+    if unit == "/s":
+        return f"{value:.1f} /s"
+    return f"{value:.2f} {unit}"
+
+
+def print_table(columns, floors, notes, round_trips=None):
+    """The figures of every column, the floor, the target and the verdict; then each figure's ratios."""
+    names = list(columns)
+    rbit_names = [name for name in names if name.startswith("rbit")]
+    header = ["figure", *names, "floor", "target", "result"]
     rows = []
-    for key, (label, unit, test, target) in TARGETS.items():
-        value = results.get(key)
-        if value is None:
-            rows.append((label, "n/a", target, "MISS"))
-            continue
-        shown = f"{value:.2f} {unit}".strip() if unit else f"{value:.3f}"
-        verdict = "" if test is None else ("PASS" if test(value) else "MISS")
-        rows.append((label, shown, target, verdict))
-    return rows
-
-
-def info_rows(r):
-    """The measured figures behind the verdicts."""
-    rows = [
-        ("latency samples / min / mean / max",
-         f"{r['latency_n']} / {r['latency_min_ms']:.2f} / {r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms"),
-        ("bare kombu consume+ack (prefetch 1)", f"{r['bare_kombu_rate']:.1f} msg/s"),
-        ("no-op python runner", f"{r['noop_rate']:.1f} jobs/s over {r['noop_n']} jobs ({r['noop_cycle_ms']:.1f} ms/job; "
-                                f"{r['noop_rate_markers']:.1f} jobs/s marker to marker)"),
-        ("  of which inside the runner (median)", f"{r['noop_runner_ms']:.3f} ms"),
-        ("bare subprocess.run(['/bin/true'])", f"{r['bare_subprocess_rate']:.1f} runs/s"),
-        ("shell!/bin/true", f"{r['shell_rate']:.1f} jobs/s over {r['shell_n']} jobs "
-                            f"({r['shell_cycle_ms']:.1f} ms/job, marker to marker)"),
-        ("fork server RSS idle / after soak", f"{r['forkserver_rss_idle_mb']:.2f} / {r['forkserver_rss_after_mb']:.2f} MB "
-                                              f"(growth {r['forkserver_growth_mb']:+.2f} MB)"),
-    ]
-    if r.get("tracker_rss_idle_mb") is not None:
-        rows.append(("resource tracker RSS idle", f"{r['tracker_rss_idle_mb']:.2f} MB"))
-    rows += [
-        ("worker RSS before / after soak", f"{r['rss_before_soak_mb']:.2f} / {r['rss_after_soak_mb']:.2f} MB "
-                                           f"(soak alone {r['rss_growth_soak_only_mb']:+.2f} MB)"),
-        ("memory soak jobs run", f"{r['soak_run']} of {r['soak_target']} target "
-                                 f"({r['soak_published']} queued, {r['soak_s']:.1f} s, {r['soak_rate']:.1f} jobs/s)"),
-        ("fork server idle CPU", f"{r['forkserver_cpu_idle_pct']:.3f} % over {r['cpu_idle_window_s']:.1f} s"),
-        ("worker log warnings/errors (markers excluded)", f"{r['worker_log_problems']}"),
-        ("machine load (1-min average) at start / end",
-         f"{r['loadavg_start']:.2f} / {r['loadavg_end']:.2f} on {os.cpu_count()} CPUs"),
-        ("benchmark run time", f"{r['run_s']:.1f} s"),
-    ]
-    return rows
-
-
-def print_table(results, notes):
-    rows = verdict_rows(results)
-    widths = [max(len(row[i]) for row in rows + [("figure", "value", "target", "")]) for i in range(3)]
-    line = f"{{:<{widths[0]}}}  {{:>{widths[1]}}}  {{:<{widths[2]}}}  {{}}"
+    for key, (label, unit, _, floor_key, test, target) in FIGURES.items():
+        cells = [fmt(columns[name].get(key), unit) for name in names]
+        floor = fmt(floors.get(floor_key), unit) if floor_key else "-"
+        verdicts = []
+        for name in rbit_names:
+            value = columns[name].get(key)
+            verdicts.append("" if test is None else "MISS" if value is None else "PASS" if test(value) else "MISS")
+        rows.append([label, *cells, floor, target, "/".join(v for v in verdicts if v)])
     print()
-    print(line.format("figure", "value", "target", "result"))
-    print(line.format(*("-" * w for w in widths), "------"))
-    for row in rows:
-        print(line.format(*row))
+    print_rows(header, rows)
     print()
-    extra = info_rows(results)
-    width = max(len(label) for label, _ in extra)
-    for label, value in extra:
-        print(f"{label:<{width}}  {value}")
+    ratio_header = ["ratio (rbit / other)"]
+    ratio_rows = []
+    others = [name for name in names if not name.startswith("rbit")] + ["floor"]
+    for rbit in rbit_names:
+        for key, (label, unit, higher, floor_key, _, _) in FIGURES.items():
+            if unit == "":
+                continue
+            row = [f"{label} [{rbit}]"]
+            for other in others:
+                theirs = floors.get(floor_key) if other == "floor" else columns[other].get(key)
+                ours = columns[rbit].get(key)
+                row.append(f"{ours / theirs:.2f}x" if ours is not None and theirs else "-")
+            ratio_rows.append(row)
+    print_rows(ratio_header + others, ratio_rows)
+    print("  (for jobs/s above 1 is better than the other; for ms and MB below 1 is)")
+    if round_trips:
+        print()
+        print(round_trips)
     for note in notes:
         print(f"note: {note}")
 
 
+def print_rows(header, rows):
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    print("  ".join(f"{cell:<{w}}" if i == 0 else f"{cell:>{w}}" for i, (cell, w) in enumerate(zip(header, widths))))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(f"{cell:<{w}}" if i == 0 else f"{cell:>{w}}" for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+def detail_lines(name, r):
+    """The measured figures behind one rbit column."""
+    parts = ", ".join(f"{label} {mb:.1f}" for label, mb in r["mem_idle_parts"].values() if mb is not None)
+    lines = [
+        f"pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
+        f"{r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms",
+        f"no-op python!: {r['noop_n']} jobs, {r['noop_cycle_ms']:.1f} ms/job ({r['noop_rate_markers']:.1f} jobs/s "
+        f"marker to marker; {r['noop_ratio']:.2f} of bare kombu); inside the runner {r['noop_runner_ms']:.3f} ms",
+        f"shell!/bin/true: {r['shell_n']} jobs, {r['shell_cycle_ms']:.1f} ms/job (marker to marker)",
+        f"idle memory (PSS MB): {parts}; worker VmRSS {r['rss_idle_mb']:.1f}",
+        f"memory soak: {r['soak_run']} of {r['soak_target']} jobs ({r['soak_s']:.1f} s, {r['soak_rate']:.1f} jobs/s); "
+        f"PSS {r['mem_before_soak_mb']:.1f} -> {r['mem_after_soak_mb']:.1f} MB "
+        f"(soak alone {r['mem_growth_soak_only_mb']:+.2f}, fork server {r['forkserver_growth_mb']:+.2f})",
+        f"idle CPU: worker {r['cpu_idle_pct']:.3f} %, fork server {r['forkserver_cpu_idle_pct']:.3f} % "
+        f"over {r['cpu_idle_window_s']:.0f} s; worker log warnings/errors (markers excluded): {r['worker_log_problems']}",
+    ]
+    return [f"[{name}] {line}" for line in lines]
+
+
+def celery_detail_lines(name, r):
+    parts = ", ".join(f"{label} {mb:.1f}" for label, mb in r["mem_idle_parts"].values() if mb is not None)
+    return [
+        f"[{name}] pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
+        f"{r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms; no-op {r['noop_n']} tasks, "
+        f"/bin/true {r['shell_n']} tasks (stamped in the task around subprocess.run)",
+        f"[{name}] idle memory (PSS MB): {parts}; soak {r['soak_run']} tasks, "
+        f"PSS {r['mem_idle_mb']:.1f} -> {r['mem_after_soak_mb']:.1f} MB",
+    ]
+
+
+def round_trip_line(r):
+    methods = ", ".join(f"{name} x{count:g}" for name, count in r["methods_sent"].items())
+    waits = ", ".join(f"{name} x{count:g}" for name, count in r["round_trip_waits"].items()) or "none"
+    return (f"broker round trips per job: {r['round_trips_per_job']:g} (blocking waits: {waits})\n"
+            f"AMQP methods the worker sends per job: {r['methods_per_job']:g} ({methods}); "
+            f"over {r['round_trip_jobs']} jobs one at a time, counted by bench/amqp_trace")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a fast check (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a fast check (about a minute and a half)")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    parser.add_argument("--both-paths", action="store_true",
+                        help="also measure the worker started as `python -m rbit CONFIG` (a column of its own)")
+    parser.add_argument("--path", choices=sorted(PATHS), default="script",
+                        help="how to start the measured worker: script (`rbit CONFIG`, as the systemd unit; "
+                             "default) or module (`python -m rbit CONFIG`)")
+    parser.add_argument("--no-celery", action="store_true", help="leave out the Celery columns")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help=f"time budget of the whole run (default {TOTAL_BUDGET:.0f})")
     parser.add_argument("--soak-box", type=float, metavar="SECONDS",
-                        help="time box of the memory soak (default 120, or 15 with --quick); "
-                             "with --budget, e.g. --budget 1500 --soak-box 1200 for a full 20,000-job soak")
+                        help="time box of rbit's memory soak (default: what the budget leaves, at most 120, "
+                             "or 10 with --quick); e.g. --budget 1500 --soak-box 1250 for a full 20,000-job soak")
     args = parser.parse_args(argv)
     sizes = dict(SIZES["quick" if args.quick else "full"])
     if args.budget:
         sizes["budget"] = args.budget
     if args.soak_box:
         sizes["soak_box"] = args.soak_box
-    bench = Bench(sizes, log=lambda text: print(text, file=sys.stderr, flush=True))
-    try:
-        bench.run()
-    except BaseException:
-        bench.cleanup(keep_files=True)
-        print(f"the worker's configuration and log are kept in {bench.tmp}", file=sys.stderr)
-        raise
-    bench.cleanup()
-    print_table(bench.results, bench.notes)
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    started = time.monotonic()
+    stamps = Stamps()
+    columns, details, notes, json_out = {}, [], [], {"sizes": sizes}
+    floors = {}
+    round_trips = None
+    load_start = os.getloadavg()
+
+    if args.no_celery:
+        notes.append("Celery columns left out (--no-celery)")
+        celery_keys = []
+    else:
+        import celery_bench
+
+        reason = celery_bench.celery_missing()
+        if reason:
+            print(f"skipping the Celery columns: {reason}", file=sys.stderr)
+            notes.append(f"Celery columns skipped: {reason}")
+            celery_keys = []
+        else:
+            celery_keys = list(celery_bench.SETUPS)
+    for key in celery_keys:
+        run = celery_bench.CeleryRun(key, sizes, stamps, log=log)
+        try:
+            run.run()
+        finally:
+            run.cleanup()
+        columns[run.label] = run.results
+        details += celery_detail_lines(run.label, run.results)
+        notes += run.notes
+        json_out[key] = run.results
+
+    paths = ["module", "script"] if args.both_paths else [args.path]
+    for index, path in enumerate(paths):
+        last = index == len(paths) - 1
+        run_sizes = dict(sizes)
+        run_sizes["budget"] = sizes["budget"] - (time.monotonic() - started)
+        if not last:
+            run_sizes["soak_box"] = sizes["module_soak_box"]
+        bench = Bench(run_sizes, log=log, path=path, stamps=stamps, baselines=floors or None, trace=last)
+        try:
+            bench.run()
+        except BaseException:
+            bench.cleanup(keep_files=True)
+            print(f"the worker's configuration and log are kept in {bench.tmp}", file=sys.stderr)
+            raise
+        bench.cleanup()
+        name = f"rbit `{PATHS[path]}`"
+        columns[name] = bench.results
+        floors = {"bare_kombu_rate": bench.results["bare_kombu_rate"],
+                  "bare_subprocess_rate": bench.results["bare_subprocess_rate"]}
+        details += detail_lines(name, bench.results)
+        notes += [f"{name}: {note}" for note in bench.notes]
+        json_out[f"rbit_{path}"] = bench.results
+        if "round_trips_per_job" in bench.results:
+            round_trips = round_trip_line(bench.results)
+    for results in columns.values():
+        if results.get("shell_rate") and "shell_ratio" not in results:
+            results["shell_ratio"] = results["shell_rate"] / floors["bare_subprocess_rate"]
+    # rbit's columns first, in the order of the table's header.
+    columns = dict(sorted(columns.items(), key=lambda item: (not item[0].startswith("rbit"),
+                                                             item[0] != "rbit `rbit CONFIG`")))
+    print_table(columns, floors, [], round_trips)
+    print()
+    print(f"floor: no-op = bare kombu consume+ack at prefetch 1 ({floors['bare_kombu_rate']:.1f} msg/s); "
+          f"/bin/true = bare subprocess.run(['/bin/true']) loop ({floors['bare_subprocess_rate']:.1f} runs/s), "
+          "both in this run")
+    for line in details:
+        print(line)
+    print(f"machine: {os.cpu_count()} CPUs, load average (1/5/15 min) {load_start[0]:.2f} {load_start[1]:.2f} "
+          f"{load_start[2]:.2f} at start, {os.getloadavg()[0]:.2f} at end; run time {time.monotonic() - started:.0f} s")
+    for note in notes:
+        print(f"note: {note}")
     if args.json:
-        print(json.dumps({"sizes": sizes, "results": bench.results, "notes": bench.notes}, indent=2, sort_keys=True))
+        print(json.dumps({**json_out, "notes": notes}, indent=2, sort_keys=True, default=str))
     return 0
 
 
