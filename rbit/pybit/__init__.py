@@ -1,7 +1,7 @@
 """PyBit's wire format: reading build requests safely and writing them as PyBit does.
 
 ``models`` holds rbit's view of PyBit's classes, ``schema`` the shape of each
-on the wire, ``reading`` the strict decoder (``jsonpickle.decode`` is never
+on the wire, ``reading`` the strict decoder (jsonpickle's decoder is never
 called on a message), ``writing`` the encoder.
 """
 
