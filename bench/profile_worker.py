@@ -29,7 +29,10 @@ from bench import Bench, WorkerUnderTest, cpu_ticks, percentile  # noqa: E402
 
 
 def serve(config_path, trace_path):
-    """The worker, as ``python -m rbit CONFIG -q --poll-time 60`` runs it, with timing hooks.
+    """The worker that ``rbit CONFIG -q --poll-time 60`` runs, in this process, with timing hooks.
+
+    This is a step timeline, so the hooks must be in the worker's own process;
+    bench/bench.py measures the ``rbit`` console script itself, as users run it.
 
     With ``RBIT_BENCH_TRACEMALLOC=PATH`` it traces allocations instead of timing
     steps: SIGUSR1 takes the baseline snapshot; SIGUSR2 writes to PATH the
@@ -166,9 +169,8 @@ class ProfileBench(Bench):
         self.trace = self.tmp / "spans.jsonl"
         return WorkerUnderTest(
             config, self.tmp / "worker.log",
-            # -c, not this script's path: multiprocessing would import the main
-            # script again in every job process (an artefact rbit's own
-            # ``python -m rbit`` does not have).
+            # -c, not this script's path: job processes must not import this
+            # script again (rbit.jobs now keeps any main from being re-run too).
             command=[sys.executable, "-c", "import sys, profile_worker; sys.exit(profile_worker.serve(*sys.argv[1:]))",
                      str(config), str(self.trace)],
             env={"RBIT_BENCH_REPORT_TO": self.stamps.address, "RBIT_BENCH_FIX": self.fixes},
