@@ -1,30 +1,40 @@
-"""Each job in its own process and process group, talking to the worker over a pipe.
+"""Each job in its own process and process group, started before its job is known.
 
 Job processes are forked by a fork server (``multiprocessing``'s
 ``forkserver``): a small single-threaded process started once, so that a job
-never inherits the worker's threads, sockets or broker connection. A job
-process makes itself a session and process-group leader, so the worker can
-stop everything it started with one ``killpg``. It watches its pipe to the
+never inherits the worker's threads, sockets or broker connection. Each is
+started *warm*, one for each free slot, before a message arrives: picking a
+job up then costs a message down a pipe, not a fork. Every job still has a
+fresh process, used once.
+
+A job process makes itself a session and process-group leader, so the worker
+can stop everything it started with one ``killpg``. It watches its pipe to the
 worker: if the worker dies, the pipe closes and the job kills its own group,
 so that a restarted worker never finds the old build still running beside the
 new one. It also holds the worker's lease (:mod:`rbit.lease`): if the worker
 does not renew it in time (frozen, or cut off from the broker), the job kills
-its own group when it runs out, before a peer may run the job again.
+its own group when it runs out, before a peer may run the job again. What
+happens inside is :mod:`rbit.child`'s; a process that becomes its program
+(``shell!``) leaves both watches to the guard (:mod:`rbit.guard`).
 
-The worker's one message to the job process: ``("lease", deadline)``, a
-:func:`rbit.lease.clock` value (the same clock in every process of a host).
+The worker's messages to the job process: ``("lease", deadline)``, a
+:func:`rbit.lease.clock` value (the same clock in every process of a host),
+and ``("job", runner, message, pybit, worker_name)``, once.
 
 A second pipe takes the job's output: its write end becomes the job process's
 standard output and error (and so those of every program it starts), and its
 log records are written there as lines. The worker reads it in large
 non-blocking reads into the job's log (:mod:`rbit.joblog`); nothing in the job
 process copies output. After the job's process group has ended the worker
-reads the pipe dry, so nothing written before then is lost.
+reads the pipe dry, so nothing written before then is lost. A third takes the
+status lines of a program the job's process became (``RBIT_STATUS_FD``).
 
 Messages from the job process to the worker, on the first pipe, each a tuple:
 
 ``("status", status, text)``
     the runner reported a status;
+``("exec", program)``
+    the job's process is about to become *program*: its exit status is the job's result;
 ``("result", result)``
     how the runner ended, an :class:`rbit.outcome.Result` (``SKIPPED`` when
     PyBit's history says the job is not to run: see :mod:`rbit.history`).
@@ -41,11 +51,8 @@ import os
 import select
 import signal
 import sys
-import threading
 
-from . import history, statuses
-from .lease import clock as lease_clock
-from .outcome import Ended, Result, call_runner
+from . import child
 
 #: Seconds between SIGTERM and SIGKILL when a job's process group is stopped.
 KILL_GRACE = 5.0
@@ -54,19 +61,15 @@ KILL_GRACE = 5.0
 #: unprivileged maximum by default): a job writing fast fills it while the worker works.
 OUTPUT_CHUNK = 1 << 20
 
-#: How a log record of the job's looks in its log.
-JOB_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Bytes of one read of a program's status pipe.
+STATUS_CHUNK = 1 << 16
 
 #: fcntl's F_SETPIPE_SZ (Linux).
 _F_SETPIPE_SZ = 1031
 
-#: Longest wait of the lifeline between two looks at the lease: a host thawed after a suspend
-#: (whose waits do not count the time asleep) stops its jobs at most this late.
-LIFELINE_TICK = 0.2
-
 #: Modules every job needs; the fork server imports them once, so that no job
 #: pays for them (unpickling a job's Message needs rbit.pybit, hence jsonpickle).
-PRELOAD = ["rbit.jobs", "rbit.message", "rbit.pybit", "rbit.runners.python", "rbit.runners.shell"]
+PRELOAD = ["rbit.jobs", "rbit.child", "rbit.guard", "rbit.message", "rbit.pybit", "rbit.runners.python", "rbit.runners.shell"]
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +115,12 @@ def runner_modules(sections) -> list[str]:
 
 
 class JobProcess:
-    """The worker's handle on one job's process."""
+    """The worker's handle on one job's process: started warm, given its job once."""
 
-    def __init__(self, context, runner, message, pybit=None, worker_name=None, log_level=logging.INFO):
+    def __init__(self, context, log_level=logging.INFO):
         self.context = context
-        self.runner = runner
-        self.message = message
-        self.pybit = pybit
-        self.worker_name = worker_name
         self.log_level = log_level
+        self.job_id = None
         self.process = None
         self.conn = None
         self.kill_at = None
@@ -130,31 +130,45 @@ class JobProcess:
         #: The read end of the job's output pipe, and whether every writer has closed it.
         self.output = None
         self.output_eof = False
+        #: The read end of the status pipe of a program the process became, what is read of a
+        #: line not yet ended, and whether every writer has closed it.
+        self.status_pipe = None
+        self._status_part = b""
+        self.status_eof = False
 
     def start(self, lease: float | None = None) -> None:
-        """Start the job's process (not the job's clock: the caller keeps that), holding *lease*."""
+        """Start the process, holding *lease*; it waits for :meth:`begin`."""
         parent_end, child_end = self.context.Pipe(duplex=True)
         output, output_child = self.context.Pipe(duplex=False)
+        status_pipe, status_child = self.context.Pipe(duplex=False)
         if lease is not None:
             parent_end.send(("lease", lease))  # waiting in the pipe before the job's first instruction
         self.process = self.context.Process(
-            target=child_main,
-            args=(child_end, output_child, self.runner, self.message, self.pybit, self.worker_name,
-                  self.log_level),
-            name=f"rbit job {self.message.job_id}",
+            target=child.main, args=(child_end, output_child, status_child, self.log_level), name="rbit job",
         )
         try:
             self.process.start()
         finally:
-            child_end.close()
-            output_child.close()
+            for end in (child_end, output_child, status_child):
+                end.close()
         self.conn = parent_end
         self.output = output
+        self.status_pipe = status_pipe
         os.set_blocking(output.fileno(), False)
+        os.set_blocking(status_pipe.fileno(), False)
         try:
             fcntl.fcntl(output.fileno(), _F_SETPIPE_SZ, OUTPUT_CHUNK)
         except OSError:  # over /proc/sys/fs/pipe-max-size: the default 64 KiB works too
             pass
+
+    def ready(self) -> bool:
+        """True while the started process waits for its job (a lease that ran out kills it)."""
+        return self.job_id is None and not self.eof and self.process.exitcode is None
+
+    def begin(self, runner, message, pybit=None, worker_name: str | None = None) -> None:
+        """Give the process its job; :class:`OSError` if the process is gone."""
+        self.job_id = message.job_id
+        self.conn.send(("job", runner, message, pybit, worker_name))
 
     def read_output(self, limit: int = 4 * OUTPUT_CHUNK) -> list[bytes]:
         """What the job wrote since the last call, at most about *limit* bytes, without blocking."""
@@ -170,6 +184,25 @@ class JobProcess:
             chunks.append(chunk)
             total += len(chunk)
         return chunks
+
+    def read_statuses(self, final: bool = False) -> list[str]:
+        """The status lines the program wrote since the last call, without blocking; with
+        *final* (its group has ended) a last line without its line break counts too."""
+        data = self._status_part
+        while not self.status_eof:
+            try:
+                chunk = os.read(self.status_pipe.fileno(), STATUS_CHUNK)
+            except BlockingIOError:
+                break
+            if not chunk:
+                self.status_eof = True
+                break
+            data += chunk
+        *lines, self._status_part = data.split(b"\n")
+        if (final or self.status_eof) and self._status_part:
+            lines.append(self._status_part)
+            self._status_part = b""
+        return [line.decode("utf-8", "replace") for line in lines]
 
     def group_gone(self) -> bool:
         """True once no process of the job's group is left (all it wrote is in the output pipe)."""
@@ -249,8 +282,9 @@ class JobProcess:
             self.closed = True
             self.receive()
             self.conn.close()
-            if self.output is not None:
-                self.output.close()
+            for pipe in (self.output, self.status_pipe):
+                if pipe is not None:
+                    pipe.close()
             self.process.join(timeout=1)
 
     def describe_exit(self) -> str:
@@ -258,95 +292,3 @@ class JobProcess:
         if code is not None and code < 0:
             return f"the job's process was killed by {signal.Signals(-code).name}"
         return f"the job's process exited with status {code} before reporting a result"
-
-
-# -- In the job's own process ------------------------------------------------
-
-
-class _Channel:
-    """The job's end of the pipe; sends from several threads, one at a time."""
-
-    def __init__(self, conn):
-        self.conn = conn
-        self.lock = threading.Lock()
-
-    def send(self, *event):
-        with self.lock:
-            self.conn.send(event)
-
-
-def child_main(conn, output, runner, message, pybit, worker_name: str | None, log_level: int) -> None:
-    """Run one job in this process; the entry point of every job process."""
-    os.setsid()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _redirect_output(output)
-    channel = _Channel(conn)
-    threading.Thread(target=_lifeline, args=(conn,), daemon=True).start()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(JOB_LOG_FORMAT))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(min(log_level, logging.INFO))  # the job's log keeps its records at INFO even with -q
-
-    def set_status(status, text=None):
-        statuses.check(status)
-        channel.send("status", status, text)
-
-    try:
-        result = _run(runner, message, pybit, worker_name, set_status)
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (AttributeError, OSError, ValueError):  # closed or replaced by the runner
-                pass
-    channel.send("result", result)
-
-
-def _run(runner, message, pybit, worker_name, set_status):
-    """Ask PyBit whether the job runs; if so, run it. How it ended, as an outcome.Result."""
-    if pybit is not None:
-        found = history.fetch(pybit, message.request.web_host, message.job_id)
-        run, why = history.should_run(found, worker_name, message.recovered_from)
-        if not run:
-            return Result(Ended.SKIPPED, None, why)
-    return call_runner(runner, message, set_status)
-
-
-def _lifeline(conn):
-    """If the worker goes away, or its lease runs out, take the whole job with it."""
-    deadline = None
-    try:
-        while True:
-            timeout = None if deadline is None else deadline - lease_clock()
-            if timeout is not None and timeout <= 0:
-                break  # the worker did not renew its lease: a peer may run this job soon
-            if conn.poll(None if timeout is None else min(timeout, LIFELINE_TICK)):
-                message = conn.recv()
-                if isinstance(message, tuple) and len(message) == 2 and message[0] == "lease":
-                    deadline = message[1]
-    except (EOFError, OSError):
-        pass
-    os.killpg(0, signal.SIGKILL)
-
-
-def _redirect_output(output) -> None:
-    """Make the output pipe our standard output and error, line-buffered; stdin reads nothing."""
-    os.dup2(output.fileno(), 1)
-    os.dup2(output.fileno(), 2)
-    output.close()
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    # A worker started without standard streams (a daemon) gives the fork server
-    # none, and Python then sets sys.stdout and sys.stderr to None: give them back.
-    for name, fd in (("stdout", 1), ("stderr", 2)):
-        stream = getattr(sys, name)
-        if stream is None:
-            setattr(sys, name, open(fd, "w", buffering=1, closefd=False))
-        else:
-            try:
-                stream.reconfigure(line_buffering=True)
-            except (AttributeError, ValueError):
-                pass

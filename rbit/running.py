@@ -8,12 +8,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import jobs, queues
+from . import jobs, queues, statuses
 from .capture import Output
+from .child import JOB_LOG_FORMAT
+from .errors import UnknownStatus
+from .guard import Guard
 from .joblog import JobLog
 from .logdir import default_log_dir, sweep
 from .message import Message
-from .outcome import Decision, Fate, Result, Stop, decide
+from .outcome import Decision, Ended, Fate, Result, Stop, decide
+from .runners.shell import LOG_UNKNOWN_STATUS, exit_outcome, status_line
 from .statuses import FINAL
 
 log = logging.getLogger(__name__)
@@ -22,6 +26,9 @@ LOG_JOB_START = "job %s: starting %s %s from %s in slot %d"
 LOG_JOB_END = "job %s: %s %s from %s ended %s in %.1f s%s"
 LOG_JOB_DROPPED = "job %s: %s %s from %s not run: %s"
 LOG_JOB_LOST = "job %s: %s %s from %s lost: %s"
+
+#: How the worker writes a record of the job's own into its log (as the job's process would).
+_JOB_LOG_FORMATTER = logging.Formatter(JOB_LOG_FORMAT)
 
 #: Seconds between two removals of job logs older than ``log_keep``.
 SWEEP_PERIOD = 3600.0
@@ -35,7 +42,7 @@ class RunningJob:
     queue: str
     message: Message
     delivery: object
-    process: jobs.JobProcess
+    process: jobs.JobProcess | None
     started: float
     timeout: float | None
     last_final: str | None = None
@@ -44,6 +51,8 @@ class RunningJob:
     decision: Decision | None = None
     log: JobLog | None = None
     output: Output | None = None
+    #: The program the job's process became (its exit status is the job's result), if it did.
+    program: str | None = None
 
     @property
     def job_id(self) -> int:
@@ -72,7 +81,10 @@ class Jobs:
         self.log_dir = self.settings.log_dir or default_log_dir(os.environ)
         self.next_sweep = clock() + SWEEP_PERIOD
         self.context = None
+        self.guard: Guard | None = None
         self.slots: dict[int, RunningJob] = {}
+        #: Started job processes waiting for a job, one for each free slot (see :meth:`warm_up`).
+        self.warm: list[jobs.JobProcess] = []
         #: Jobs that ended, in order, whose messages wait for their end on the broker.
         self.finishing: list[RunningJob] = []
         #: The worker's lease (rbit.lease), which each job process holds too; None: no lease.
@@ -87,20 +99,71 @@ class Jobs:
     def holds(self, job_id: int) -> bool:
         return any(job.job_id == job_id for job in self.slots.values())
 
+    def warm_up(self) -> None:
+        """Have a started job process waiting for each free slot, so that a job starts without a fork."""
+        if self.guard is None:
+            self.guard = Guard(self.context)
+            self.guard.start()
+            self.guard.renew(self.lease)
+        self.warm = [process for process in self.warm if process.ready() or self._discard(process)]
+        while len(self.warm) < self.settings.concurrency - len(self.slots):
+            try:
+                self.warm.append(self._new_process())
+            except OSError as exc:
+                log.error("cannot start a job process: %s", exc)
+                return
+
+    def _new_process(self) -> jobs.JobProcess:
+        process = jobs.JobProcess(self.context, log_level=logging.getLogger().getEffectiveLevel())
+        process.start(lease=self.lease)
+        self.guard.watch(process.pid)  # before it has a job, so no program it becomes escapes the guard
+        return process
+
+    def _discard(self, process: jobs.JobProcess) -> bool:
+        """Let a process go that will not take a job (its lease ran out, say); False."""
+        process.kill()
+        process.close()
+        self.guard.forget(process.pid)
+        return False
+
+    def cool_down(self) -> None:
+        """Let the waiting job processes go (the worker stops), and the guard once no job is left."""
+        for process in self.warm:
+            self._discard(process)
+        self.warm = []
+        if self.guard is not None and not self.slots:
+            self.guard.close()
+            self.guard = None
+
+    def _begin(self, job: RunningJob, runner) -> None:
+        """Hand *job* to a waiting process (started now if none waits); OSError if none takes it."""
+        for _ in range(2):
+            if not self.warm:
+                self.warm_up()
+            process = self.warm.pop(0) if self.warm else self._new_process()
+            try:
+                process.begin(runner, job.message, self.config.pybit, self.settings.name)
+            except OSError as exc:  # it died waiting: one more, fresh, try
+                log.warning("a waiting job process was gone (%s); starting another", exc)
+                self._discard(process)
+                continue
+            job.process = process
+            return
+        raise OSError("no job process took the job")
+
     def start(self, slot: int, queue: str, message: Message, delivery) -> None:
         section = self.config.runner_for(queue)
-        process = jobs.JobProcess(self.context, section.runner, message, self.config.pybit, self.settings.name,
-                                  log_level=logging.getLogger().getEffectiveLevel())
-        job = RunningJob(slot, queue, message, delivery, process, self.clock(), section.timeout)
+        job = RunningJob(slot, queue, message, delivery, None, self.clock(), section.timeout)
         job.log = self._open_log(job)
         self.slots[slot] = job
         log.info(LOG_JOB_START, *job.describe(), slot)
         try:
-            process.start(lease=self.lease)
+            self._begin(job, section.runner)
         except OSError as exc:
             log.error("job %s (%s): cannot start its process: %s", job.job_id, queue, exc)
             self._end(job, f"cannot start the job's process: {exc}")
             return
+        process = job.process
         self.wakeup.watch(process.conn.fileno(), ("pipe", slot))
         self.wakeup.watch(process.process.sentinel, ("exit", slot))
         job.output = Output(process, job.log, self.wakeup, ("output", slot), job.started)
@@ -145,8 +208,7 @@ class Jobs:
             self.sweep_logs(now)
         for job in self.running():
             job.output.read(now)
-            for event in job.process.receive():
-                self._on_event(job, event)
+            self._news(job)
             if job.process.eof:
                 self.wakeup.unwatch(("pipe", job.slot))  # a closed pipe stays readable: stop waking on it
             if job.output.ending is None:
@@ -155,11 +217,26 @@ class Jobs:
                     self.stop(job, Stop.TIMEOUT)
                 job.process.tick(now)
                 if job.process.exited():  # its group is killed now
-                    for event in job.process.receive():
-                        self._on_event(job, event)
+                    self._news(job)
                     job.output.ending = now
             if job.output.ending is not None and job.output.drained(now):
+                self._news(job, final=True)
+                if job.result is None and job.program is not None:
+                    job.result = _program_result(job.process.exitcode, job.program)
                 self._end(job, job.process.describe_exit())
+
+    def _news(self, job: RunningJob, final: bool = False) -> None:
+        """What the job's process sent, and the status lines of the program it became."""
+        for event in job.process.receive():
+            self._on_event(job, event)
+        if job.program is None:
+            return
+        for line in job.process.read_statuses(final):
+            found = status_line(line)
+            if found is not None:
+                self._on_program_status(job, *found)
+        if job.process.status_eof:
+            self.wakeup.unwatch(("status", job.slot))
 
     def stop(self, job: RunningJob, why: Stop, grace: float = jobs.KILL_GRACE) -> None:
         """Stop *job*'s process group; the first reason given is the one that counts."""
@@ -168,15 +245,20 @@ class Jobs:
         job.process.stop(self.clock(), grace)
 
     def renew(self, deadline: float) -> None:
-        """The worker's lease now runs until *deadline*: tell every job process."""
+        """The worker's lease now runs until *deadline*: tell every job process, and the guard."""
         self.lease = deadline
-        for job in self.running():
-            job.process.renew(deadline)
+        for process in [job.process for job in self.running()] + self.warm:
+            process.renew(deadline)
+        if self.guard is not None:
+            self.guard.renew(deadline)
 
     def fence(self) -> int:
         """The lease ran out: kill every running job's group, forget every job's statuses not yet
         sent, and leave every message alone (a live peer puts it back). How many were running."""
         running = self.running()
+        for process in self.warm:  # their lease has run out too: they kill themselves
+            self._discard(process)
+        self.warm = []
         for job in list(self.slots.values()):
             if self.reporter.discard(job.job_id):
                 log.info("job %s (%s): statuses not yet sent to PyBit are dropped", job.job_id, job.queue)
@@ -221,6 +303,22 @@ class Jobs:
                 job.last_final = status
         elif kind == "result":
             job.result = event[1]
+        elif kind == "exec":
+            job.program = event[1]
+            self.wakeup.watch(job.process.status_pipe.fileno(), ("status", job.slot))
+
+    def _on_program_status(self, job: RunningJob, status: str, text: str | None) -> None:
+        """A status line of the program the job's process became; an unknown one is an error in
+        the job's log and the worker's, and is not reported (as under ``rbit try``)."""
+        try:
+            statuses.check(status)
+        except UnknownStatus as exc:
+            record = logging.LogRecord("rbit.runners.shell", logging.ERROR, __file__, 0, LOG_UNKNOWN_STATUS, (exc,),
+                                       None)
+            job.log.note(_JOB_LOG_FORMATTER.format(record))
+            log.error("job %s (%s): " + LOG_UNKNOWN_STATUS, job.job_id, job.queue, exc)
+            return
+        self._on_event(job, ("status", status, text))
 
     def _report(self, job: RunningJob, status: str, text: str | None = None) -> None:
         self.reporter.report(job.job_id, job.message.request.web_host, status, text, queue=job.queue)
@@ -231,9 +329,12 @@ class Jobs:
         """Decide how the job ended and report it; the message's end follows in :meth:`finish`."""
         self.wakeup.unwatch(("pipe", job.slot))
         self.wakeup.unwatch(("exit", job.slot))
+        self.wakeup.unwatch(("status", job.slot))
         if job.output is not None:
             job.output.close()
-        job.process.close()
+        if job.process is not None:
+            job.process.close()
+            self.guard.forget(job.process.pid)
         job.decision = decision = decide(job.result, last_final=job.last_final, stop=job.stop,
                                          exit_text=exit_text, timeout=job.timeout)
         if decision.status is not None:
@@ -253,3 +354,11 @@ class Jobs:
         if self.board is not None:
             self.board.ended(job.job_id, decision.outcome, duration)
         self.finishing.append(job)
+
+
+def _program_result(code: int | None, program: str) -> Result:
+    """The result of a job whose process became *program* and exited with *code*."""
+    outcome = exit_outcome(code, program)
+    if outcome is None:
+        return Result(Ended.RETURNED)
+    return Result(Ended.RAISED, outcome.status, outcome.message)

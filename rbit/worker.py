@@ -115,6 +115,7 @@ class Worker:
             self.http.start()
         try:
             self.jobs.context = self.jobs.context or jobs.fork_context(jobs.runner_modules(self.config.runners))
+            self.jobs.warm_up()
             try:
                 connected = self._connect()
             except ConnectionLost as exc:  # the first connection broke before it served
@@ -151,6 +152,8 @@ class Worker:
             self.broker.drain()
             self.broker.heartbeat_check()
             self.jobs.finish(self.broker)
+            if not self.stopping:
+                self.jobs.warm_up()  # before consuming again: the next job finds its process waiting
             self._serve_returned()
             self._hold_deliveries(self.liveness.tick)
             self._resume_consuming()
@@ -183,6 +186,8 @@ class Worker:
         # Once: what an earlier run of this worker left unfinished is put back under its lock.
         self._hold_deliveries(lambda broker: self.liveness.join(broker, first=not self._recovered))
         self._recovered = True
+        if not self.stopping:
+            self.jobs.warm_up()
         self._resume_consuming()
         log.info("serving %s as %s (concurrency %d)", ", ".join(s.queue for s in self.config.runners),
                  self.settings.name, self.settings.concurrency)
@@ -378,6 +383,7 @@ class Worker:
             except BrokerError as exc:
                 log.debug("could not leave the registry: %s", exc)
         self.broker.close()
+        self.jobs.cool_down()
         self.reporter.stop(REPORT_FLUSH_TIMEOUT)
         if self.http is not None:
             self.http.stop()

@@ -176,10 +176,12 @@ def test_a_job_process_stops_its_own_group_when_the_lease_runs_out(tmp_path):
         for job_id in (1, 2):
             body = request_body(job_id, f"p{job_id}", "1.0", "d", "any", "s", "pdf")
             message = Message(body=body, request=decode_build_request(body), queue="d_any_s_pdf")
-            processes[job_id] = jobs.JobProcess(forks, runner, message)
+            processes[job_id] = (jobs.JobProcess(forks), message)
         started = lease_clock()
-        for process in processes.values():
+        for process, message in processes.values():
             process.start(lease=started + 3.0)
+            process.begin(runner, message)
+        processes = {job_id: process for job_id, (process, _) in processes.items()}
         renewed, never = processes[1], processes[2]
         assert wait_until(lambda: len(events(record, "child")) == 2, 10), "the runners never started their child"
         children = {job_id: int(extra) for _, job_id, _, _, extra in events(record, "child")}

@@ -17,11 +17,25 @@ import amqp
 from kombu import Consumer
 
 from ..delivery import Delivery, Outgoing
-from ..errors import BrokerError, ConnectionLost, QueueMissing, QueueUnavailable, Unroutable
+from ..errors import (
+    BrokerError,
+    ConnectionLost,
+    QueueMissing,
+    QueueUnavailable,
+    Unroutable,
+)
 from ..queues import QueueSpec
 from .library import (
-    _amqp_message, _close_quietly, _delivery, _kombu_queue, _refuses_global_qos, _settle, _short, _translated,
-    _where, connection_for,
+    _amqp_message,
+    _close_quietly,
+    _delivery,
+    _kombu_queue,
+    _refuses_global_qos,
+    _settle,
+    _short,
+    _translated,
+    _where,
+    connection_for,
 )
 
 __all__ = ["Batch", "Broker", "Delivery", "Outgoing", "StopWaiting", "connection_for"]

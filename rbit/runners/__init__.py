@@ -46,6 +46,17 @@ class Runner(abc.ABC):
     def run(self, message, set_status) -> None:
         """Do one job: return when it is done, raise Blocked or Failed otherwise."""
 
+    def program(self, message) -> tuple[list[str], dict[str, str]] | None:
+        """``(argv, environment)`` of a program that *is* the job, or None (the default): :meth:`run` is.
+
+        A worker's job process then becomes that program (exec), with nothing
+        of Python left between it and the worker: its exit status is read as
+        :func:`rbit.runners.shell.exit_outcome` says, and it reports statuses
+        by writing lines to the descriptor in ``RBIT_STATUS_FD``. :meth:`run`
+        must do the same job, for ``rbit try``.
+        """
+        return None
+
     def __reduce__(self):
         return (type(self), (self.spec, self.settings))
 

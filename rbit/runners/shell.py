@@ -15,8 +15,9 @@ import signal
 import subprocess
 import threading
 
+from ..child import STATUS_FD_VARIABLE
+from ..errors import Blocked, ConfigError, Failed, JobOutcome, UnknownStatus
 from ..passwords import without_passwords
-from ..errors import Blocked, ConfigError, Failed, UnknownStatus
 from . import Runner
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ PLACEHOLDERS = (
 )
 
 
-
 def placeholder_pattern(names) -> re.Pattern:
     """A regex matching ``%NAME`` for *names* and ``%%``; longest names first, so that
     ``%VCS_ID`` is not read as ``%VCS`` + ``_ID``."""
@@ -38,14 +38,13 @@ def placeholder_pattern(names) -> re.Pattern:
 _PLACEHOLDER = placeholder_pattern(PLACEHOLDERS)
 _ANY_PERCENT = re.compile(r"%(.|$)")
 
+LOG_UNKNOWN_STATUS = "runner program reported %s; ignored"
+
 #: Exit status with which a program says its job is Blocked (``EX_TEMPFAIL``).
 EXIT_BLOCKED = 75
 
 #: Seconds to wait, after the program exits, for the status lines it wrote last.
 STATUS_DRAIN_TIMEOUT = 1.0
-
-#: The environment variable naming the file descriptor that takes status lines.
-STATUS_FD_VARIABLE = "RBIT_STATUS_FD"
 
 _SETTING_NAME = re.compile(r"[^A-Za-z0-9]")
 
@@ -97,11 +96,15 @@ class ShellRunner(Runner):
         if "%" not in program and shutil.which(program) is None:
             raise ConfigError(f"program {program!r} is not found or not executable")
 
-    def run(self, message, set_status) -> None:
+    def program(self, message) -> tuple[list[str], dict[str, str]]:
+        """The program and environment for *message*: the job's process becomes it."""
         fields = {**message.request.fields(), "QUEUE": message.queue}
-        argv = substitute(self.argv, fields)
+        return substitute(self.argv, fields), job_environment(fields, self.settings)
+
+    def run(self, message, set_status) -> None:
+        """Run the program as a child of this process (``rbit try`` does; a worker's job becomes it)."""
+        argv, env = self.program(message)
         read_end, write_end = os.pipe()
-        env = job_environment(fields, self.settings)
         env[STATUS_FD_VARIABLE] = str(write_end)
         try:
             process = subprocess.Popen(argv, env=env, pass_fds=(write_end,), stdin=subprocess.DEVNULL)
@@ -116,22 +119,42 @@ class ShellRunner(Runner):
         # A background process the program left may hold the status pipe open:
         # the job ends with the program, and its process group is killed then.
         reader.join(timeout=STATUS_DRAIN_TIMEOUT)
-        if code == EXIT_BLOCKED:
-            raise Blocked(f"{argv[0]} exited with status {EXIT_BLOCKED} (blocked)")
-        if code < 0:
-            raise Failed(f"{argv[0]} was killed by {signal.Signals(-code).name}")
-        if code:
-            raise Failed(f"{argv[0]} exited with status {code}")
+        outcome = exit_outcome(code, argv[0])
+        if outcome is not None:
+            raise outcome
+
+
+def exit_outcome(code: int, program: str) -> JobOutcome | None:
+    """What a program's exit status *code* (negative: killed by that signal) says of its job:
+    None for Done, else the Blocked or Failed to raise."""
+    if code == EXIT_BLOCKED:
+        return Blocked(f"{program} exited with status {EXIT_BLOCKED} (blocked)")
+    if code < 0:
+        return Failed(f"{program} was killed by {signal.Signals(-code).name}")
+    if code:
+        return Failed(f"{program} exited with status {code}")
+    return None
+
+
+def status_line(line: str) -> tuple[str, str | None] | None:
+    """``(status, text)`` of a ``STATUS [text]`` line a program wrote; None for a blank one."""
+    status, _, text = line.strip().partition(" ")
+    return (status, text.strip() or None) if status else None
+
+
+def report_status_line(line: str, set_status) -> None:
+    """Report one status line; an unknown status is logged as an error, not reported."""
+    found = status_line(line)
+    if found is None:
+        return
+    try:
+        set_status(*found)
+    except UnknownStatus as exc:
+        log.error(LOG_UNKNOWN_STATUS, exc)
 
 
 def _read_statuses(fd, set_status):
-    """Report each ``STATUS [text]`` line the program writes; an unknown one is logged."""
+    """Report each status line the program writes."""
     with open(fd, encoding="utf-8", errors="replace") as lines:
         for line in lines:
-            status, _, text = line.strip().partition(" ")
-            if not status:
-                continue
-            try:
-                set_status(status, text.strip() or None)
-            except UnknownStatus as exc:
-                log.error("runner program reported %s; ignored", exc)
+            report_status_line(line, set_status)
