@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,7 @@ from rbit.runners import load as load_runner
 from rbit.runners.python import PythonRunner
 from rbit.runners.shell import ShellRunner
 
-from .harness import WorkerProcess, cmdline, job_log, write_config
+from .harness import WorkerProcess, alive, cmdline, job_log, wait_until, write_config
 from .pybit_models import queue_name, request_body, routing_key
 
 #: ``printf '%s\0'`` each argument the program got into OUT_DIR/<job id>.argv (``%%`` is a ``%``).
@@ -348,3 +349,25 @@ def wait_gone(command, timeout=5.0):
             return False
         time.sleep(0.05)
     return True
+
+
+def test_a_shell_jobs_process_becomes_its_program_which_dies_with_its_worker(tmp_path, vhost, unique):
+    """No Python process stands between a shell! program and the worker: the program leads the
+    job's own session and process group, a child of the fork server. Killed with SIGKILL, the
+    worker takes the program and the children it started with it."""
+    pids = tmp_path / "pids"
+    line = f"/bin/sh -c 'sleep 300 & echo $$ $! > {pids}.part && mv {pids}.part {pids}; wait'"
+    worker, queue, key = shell_worker(tmp_path, vhost, unique, line)
+    with worker:
+        worker.wait_ready(timeout=20)
+        publish(vhost, key, unique, 241)
+        assert wait_until(pids.exists, 20), worker.log
+        program, child = map(int, pids.read_text().split())
+        assert os.getsid(program) == program and os.getpgid(program) == program
+        assert os.getpgid(child) == program
+        assert cmdline(program).startswith("/bin/sh -c "), cmdline(program)
+        parent = int(Path(f"/proc/{program}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert "forkserver" in cmdline(parent), cmdline(parent)
+        worker.process.kill()
+        worker.process.wait(10)
+        assert wait_until(lambda: not alive(program) and not alive(child), 5), "the program outlived its worker"

@@ -23,7 +23,7 @@ from rbit.errors import ConnectionLost, JobOutcome, NameInUse, QueueLocked
 from rbit.queues import HEADER_QUEUE, HEADER_REASON, HEADER_RECOVERED, PYBIT_EXCHANGE, QueueSpec
 from rbit.worker import JOBS, Worker
 
-from .harness import ROOT, wait_until, write_config
+from .harness import ROOT, alive, wait_until, write_config
 from .memory_broker import MemoryBroker, MemoryServer
 from .pybit_models import cancel_body, request_body
 
@@ -509,6 +509,26 @@ def test_a_freed_slot_takes_the_next_job_while_the_others_run(harness, server):
     turn_until(worker, lambda: not worker.slots)
     assert sorted(job_id for job_id, _ in harness.runs()) == [60, 61, 62]
     assert server.depth(QUEUE) == 0 and server.unacked() == []
+
+
+def test_a_started_process_waits_for_each_free_slot_and_runs_one_job_only(harness, server):
+    """Before a message arrives, a job process is started and waits for each free slot, so that a
+    job starts without a fork; every job has a process of its own, never one that ran a job."""
+    worker = harness.worker(concurrency="2")
+    waiting = {process.pid for process in worker.jobs.warm}
+    assert len(waiting) == 2 and all(alive(pid) for pid in waiting)
+    harness.publish(70, "wait")
+    turn_until(worker, lambda: reports(worker).statuses(70) == ["Building"])
+    first = worker.slots[0].process.pid
+    assert first in waiting
+    assert [process.pid for process in worker.jobs.warm] == list(waiting - {first})
+    harness.release(70)
+    turn_until(worker, lambda: not worker.slots)
+    assert not alive(first)
+    assert len(worker.jobs.warm) == 2 and first not in {process.pid for process in worker.jobs.warm}
+    harness.publish(71)
+    turn_until(worker, lambda: reports(worker).statuses(71) == ["Building", "Done"] and not worker.slots)
+    assert harness.runs() == [(70, 0), (71, 0)]
 
 
 def test_a_worker_puts_back_the_jobs_it_left_unfinished_when_it_starts_again(harness, server):
