@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import time
@@ -85,6 +86,7 @@ class Jobs:
         self.slots: dict[int, RunningJob] = {}
         #: Started job processes waiting for a job, one for each free slot (see :meth:`warm_up`).
         self.warm: list[jobs.JobProcess] = []
+        self._exit_hook = False
         #: Jobs that ended, in order, whose messages wait for their end on the broker.
         self.finishing: list[RunningJob] = []
         #: The worker's lease (rbit.lease), which each job process holds too; None: no lease.
@@ -105,6 +107,11 @@ class Jobs:
             self.guard = Guard(self.context)
             self.guard.start()
             self.guard.renew(self.lease)
+            if not self._exit_hook:
+                # Before multiprocessing's own exit handler (atexit runs the last registered first),
+                # which would wait for ever for these processes: they end when their pipes close.
+                atexit.register(self.cool_down)
+                self._exit_hook = True
         self.warm = [process for process in self.warm if process.ready() or self._discard(process)]
         while len(self.warm) < self.settings.concurrency - len(self.slots):
             try:
@@ -127,11 +134,12 @@ class Jobs:
         return False
 
     def cool_down(self) -> None:
-        """Let the waiting job processes go (the worker stops), and the guard once no job is left."""
+        """Let the waiting job processes go, and the guard, as the worker stops (no job runs then:
+        a job left in a slot has ended and only waits for its message's end)."""
         for process in self.warm:
             self._discard(process)
         self.warm = []
-        if self.guard is not None and not self.slots:
+        if self.guard is not None:
             self.guard.close()
             self.guard = None
 
