@@ -94,10 +94,10 @@ FIGURES = {
 SIZES = {
     "full": dict(idle_s=10.0, latency_n=200, batch_n=500, batch_box=40.0, soak_n=20000, soak_box=120.0,
                  budget=TOTAL_BUDGET, celery_latency_n=100, celery_batch_n=300, celery_soak_box=10.0,
-                 celery_pause=0.05, celery_box=20.0, module_soak_box=20.0),
+                 celery_pause=0.05, celery_box=20.0, celery_latency_box=30.0, module_soak_box=20.0),
     "quick": dict(idle_s=3.0, latency_n=30, batch_n=100, batch_box=20.0, soak_n=1000, soak_box=10.0,
                   budget=TOTAL_BUDGET, celery_latency_n=20, celery_batch_n=50, celery_soak_box=3.0,
-                  celery_pause=0.05, celery_box=8.0, module_soak_box=5.0),
+                  celery_pause=0.05, celery_box=8.0, celery_latency_box=12.0, module_soak_box=5.0),
 }
 
 
@@ -311,6 +311,20 @@ class Stamps:
     def get(self, kind, job_id):
         with self.cond:
             return self.events.get((kind, job_id))
+
+    def wait_after(self, kind, after, timeout=30.0):
+        """The first *kind* stamp later than *after*, as (id, time); None after *timeout*.
+
+        For stamps whose id is not known in advance (a Celery pool process's
+        ``ready PID TIME``).
+        """
+        def first():
+            found = [(stamp, key[1]) for key, stamp in self.events.items() if key[0] == kind and stamp > after]
+            return min(found) if found else None
+
+        with self.cond:
+            hit = self.cond.wait_for(first, timeout)
+            return (hit[1], hit[0]) if hit else None
 
 
 # -- The worker ----------------------------------------------------------------
@@ -868,13 +882,23 @@ def detail_lines(name, r):
 
 def celery_detail_lines(name, r):
     parts = ", ".join(f"{label} {mb:.1f}" for label, mb in r["mem_idle_parts"].values() if mb is not None)
-    return [
+    lines = [
         f"[{name}] pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
         f"{r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms; no-op {r['noop_n']} tasks, "
         f"/bin/true {r['shell_n']} tasks (stamped in the task around subprocess.run)",
         f"[{name}] idle memory (PSS MB): {parts}; soak {r['soak_run']} tasks, "
         f"PSS {r['mem_idle_mb']:.1f} -> {r['mem_after_soak_mb']:.1f} MB",
     ]
+    if "replacement" in r:
+        lines.append(f"[{name}] new pool process up after a task ended: {gap_text(r['replacement'])}")
+    for kind, what in (("noop_gaps", "no-op batch"), ("shell_gaps", "/bin/true batch")):
+        if kind in r:
+            lines.append(f"[{name}] {what}, one task's end to the next one's start: {gap_text(r[kind])}")
+    return lines
+
+
+def gap_text(g):
+    return (f"p50 {g['p50_ms']:.0f} ms, max {g['max_ms']:.0f} ms, {g['over_1s']} of {g['n']} over 1 s")
 
 
 def round_trip_line(r):
