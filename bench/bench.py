@@ -909,6 +909,121 @@ def round_trip_line(r):
             f"over {r['round_trip_jobs']} jobs one at a time, counted by bench/amqp_trace")
 
 
+# -- Markdown for the project README -------------------------------------------------
+
+
+def memory_gib():
+    """The machine's memory in GiB, from /proc/meminfo."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def verdict(columns, key):
+    """met / missed for each rbit column (joined by '/'), on FIGURES' test of *key*; '-' without a target."""
+    test = FIGURES[key][4]
+    marks = []
+    for name, results in columns.items():
+        if name.startswith("rbit"):
+            value = results.get(key)
+            marks.append("missed" if value is None or not test(value) else "met")
+    return "/".join(marks) or "-"
+
+
+def md_pickup(r, key):
+    value, n = r.get(key), r.get("latency_n")
+    if value is None:
+        return "-"
+    if key == "latency_p50_ms":
+        return f"{value:.1f} ms ({n} samples)"
+    # With fewer than 100 samples the nearest-rank p99 is the slowest one: say so.
+    return f"{value:.1f} ms" if n >= 100 else f"{value:.1f} ms (max of {n})"
+
+
+def md_rate(r, kind):
+    rate, n = r.get(f"{kind}_rate"), r.get(f"{kind}_n")
+    if rate is None:
+        return "-"
+    text = f"{rate:.1f} /s ({n} jobs)"
+    if kind == "shell" and r.get("shell_ratio") is not None:
+        text += f" = {r['shell_ratio']:.3f} of the floor"
+    return text
+
+
+def md_growth(r):
+    if r.get("mem_growth_mb") is None:
+        return "-"
+    return f"{r['mem_growth_mb']:+.2f} MB over {r['soak_run']:,} jobs"
+
+
+def md_round_trips(r):
+    if r.get("round_trips_per_job") is None:
+        return "not measured"
+    return f"{r['round_trips_per_job']:g} ({r['methods_per_job']:g} AMQP methods sent)"
+
+
+def markdown_rows(columns, floors):
+    """(figure, a cell per column, floor, target, verdict) for each figure of the README's table."""
+    def cells(render):
+        return [render(r) for r in columns.values()]
+
+    return [
+        ("pickup latency p50, publish to runner start, idle worker", cells(lambda r: md_pickup(r, "latency_p50_ms")),
+         "-", FIGURES["latency_p50_ms"][5], verdict(columns, "latency_p50_ms")),
+        ("pickup latency p99", cells(lambda r: md_pickup(r, "latency_p99_ms")),
+         "-", FIGURES["latency_p99_ms"][5], verdict(columns, "latency_p99_ms")),
+        ("no-op `python!` jobs/s (floor: bare kombu consume-and-ack, prefetch 1)", cells(lambda r: md_rate(r, "noop")),
+         f"{floors['bare_kombu_rate']:.0f} /s", FIGURES["noop_rate"][5], verdict(columns, "noop_rate")),
+        ("`shell!/bin/true` jobs/s (floor: bare `subprocess.run` loop)", cells(lambda r: md_rate(r, "shell")),
+         f"{floors['bare_subprocess_rate']:.0f} /s", f"{FIGURES['shell_ratio'][5]} of the floor",
+         verdict(columns, "shell_ratio")),
+        ("idle memory, PSS of the worker and every process it keeps", cells(lambda r: fmt(r.get("mem_idle_mb"), "MB")),
+         "-", FIGURES["mem_idle_mb"][5], verdict(columns, "mem_idle_mb")),
+        ("memory growth over the soak", cells(md_growth), "-", FIGURES["mem_growth_mb"][5],
+         verdict(columns, "mem_growth_mb")),
+        ("broker round trips per job (blocking waits)", cells(md_round_trips), "-", "-", "-"),
+    ]
+
+
+#: The 20 MB build log's targets: a program in a job at least this share of its speed writing to a file ...
+JOBLOG_SPEED = 0.25
+#: ... and at most this much of the worker's CPU for the job, in ms.
+JOBLOG_CPU_MS = 500
+
+
+def joblog_rows(joblog, width):
+    """One row per program of bench/joblog_bench.py: speed in a job against to a file, and the worker's CPU."""
+    rows = []
+    for program in ("cat", "seq"):
+        r = joblog[program]
+        speed = 1 / r["ratio"]
+        met = speed >= JOBLOG_SPEED and r["worker_cpu_ms"] < JOBLOG_CPU_MS
+        rows.append((f"20 MB build log, `{program}`: speed in a job against writing the same file; worker CPU",
+                     [f"{speed:.2f} of the file's speed; {r['worker_cpu_ms']:.0f} ms CPU"] + ["-"] * (width - 1),
+                     f"{r['program_to_file_s'] * 1000:.0f} ms to a file",
+                     f">= {JOBLOG_SPEED} of the speed, < {JOBLOG_CPU_MS / 1000:g} s CPU", "met" if met else "missed"))
+    return rows
+
+
+def print_markdown(columns, floors, joblog, load_start, command):
+    """The results as a markdown table for the project README's Performance section, and the run's setting."""
+    rows = markdown_rows(columns, floors)
+    if joblog:
+        rows += joblog_rows(joblog, len(columns))
+    header = ["figure", *columns, "floor", "target", "met/missed"]
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    for label, values, floor, target, mark in rows:
+        print("| " + " | ".join([label, *values, floor, target, mark]) + " |")
+    print()
+    print(f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `{command}`, on a machine "
+          f"with {os.cpu_count()} cores and {memory_gib():.0f} GiB of memory; load average (1 min) "
+          f"{load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a fast check (about a minute and a half)")
@@ -919,6 +1034,10 @@ def main(argv=None):
                         help="how to start the measured worker: script (`rbit CONFIG`, as the systemd unit; "
                              "default) or module (`python -m rbit CONFIG`)")
     parser.add_argument("--no-celery", action="store_true", help="leave out the Celery columns")
+    parser.add_argument("--markdown", action="store_true",
+                        help="also print the results as a markdown table for the project README")
+    parser.add_argument("--joblog", action="store_true",
+                        help="also run bench/joblog_bench.py (a 20 MB build log, about 10 s) as a last phase")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help=f"time budget of the whole run (default {TOTAL_BUDGET:.0f})")
     parser.add_argument("--soak-box", type=float, metavar="SECONDS",
@@ -986,6 +1105,10 @@ def main(argv=None):
         json_out[f"rbit_{path}"] = bench.results
         if "round_trips_per_job" in bench.results:
             round_trips = round_trip_line(bench.results)
+    joblog = run_joblog(log) if args.joblog else None
+    if joblog:
+        json_out["joblog"] = joblog
+        details += joblog_lines(joblog)
     for results in columns.values():
         if results.get("shell_rate") and "shell_ratio" not in results:
             results["shell_ratio"] = results["shell_rate"] / floors["bare_subprocess_rate"]
@@ -1005,7 +1128,25 @@ def main(argv=None):
         print(f"note: {note}")
     if args.json:
         print(json.dumps({**json_out, "notes": notes}, indent=2, sort_keys=True, default=str))
+    if args.markdown:
+        command = " ".join(["python bench/bench.py", *(argv if argv is not None else sys.argv[1:])])
+        print_markdown(columns, floors, joblog, load_start[0], command)
     return 0
+
+
+def joblog_lines(j):
+    return [f"[20 MB build log, `{name}`] program {j[name]['program_to_file_s'] * 1000:.1f} ms to a file, "
+            f"{j[name]['program_in_job_s'] * 1000:.1f} ms in a job; job {j[name]['job_s'] * 1000:.0f} ms "
+            f"(bare subprocess.run {j[name]['subprocess_to_file_s'] * 1000:.0f} ms); worker CPU "
+            f"{j[name]['worker_cpu_ms']:.0f} ms; medians of {j['runs']}" for name in ("cat", "seq")]
+
+
+def run_joblog(log):
+    """bench/joblog_bench.py's figures (both programs, medians of 5 jobs), after the other phases."""
+    import joblog_bench
+
+    log("20 MB build log (bench/joblog_bench.py) ...")
+    return joblog_bench.measure(mb=20, runs=5)
 
 
 if __name__ == "__main__":
