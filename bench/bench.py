@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/bench.py [--quick] [--json] [--both-paths] [--no-celery]
+    python bench/bench.py [--quick] [--json] [--markdown] [--joblog] [--both-paths] [--no-celery]
 
 First the Celery columns (bench/celery_bench.py, if Celery 5 is installed:
 ``pip install -r bench/requirements.txt``), then one real rbit worker started
@@ -41,6 +41,7 @@ Every figure is printed next to Celery's, the floor and its target, with PASS or
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -56,6 +57,7 @@ import time
 import types
 import uuid
 from pathlib import Path
+from typing import ClassVar
 
 import amqp
 from kombu import Connection, Consumer, Queue
@@ -64,8 +66,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from rbit.pybit import encode, make_request  # noqa: E402
-from tests.harness import write_config  # noqa: E402
+from rbit.pybit import encode, make_request
+from tests.harness import write_config
 
 AMQP_HOST = os.environ.get("RBIT_TEST_AMQP_HOST", "127.0.0.1")
 AMQP_PORT = int(os.environ.get("RBIT_TEST_AMQP_PORT", "5672"))
@@ -92,12 +94,12 @@ FIGURES = {
 
 #: Phase sizes: full run and --quick.
 SIZES = {
-    "full": dict(idle_s=10.0, latency_n=200, batch_n=500, batch_box=40.0, soak_n=20000, soak_box=120.0,
-                 budget=TOTAL_BUDGET, celery_latency_n=100, celery_batch_n=300, celery_soak_box=10.0,
-                 celery_pause=0.05, celery_box=20.0, celery_latency_box=30.0, module_soak_box=20.0),
-    "quick": dict(idle_s=3.0, latency_n=30, batch_n=100, batch_box=20.0, soak_n=1000, soak_box=10.0,
-                  budget=TOTAL_BUDGET, celery_latency_n=20, celery_batch_n=50, celery_soak_box=3.0,
-                  celery_pause=0.05, celery_box=8.0, celery_latency_box=12.0, module_soak_box=5.0),
+    "full": {"idle_s": 10.0, "latency_n": 200, "batch_n": 500, "batch_box": 40.0, "soak_n": 20000, "soak_box": 120.0,
+                 "budget": TOTAL_BUDGET, "celery_latency_n": 100, "celery_batch_n": 300, "celery_soak_box": 10.0,
+                 "celery_pause": 0.05, "celery_box": 20.0, "celery_latency_box": 30.0, "module_soak_box": 20.0},
+    "quick": {"idle_s": 3.0, "latency_n": 30, "batch_n": 100, "batch_box": 20.0, "soak_n": 1000, "soak_box": 10.0,
+                  "budget": TOTAL_BUDGET, "celery_latency_n": 20, "celery_batch_n": 50, "celery_soak_box": 3.0,
+                  "celery_pause": 0.05, "celery_box": 8.0, "celery_latency_box": 12.0, "module_soak_box": 5.0},
 }
 
 
@@ -209,10 +211,8 @@ class BenchBroker:
 
     def close(self):
         for conn in (self.confirmed, self.bulk, self.watch):
-            try:
+            with contextlib.suppress(Exception):  # closing at the end: a broken connection is no news
                 conn.release()
-            except Exception:
-                pass
 
     def declare_build_queue(self, queue, routing_key):
         """Declare a build queue exactly as PyBit does, so that messages wait for the worker."""
@@ -286,7 +286,7 @@ class Stamps:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
         self.sock.bind(("127.0.0.1", 0))
-        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.events = {}
         self.cond = threading.Condition()
         threading.Thread(target=self._receive, daemon=True).start()
@@ -361,7 +361,7 @@ class WorkerUnderTest:
 
     def start(self):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(BENCH)]), **self.env}
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - the worker's output; closed by stop()
         self.process = subprocess.Popen(
             self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
             cwd=str(self.config_path.parent),
@@ -394,7 +394,7 @@ class WorkerUnderTest:
 class Bench:
     """One run: the vhost, the worker, the phases and their figures."""
 
-    QUEUES = {
+    QUEUES: ClassVar[dict] = {
         # kind: (routing key, runner line); the queue is bench_KIND_SUFFIX
         "lat": ("bench.any.lat.x", "python!runners:stamp"),
         "noop": ("bench.any.noop.x", "python!runners:stamp"),
@@ -865,17 +865,17 @@ def detail_lines(name, r):
     """The measured figures behind one rbit column."""
     parts = ", ".join(f"{label} {mb:.1f}" for label, mb in r["mem_idle_parts"].values() if mb is not None)
     lines = [
-        f"pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
-        f"{r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms",
-        f"no-op python!: {r['noop_n']} jobs, {r['noop_cycle_ms']:.1f} ms/job ({r['noop_rate_markers']:.1f} jobs/s "
-        f"marker to marker; {r['noop_ratio']:.2f} of bare kombu); inside the runner {r['noop_runner_ms']:.3f} ms",
+        (f"pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
+        f"{r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms"),
+        (f"no-op python!: {r['noop_n']} jobs, {r['noop_cycle_ms']:.1f} ms/job ({r['noop_rate_markers']:.1f} jobs/s "
+        f"marker to marker; {r['noop_ratio']:.2f} of bare kombu); inside the runner {r['noop_runner_ms']:.3f} ms"),
         f"shell!/bin/true: {r['shell_n']} jobs, {r['shell_cycle_ms']:.1f} ms/job (marker to marker)",
         f"idle memory (PSS MB): {parts}; worker VmRSS {r['rss_idle_mb']:.1f}",
-        f"memory soak: {r['soak_run']} of {r['soak_target']} jobs ({r['soak_s']:.1f} s, {r['soak_rate']:.1f} jobs/s); "
+        (f"memory soak: {r['soak_run']} of {r['soak_target']} jobs ({r['soak_s']:.1f} s, {r['soak_rate']:.1f} jobs/s); "
         f"PSS {r['mem_before_soak_mb']:.1f} -> {r['mem_after_soak_mb']:.1f} MB "
-        f"(soak alone {r['mem_growth_soak_only_mb']:+.2f}, fork server {r['forkserver_growth_mb']:+.2f})",
-        f"idle CPU: worker {r['cpu_idle_pct']:.3f} %, fork server {r['forkserver_cpu_idle_pct']:.3f} % "
-        f"over {r['cpu_idle_window_s']:.0f} s; worker log warnings/errors (markers excluded): {r['worker_log_problems']}",
+        f"(soak alone {r['mem_growth_soak_only_mb']:+.2f}, fork server {r['forkserver_growth_mb']:+.2f})"),
+        (f"idle CPU: worker {r['cpu_idle_pct']:.3f} %, fork server {r['forkserver_cpu_idle_pct']:.3f} % "
+        f"over {r['cpu_idle_window_s']:.0f} s; worker log warnings/errors (markers excluded): {r['worker_log_problems']}"),
     ]
     return [f"[{name}] {line}" for line in lines]
 
@@ -883,11 +883,11 @@ def detail_lines(name, r):
 def celery_detail_lines(name, r):
     parts = ", ".join(f"{label} {mb:.1f}" for label, mb in r["mem_idle_parts"].values() if mb is not None)
     lines = [
-        f"[{name}] pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
+        (f"[{name}] pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
         f"{r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms; no-op {r['noop_n']} tasks, "
-        f"/bin/true {r['shell_n']} tasks (stamped in the task around subprocess.run)",
-        f"[{name}] idle memory (PSS MB): {parts}; soak {r['soak_run']} tasks, "
-        f"PSS {r['mem_idle_mb']:.1f} -> {r['mem_after_soak_mb']:.1f} MB",
+        f"/bin/true {r['shell_n']} tasks (stamped in the task around subprocess.run)"),
+        (f"[{name}] idle memory (PSS MB): {parts}; soak {r['soak_run']} tasks, "
+        f"PSS {r['mem_idle_mb']:.1f} -> {r['mem_after_soak_mb']:.1f} MB"),
     ]
     if "replacement" in r:
         lines.append(f"[{name}] new pool process up after a task ended: {gap_text(r['replacement'])}")
@@ -1049,7 +1049,7 @@ def main(argv=None):
         sizes["budget"] = args.budget
     if args.soak_box:
         sizes["soak_box"] = args.soak_box
-    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda text: print(text, file=sys.stderr, flush=True)
     started = time.monotonic()
     stamps = Stamps()
     columns, details, notes, json_out = {}, [], [], {"sizes": sizes}

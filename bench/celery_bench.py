@@ -25,6 +25,8 @@ replacement is started only by the pool's 5 s ``maintain_pool`` timer.
 bench/celery_recycle_check.py shows it step by step.
 """
 
+import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -32,11 +34,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import itertools
 import uuid
 from pathlib import Path
 
-from bench import AMQP_HOST, AMQP_PORT, BENCH, percentile, rabbitmqctl, summarise_latency, tree_memory
+from bench import (
+    AMQP_HOST,
+    AMQP_PORT,
+    BENCH,
+    percentile,
+    rabbitmqctl,
+    summarise_latency,
+    tree_memory,
+)
 
 #: Task ids, shared by the set-ups of one run (the stamps' receiver is shared too).
 _IDS = itertools.count(10**8 + 1)
@@ -101,7 +110,7 @@ class CeleryRun:
         self.app.conf.update(task_serializer="json", task_ignore_result=True)
         env = {**os.environ, "PYTHONPATH": str(BENCH), "RBIT_BENCH_CELERY_BROKER": self.url,
                "C_FORCE_ROOT": "1", "RBIT_BENCH_CELERY_REPORT_TO": self.stamps.address, **self.extra_env}
-        self._log = open(self.tmp / "celery.log", "ab")
+        self._log = open(self.tmp / "celery.log", "ab")  # noqa: SIM115 - the worker's output; closed by cleanup()
         command = [sys.executable, "-m", "celery", "-A", self.app_module, "worker", "--pool=prefork",
                    "--concurrency=1", *self.options, "--without-gossip", "--without-mingle",
                    "--without-heartbeat", "--loglevel=WARNING"]
@@ -172,7 +181,7 @@ class CeleryRun:
 
     def record_gaps(self, kind, done):
         """From one task's end to the next one's start in a batch: where a process-per-task worker loses its time."""
-        gaps = [(b[0] - a[1]) * 1000 for a, b in zip(done, done[1:])]
+        gaps = [(b[0] - a[1]) * 1000 for a, b in itertools.pairwise(done)]
         if gaps:
             self.results[f"{kind}_gaps"] = summarise_gaps(gaps)
 
@@ -241,10 +250,8 @@ class CeleryRun:
                 self.process.wait(5)
         if self.process is not None:
             self._log.close()
-        try:
+        with contextlib.suppress(Exception):  # the publisher's connections; the vhost goes next anyway
             self.app.pool.force_close_all()
-        except Exception:  # noqa: BLE001
-            pass
         try:
             rabbitmqctl("delete_vhost", self.vhost)
         except Exception as exc:  # noqa: BLE001 - report, never hide the figures

@@ -28,9 +28,11 @@ replacement is started by the next timer tick.
 """
 
 import argparse
+import itertools
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def _log_to(path):
@@ -77,7 +79,7 @@ def report(done, events):
     """Print each task's wait since the previous one ended, with the pool's steps in that wait."""
     print(f"{'task':>4} {'wait ms':>8}  pool steps in the wait (ms after the previous task ended)")
     slow = 0
-    for number, (previous, task) in enumerate(zip(done, done[1:]), 2):
+    for number, (previous, task) in enumerate(itertools.pairwise(done), 2):
         ended, started = previous[1], task[0]
         steps = [f"+{(t - ended) * 1000:.0f} {event} {detail}".strip()
                  for t, event, detail in events if ended <= t <= started]
@@ -89,7 +91,7 @@ def report(done, events):
 
 def read_events(path):
     events = []
-    for line in open(path).read().splitlines():
+    for line in Path(path).read_text().splitlines():
         stamp, event, detail = (line.split(" ", 2) + [""])[:3]
         events.append((float(stamp), event, detail))
     return events
@@ -99,8 +101,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=12)
     args = parser.parse_args(argv)
-    import bench
     import celery_bench
+
+    import bench
 
     stamps = bench.Stamps()
     run = celery_bench.CeleryRun("celery_ppt", dict(bench.SIZES["quick"]), stamps, log=lambda _: None,

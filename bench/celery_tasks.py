@@ -9,10 +9,9 @@ import os
 import subprocess
 import time
 
+import runners
 from celery import Celery
 from celery.signals import worker_process_init
-
-import runners
 
 app = Celery("rbit_bench", broker=os.environ.get("RBIT_BENCH_CELERY_BROKER", "amqp://guest:guest@127.0.0.1//"))
 app.conf.update(

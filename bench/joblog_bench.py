@@ -40,10 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rbit import logdir  # noqa: E402
-from tests.broker import drop_vhost, make_vhost  # noqa: E402
-from tests.harness import write_config  # noqa: E402
-from tests.pybit_models import request_body  # noqa: E402
+from rbit import logdir
+from tests.broker import drop_vhost, make_vhost
+from tests.harness import write_config
+from tests.pybit_models import request_body
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
