@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/celery_recycle_check.py [--tasks 12]
+    python bench/celery_recycle_check.py [--tasks 20]
 
 Starts Celery's documented set-up for a fresh process per task, ``celery
 worker --pool=prefork --concurrency=1 --max-tasks-per-child=1`` (the command
@@ -99,7 +99,7 @@ def read_events(path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", type=int, default=12)
+    parser.add_argument("--tasks", type=int, default=20)
     args = parser.parse_args(argv)
     import celery_bench
 
