@@ -312,6 +312,11 @@ class Stamps:
         with self.cond:
             return self.events.get((kind, job_id))
 
+    def latest(self, kind):
+        """The time of the latest *kind* stamp so far (0.0 without one)."""
+        with self.cond:
+            return max((stamp for key, stamp in self.events.items() if key[0] == kind), default=0.0)
+
     def wait_after(self, kind, after, timeout=30.0):
         """The first *kind* stamp later than *after*, as (id, time); None after *timeout*.
 
