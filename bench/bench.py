@@ -937,6 +937,10 @@ def verdict(columns, key):
     return "/".join(marks) or "-"
 
 
+def plural(count, noun):
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def md_pickup(r, key):
     value, n = r.get(key), r.get("latency_n")
     if value is None:
@@ -951,16 +955,16 @@ def md_rate(r, kind):
     rate, n = r.get(f"{kind}_rate"), r.get(f"{kind}_n")
     if rate is None:
         return "-"
-    text = f"{rate:.1f} /s ({n} jobs)"
+    text = f"{rate:.1f} /s ({plural(n, 'job')})"
     if kind == "shell" and r.get("shell_ratio") is not None:
-        text += f" = {r['shell_ratio']:.3f} of the floor"
+        text += f" = {r['shell_ratio']:.2g} of the floor"  # two digits, however small
     return text
 
 
 def md_growth(r):
     if r.get("mem_growth_mb") is None:
         return "-"
-    return f"{r['mem_growth_mb']:+.2f} MB over {r['soak_run']:,} jobs"
+    return f"{r['mem_growth_mb']:+.2f} MB over {plural(r['soak_run'], 'job')}"
 
 
 def md_round_trips(r):
