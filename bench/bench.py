@@ -1046,7 +1046,7 @@ def main(argv=None):
     parser.add_argument("--markdown", action="store_true",
                         help="also print the results as a markdown table for the project README")
     parser.add_argument("--joblog", action="store_true",
-                        help="also run bench/joblog_bench.py (a 20 MB build log, about 10 s) as a last phase")
+                        help="also run bench/joblog_bench.py (a 20 MB build log, about 15 s) as a last phase")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help=f"time budget of the whole run (default {TOTAL_BUDGET:.0f})")
     parser.add_argument("--soak-box", type=float, metavar="SECONDS",
