@@ -122,8 +122,7 @@ def install_worker_hooks():
 def dump(path):
     """Write the spans recorded so far as JSON lines."""
     with open(path, "w") as out:
-        for span in SPANS:
-            out.write(json.dumps(span) + "\n")
+        out.writelines(json.dumps(span) + "\n" for span in SPANS)
 
 
 # -- The job's side (fork server and job processes) -----------------------------------------------

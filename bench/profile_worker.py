@@ -16,16 +16,18 @@ fork server and the broker (beam.smp) spent per job.
 
 import argparse
 import bisect
+import itertools
 import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import Bench, WorkerUnderTest, cpu_ticks, percentile  # noqa: E402
+from bench import Bench, WorkerUnderTest, cpu_ticks, percentile
 
 
 def serve(config_path, trace_path):
@@ -85,8 +87,7 @@ def _write_allocation_growth(path):
         out.write(_live_consumers())
         for stat in stats[:12]:
             out.write(f"\n{stat.size_diff / 1024:+.1f} KiB in {stat.count_diff:+d} blocks\n")
-            for line in stat.traceback.format()[-16:]:
-                out.write(line + "\n")
+            out.writelines(line + "\n" for line in stat.traceback.format()[-16:])
 
 
 def _live_consumers():
@@ -162,7 +163,7 @@ class ProfileBench(Bench):
 
     fixes = ""
 
-    QUEUES = {kind: (key, line.replace("python!runners:", "python!profile_hooks:"))
+    QUEUES: ClassVar[dict] = {kind: (key, line.replace("python!runners:", "python!profile_hooks:"))
               for kind, (key, line) in Bench.QUEUES.items()}
 
     def make_worker(self, config):
@@ -374,11 +375,11 @@ def print_gaps(groups, timelines):
         if "batch" not in group:
             continue
         gaps = []
-        for a, b in zip(ids, ids[1:]):
+        for a, b in itertools.pairwise(ids):
             if a in timelines and b in timelines:
                 gaps.append((timelines[b]["on_message"] - timelines[a]["idle"]) * 1000)
         cycle = [(timelines[b]["on_message"] - timelines[a]["on_message"]) * 1000
-                 for a, b in zip(ids, ids[1:]) if a in timelines and b in timelines]
+                 for a, b in itertools.pairwise(ids) if a in timelines and b in timelines]
         print(f"{group}: consume again -> next delivery median {statistics.median(gaps):.2f} ms; "
               f"job-to-job cycle median {statistics.median(cycle):.2f} ms, p90 {percentile(cycle, 0.9):.2f} ms")
 
@@ -410,7 +411,7 @@ def main(argv=None):
                                                   "(see bench/profile_hooks.py)")
     args = parser.parse_args(argv)
     ProfileBench.fixes = args.fix
-    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda text: print(text, file=sys.stderr, flush=True)
 
     groups, timelines, cpu, rates, counts = {}, {}, {}, {}, []
     bench = ProfileBench({}, log=log)
