@@ -1,20 +1,24 @@
 """Timing hooks for profiling where an rbit job's time goes (used by bench/profile_worker.py).
 
 Nothing here changes what rbit does: functions are wrapped so that their start
-and end times (``time.time()``) are recorded.
+and end times (``time.time()``) are recorded. The one addition is this module,
+imported by the fork server (and so present in every job process).
 
 * In the worker (:func:`install_worker_hooks`): spans of the broker calls
   (cancel, the in-progress copy's publish with its confirm, ack, consume,
   purge, drain), of taking a message (decode, ``Jobs.start`` with the job's
   log and ``JobProcess.begin``), of noticing the job's end (its events, its
   exit, its output drained, ``Jobs._end``), of ``Jobs.finish`` and of
-  ``Jobs.warm_up`` (starting the next waiting process), and of ``select``.
+  ``Jobs.warm_up`` (starting the next waiting process), of ``Liveness.tick``
+  and of ``select``.
   Each span is ``(name, start, end, info)``, *info* a job id, a pid or a dict
   saying which job, process or outcome the call was about. They are kept in
   memory and written by :func:`dump` as JSON lines.
-* In the fork server and the job processes: this module is the runner module
-  of the profiling configuration (``python!profile_hooks:stamp``), so the fork
-  server imports it at start-up. When ``RBIT_BENCH_REPORT_TO`` is set, the import
+* In the fork server and the job processes: the worker's hooks add this
+  module to the fork server's preloaded modules (it is also the runner module
+  of the profiling configuration, ``python!profile_hooks:stamp``, but a
+  ``shell!``-only configuration names none), so the fork server imports it at
+  start-up. When ``RBIT_BENCH_REPORT_TO`` is set, the import
   wraps ``rbit.child.main``, ``_lifeline``, ``_run`` and ``_become`` and
   ``rbit.guard.main``; each process then sends UDP datagrams ``KIND ID TIME``
   (the format of bench/runners.py) to that address: ``w_main`` (the process
@@ -116,6 +120,7 @@ def install_worker_hooks():
         guard,
         joblog,
         jobs,
+        liveness,
         queues,
         reporting,
         running,
@@ -124,6 +129,16 @@ def install_worker_hooks():
     )
 
     install_fixes()
+
+    # The fork server imports this module whatever the runners (a shell!-only configuration names
+    # none of ours), so that every job process and the guard send their stamps.
+    fork_context = jobs.fork_context
+
+    @functools.wraps(fork_context)
+    def fork_context_hooked(preload=()):
+        return fork_context([*preload, __name__])
+
+    jobs.fork_context = fork_context_hooked
 
     # The broker: each call is one round trip (drain and heartbeat_check none, unless frames wait).
     _timed(broker.Broker, "cancel", "broker.cancel")
@@ -162,6 +177,7 @@ def install_worker_hooks():
     _timed(running.Jobs, "warm_up", "jobs.warm_up")
     _timed(jobs.JobProcess, "start", "jobprocess.start", info=lambda _, self, *args, **kwargs: self.pid)
     _timed(guard.Guard, "watch", "guard.watch")
+    _timed(liveness.Liveness, "tick", "liveness.tick")
     _timed(worker.Worker, "_resume_consuming", "worker._resume_consuming")
     _timed(wakeup.Wakeup, "wait", "select")
 
