@@ -27,7 +27,7 @@ from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import Bench, WorkerUnderTest, cpu_ticks, percentile
+from bench import Bench, WorkerUnderTest, cpu_ticks, helper_pids, percentile
 
 
 def serve(config_path, trace_path):
@@ -128,6 +128,13 @@ def _describe(obj):
     return repr(obj)[:120]
 
 
+def reaped_ticks(pid):
+    """cutime + cstime of *pid*: the CPU of its children that it has reaped, in clock ticks."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[13]) + int(fields[14])
+
+
 def beam_pid(port=5672):
     """The pid of the process listening on the AMQP *port* (the RabbitMQ node), or None.
 
@@ -177,9 +184,20 @@ class ProfileBench(Bench):
             env={"RBIT_BENCH_REPORT_TO": self.stamps.address, "RBIT_BENCH_FIX": self.fixes},
         )
 
+    def guard_pid(self):
+        """The pid of the worker's guard process (it stamps ``w_guard PID`` as it starts), or None."""
+        with self.stamps.cond:
+            found = [(stamp, key[1]) for key, stamp in self.stamps.events.items() if key[0] == "w_guard"]
+        return max(found)[1] if found else None
+
     def cpu_snapshot(self):
-        pids = {"worker": self.worker.pid, "forkserver": self.forkserver, "broker": beam_pid()}
-        return {who: cpu_ticks(pid) for who, pid in pids.items() if pid}
+        pids = {"worker": self.worker.pid, "forkserver": self.forkserver, "guard": self.guard_pid(),
+                "broker": beam_pid()}
+        ticks = {who: cpu_ticks(pid) for who, pid in pids.items() if pid}
+        if self.forkserver:
+            # The job processes are the fork server's children, reaped by it: their CPU is its children's.
+            ticks["job processes"] = reaped_ticks(self.forkserver)
+        return ticks
 
     def profile(self, latency_n, batch_n):
         self.setup()
@@ -223,6 +241,7 @@ class SingleQueueProfile(ProfileBench):
         self.broker.publish_bulk(bodies, self.routing_key(self.kind), self.queue(self.kind))
         self.start_worker(wait=False)
         t_begin = self.broker.wait_marker(begin, 60)
+        self.forkserver, _ = helper_pids(self.worker.pid)
         before, t0 = self.cpu_snapshot(), time.monotonic()
         t_end = self.broker.wait_marker(end, 180)
         after, wall = self.cpu_snapshot(), time.monotonic() - t0
