@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/bench.py [--quick] [--json] [--both-paths] [--no-celery]
+    python bench/bench.py [--quick] [--json] [--markdown] [--joblog] [--both-paths] [--no-celery]
 
 First the Celery columns (bench/celery_bench.py, if Celery 5 is installed:
 ``pip install -r bench/requirements.txt``), then one real rbit worker started
@@ -41,6 +41,7 @@ Every figure is printed next to Celery's, the floor and its target, with PASS or
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -56,6 +57,7 @@ import time
 import types
 import uuid
 from pathlib import Path
+from typing import ClassVar
 
 import amqp
 from kombu import Connection, Consumer, Queue
@@ -64,8 +66,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from rbit.pybit import encode, make_request  # noqa: E402
-from tests.harness import write_config  # noqa: E402
+from rbit.pybit import encode, make_request
+from tests.harness import write_config
 
 AMQP_HOST = os.environ.get("RBIT_TEST_AMQP_HOST", "127.0.0.1")
 AMQP_PORT = int(os.environ.get("RBIT_TEST_AMQP_PORT", "5672"))
@@ -92,12 +94,12 @@ FIGURES = {
 
 #: Phase sizes: full run and --quick.
 SIZES = {
-    "full": dict(idle_s=10.0, latency_n=200, batch_n=500, batch_box=40.0, soak_n=20000, soak_box=120.0,
-                 budget=TOTAL_BUDGET, celery_latency_n=100, celery_batch_n=300, celery_soak_box=10.0,
-                 celery_pause=0.05, celery_box=20.0, module_soak_box=20.0),
-    "quick": dict(idle_s=3.0, latency_n=30, batch_n=100, batch_box=20.0, soak_n=1000, soak_box=10.0,
-                  budget=TOTAL_BUDGET, celery_latency_n=20, celery_batch_n=50, celery_soak_box=3.0,
-                  celery_pause=0.05, celery_box=8.0, module_soak_box=5.0),
+    "full": {"idle_s": 10.0, "latency_n": 200, "batch_n": 500, "batch_box": 40.0, "soak_n": 20000, "soak_box": 120.0,
+                 "budget": TOTAL_BUDGET, "celery_latency_n": 100, "celery_batch_n": 300, "celery_soak_box": 10.0,
+                 "celery_pause": 0.05, "celery_box": 20.0, "celery_latency_box": 30.0, "module_soak_box": 20.0},
+    "quick": {"idle_s": 3.0, "latency_n": 30, "batch_n": 100, "batch_box": 20.0, "soak_n": 1000, "soak_box": 10.0,
+                  "budget": TOTAL_BUDGET, "celery_latency_n": 20, "celery_batch_n": 50, "celery_soak_box": 3.0,
+                  "celery_pause": 0.05, "celery_box": 8.0, "celery_latency_box": 12.0, "module_soak_box": 5.0},
 }
 
 
@@ -209,10 +211,8 @@ class BenchBroker:
 
     def close(self):
         for conn in (self.confirmed, self.bulk, self.watch):
-            try:
+            with contextlib.suppress(Exception):  # closing at the end: a broken connection is no news
                 conn.release()
-            except Exception:
-                pass
 
     def declare_build_queue(self, queue, routing_key):
         """Declare a build queue exactly as PyBit does, so that messages wait for the worker."""
@@ -286,7 +286,7 @@ class Stamps:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
         self.sock.bind(("127.0.0.1", 0))
-        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.events = {}
         self.cond = threading.Condition()
         threading.Thread(target=self._receive, daemon=True).start()
@@ -311,6 +311,25 @@ class Stamps:
     def get(self, kind, job_id):
         with self.cond:
             return self.events.get((kind, job_id))
+
+    def latest(self, kind):
+        """The time of the latest *kind* stamp so far (0.0 without one)."""
+        with self.cond:
+            return max((stamp for key, stamp in self.events.items() if key[0] == kind), default=0.0)
+
+    def wait_after(self, kind, after, timeout=30.0):
+        """The first *kind* stamp later than *after*, as (id, time); None after *timeout*.
+
+        For stamps whose id is not known in advance (a Celery pool process's
+        ``ready PID TIME``).
+        """
+        def first():
+            found = [(stamp, key[1]) for key, stamp in self.events.items() if key[0] == kind and stamp > after]
+            return min(found) if found else None
+
+        with self.cond:
+            hit = self.cond.wait_for(first, timeout)
+            return (hit[1], hit[0]) if hit else None
 
 
 # -- The worker ----------------------------------------------------------------
@@ -347,7 +366,7 @@ class WorkerUnderTest:
 
     def start(self):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(BENCH)]), **self.env}
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - the worker's output; closed by stop()
         self.process = subprocess.Popen(
             self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
             cwd=str(self.config_path.parent),
@@ -380,7 +399,7 @@ class WorkerUnderTest:
 class Bench:
     """One run: the vhost, the worker, the phases and their figures."""
 
-    QUEUES = {
+    QUEUES: ClassVar[dict] = {
         # kind: (routing key, runner line); the queue is bench_KIND_SUFFIX
         "lat": ("bench.any.lat.x", "python!runners:stamp"),
         "noop": ("bench.any.noop.x", "python!runners:stamp"),
@@ -851,30 +870,40 @@ def detail_lines(name, r):
     """The measured figures behind one rbit column."""
     parts = ", ".join(f"{label} {mb:.1f}" for label, mb in r["mem_idle_parts"].values() if mb is not None)
     lines = [
-        f"pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
-        f"{r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms",
-        f"no-op python!: {r['noop_n']} jobs, {r['noop_cycle_ms']:.1f} ms/job ({r['noop_rate_markers']:.1f} jobs/s "
-        f"marker to marker; {r['noop_ratio']:.2f} of bare kombu); inside the runner {r['noop_runner_ms']:.3f} ms",
+        (f"pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
+        f"{r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms"),
+        (f"no-op python!: {r['noop_n']} jobs, {r['noop_cycle_ms']:.1f} ms/job ({r['noop_rate_markers']:.1f} jobs/s "
+        f"marker to marker; {r['noop_ratio']:.2f} of bare kombu); inside the runner {r['noop_runner_ms']:.3f} ms"),
         f"shell!/bin/true: {r['shell_n']} jobs, {r['shell_cycle_ms']:.1f} ms/job (marker to marker)",
         f"idle memory (PSS MB): {parts}; worker VmRSS {r['rss_idle_mb']:.1f}",
-        f"memory soak: {r['soak_run']} of {r['soak_target']} jobs ({r['soak_s']:.1f} s, {r['soak_rate']:.1f} jobs/s); "
+        (f"memory soak: {r['soak_run']} of {r['soak_target']} jobs ({r['soak_s']:.1f} s, {r['soak_rate']:.1f} jobs/s); "
         f"PSS {r['mem_before_soak_mb']:.1f} -> {r['mem_after_soak_mb']:.1f} MB "
-        f"(soak alone {r['mem_growth_soak_only_mb']:+.2f}, fork server {r['forkserver_growth_mb']:+.2f})",
-        f"idle CPU: worker {r['cpu_idle_pct']:.3f} %, fork server {r['forkserver_cpu_idle_pct']:.3f} % "
-        f"over {r['cpu_idle_window_s']:.0f} s; worker log warnings/errors (markers excluded): {r['worker_log_problems']}",
+        f"(soak alone {r['mem_growth_soak_only_mb']:+.2f}, fork server {r['forkserver_growth_mb']:+.2f})"),
+        (f"idle CPU: worker {r['cpu_idle_pct']:.3f} %, fork server {r['forkserver_cpu_idle_pct']:.3f} % "
+        f"over {r['cpu_idle_window_s']:.0f} s; worker log warnings/errors (markers excluded): {r['worker_log_problems']}"),
     ]
     return [f"[{name}] {line}" for line in lines]
 
 
 def celery_detail_lines(name, r):
     parts = ", ".join(f"{label} {mb:.1f}" for label, mb in r["mem_idle_parts"].values() if mb is not None)
-    return [
-        f"[{name}] pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
+    lines = [
+        (f"[{name}] pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
         f"{r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms; no-op {r['noop_n']} tasks, "
-        f"/bin/true {r['shell_n']} tasks (stamped in the task around subprocess.run)",
-        f"[{name}] idle memory (PSS MB): {parts}; soak {r['soak_run']} tasks, "
-        f"PSS {r['mem_idle_mb']:.1f} -> {r['mem_after_soak_mb']:.1f} MB",
+        f"/bin/true {r['shell_n']} tasks (stamped in the task around subprocess.run)"),
+        (f"[{name}] idle memory (PSS MB): {parts}; soak {r['soak_run']} tasks, "
+        f"PSS {r['mem_idle_mb']:.1f} -> {r['mem_after_soak_mb']:.1f} MB"),
     ]
+    if "replacement" in r:
+        lines.append(f"[{name}] new pool process up after a task ended: {gap_text(r['replacement'])}")
+    for kind, what in (("noop_gaps", "no-op batch"), ("shell_gaps", "/bin/true batch")):
+        if kind in r:
+            lines.append(f"[{name}] {what}, one task's end to the next one's start: {gap_text(r[kind])}")
+    return lines
+
+
+def gap_text(g):
+    return (f"p50 {g['p50_ms']:.0f} ms, max {g['max_ms']:.0f} ms, {g['over_1s']} of {g['n']} over 1 s")
 
 
 def round_trip_line(r):
@@ -883,6 +912,125 @@ def round_trip_line(r):
     return (f"broker round trips per job: {r['round_trips_per_job']:g} (blocking waits: {waits})\n"
             f"AMQP methods the worker sends per job: {r['methods_per_job']:g} ({methods}); "
             f"over {r['round_trip_jobs']} jobs one at a time, counted by bench/amqp_trace")
+
+
+# -- Markdown for the project README -------------------------------------------------
+
+
+def memory_gib():
+    """The machine's memory in GiB, from /proc/meminfo."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def verdict(columns, key):
+    """met / missed for each rbit column (joined by '/'), on FIGURES' test of *key*; '-' without a target."""
+    test = FIGURES[key][4]
+    marks = []
+    for name, results in columns.items():
+        if name.startswith("rbit"):
+            value = results.get(key)
+            marks.append("missed" if value is None or not test(value) else "met")
+    return "/".join(marks) or "-"
+
+
+def plural(count, noun):
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def md_pickup(r, key):
+    value, n = r.get(key), r.get("latency_n")
+    if value is None:
+        return "-"
+    if key == "latency_p50_ms":
+        return f"{value:.1f} ms ({n} samples)"
+    # With fewer than 100 samples the nearest-rank p99 is the slowest one: say so.
+    return f"{value:.1f} ms" if n >= 100 else f"{value:.1f} ms (max of {n})"
+
+
+def md_rate(r, kind):
+    rate, n = r.get(f"{kind}_rate"), r.get(f"{kind}_n")
+    if rate is None:
+        return "-"
+    text = f"{rate:.1f} /s ({plural(n, 'job')})"
+    if kind == "shell" and r.get("shell_ratio") is not None:
+        text += f" = {r['shell_ratio']:.2g} of the floor"  # two digits, however small
+    return text
+
+
+def md_growth(r):
+    if r.get("mem_growth_mb") is None:
+        return "-"
+    return f"{r['mem_growth_mb']:+.2f} MB over {plural(r['soak_run'], 'job')}"
+
+
+def md_round_trips(r):
+    if r.get("round_trips_per_job") is None:
+        return "not measured"
+    return f"{r['round_trips_per_job']:g} ({r['methods_per_job']:g} AMQP methods sent)"
+
+
+def markdown_rows(columns, floors):
+    """(figure, a cell per column, floor, target, verdict) for each figure of the README's table."""
+    def cells(render):
+        return [render(r) for r in columns.values()]
+
+    return [
+        ("pickup latency p50, publish to runner start, idle worker", cells(lambda r: md_pickup(r, "latency_p50_ms")),
+         "-", FIGURES["latency_p50_ms"][5], verdict(columns, "latency_p50_ms")),
+        ("pickup latency p99", cells(lambda r: md_pickup(r, "latency_p99_ms")),
+         "-", FIGURES["latency_p99_ms"][5], verdict(columns, "latency_p99_ms")),
+        ("no-op `python!` jobs/s (floor: bare kombu consume-and-ack, prefetch 1)", cells(lambda r: md_rate(r, "noop")),
+         f"{floors['bare_kombu_rate']:.0f} /s", FIGURES["noop_rate"][5], verdict(columns, "noop_rate")),
+        ("`shell!/bin/true` jobs/s (floor: bare `subprocess.run` loop)", cells(lambda r: md_rate(r, "shell")),
+         f"{floors['bare_subprocess_rate']:.0f} /s", f"{FIGURES['shell_ratio'][5]} of the floor",
+         verdict(columns, "shell_ratio")),
+        ("idle memory, PSS of the worker and every process it keeps", cells(lambda r: fmt(r.get("mem_idle_mb"), "MB")),
+         "-", FIGURES["mem_idle_mb"][5], verdict(columns, "mem_idle_mb")),
+        ("memory growth over the soak", cells(md_growth), "-", FIGURES["mem_growth_mb"][5],
+         verdict(columns, "mem_growth_mb")),
+        ("broker round trips per job (blocking waits)", cells(md_round_trips), "-", "-", "-"),
+    ]
+
+
+#: The 20 MB build log's targets: a program in a job at least this share of its speed writing to a file ...
+JOBLOG_SPEED = 0.25
+#: ... and at most this much of the worker's CPU for the job, in ms.
+JOBLOG_CPU_MS = 500
+
+
+def joblog_rows(joblog, width):
+    """One row per program of bench/joblog_bench.py: speed in a job against to a file, and the worker's CPU."""
+    rows = []
+    for program in ("cat", "seq"):
+        r = joblog[program]
+        speed = 1 / r["ratio"]
+        met = speed >= JOBLOG_SPEED and r["worker_cpu_ms"] < JOBLOG_CPU_MS
+        rows.append((f"20 MB build log, `{program}`: speed in a job against writing the same file; worker CPU",
+                     [f"{speed:.2f} of the file's speed; {r['worker_cpu_ms']:.0f} ms CPU"] + ["-"] * (width - 1),
+                     f"{r['program_to_file_s'] * 1000:.0f} ms to a file",
+                     f">= {JOBLOG_SPEED} of the speed, < {JOBLOG_CPU_MS / 1000:g} s CPU", "met" if met else "missed"))
+    return rows
+
+
+def print_markdown(columns, floors, joblog, load_start, command):
+    """The results as a markdown table for the project README's Performance section, and the run's setting."""
+    rows = markdown_rows(columns, floors)
+    if joblog:
+        rows += joblog_rows(joblog, len(columns))
+    header = ["figure", *columns, "floor", "target", "met/missed"]
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    for label, values, floor, target, mark in rows:
+        print("| " + " | ".join([label, *values, floor, target, mark]) + " |")
+    print()
+    print(f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `{command}`, on a machine "
+          f"with {os.cpu_count()} cores and {memory_gib():.0f} GiB of memory; load average (1 min) "
+          f"{load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.")
 
 
 def main(argv=None):
@@ -895,6 +1043,10 @@ def main(argv=None):
                         help="how to start the measured worker: script (`rbit CONFIG`, as the systemd unit; "
                              "default) or module (`python -m rbit CONFIG`)")
     parser.add_argument("--no-celery", action="store_true", help="leave out the Celery columns")
+    parser.add_argument("--markdown", action="store_true",
+                        help="also print the results as a markdown table for the project README")
+    parser.add_argument("--joblog", action="store_true",
+                        help="also run bench/joblog_bench.py (a 20 MB build log, about 15 s) as a last phase")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help=f"time budget of the whole run (default {TOTAL_BUDGET:.0f})")
     parser.add_argument("--soak-box", type=float, metavar="SECONDS",
@@ -906,7 +1058,7 @@ def main(argv=None):
         sizes["budget"] = args.budget
     if args.soak_box:
         sizes["soak_box"] = args.soak_box
-    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda text: print(text, file=sys.stderr, flush=True)
     started = time.monotonic()
     stamps = Stamps()
     columns, details, notes, json_out = {}, [], [], {"sizes": sizes}
@@ -962,6 +1114,10 @@ def main(argv=None):
         json_out[f"rbit_{path}"] = bench.results
         if "round_trips_per_job" in bench.results:
             round_trips = round_trip_line(bench.results)
+    joblog = run_joblog(log) if args.joblog else None
+    if joblog:
+        json_out["joblog"] = joblog
+        details += joblog_lines(joblog)
     for results in columns.values():
         if results.get("shell_rate") and "shell_ratio" not in results:
             results["shell_ratio"] = results["shell_rate"] / floors["bare_subprocess_rate"]
@@ -981,7 +1137,25 @@ def main(argv=None):
         print(f"note: {note}")
     if args.json:
         print(json.dumps({**json_out, "notes": notes}, indent=2, sort_keys=True, default=str))
+    if args.markdown:
+        command = " ".join(["python bench/bench.py", *(argv if argv is not None else sys.argv[1:])])
+        print_markdown(columns, floors, joblog, load_start[0], command)
     return 0
+
+
+def joblog_lines(j):
+    return [f"[20 MB build log, `{name}`] program {j[name]['program_to_file_s'] * 1000:.1f} ms to a file, "
+            f"{j[name]['program_in_job_s'] * 1000:.1f} ms in a job; job {j[name]['job_s'] * 1000:.0f} ms "
+            f"(bare subprocess.run {j[name]['subprocess_to_file_s'] * 1000:.0f} ms); worker CPU "
+            f"{j[name]['worker_cpu_ms']:.0f} ms; medians of {j['runs']}" for name in ("cat", "seq")]
+
+
+def run_joblog(log):
+    """bench/joblog_bench.py's figures (both programs, medians of 5 jobs), after the other phases."""
+    import joblog_bench
+
+    log("20 MB build log (bench/joblog_bench.py) ...")
+    return joblog_bench.measure(mb=20, runs=5)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ import os
 import subprocess
 import time
 
-from celery import Celery
-
 import runners
+from celery import Celery
+from celery.signals import worker_process_init
 
 app = Celery("rbit_bench", broker=os.environ.get("RBIT_BENCH_CELERY_BROKER", "amqp://guest:guest@127.0.0.1//"))
 app.conf.update(
@@ -24,9 +24,22 @@ app.conf.update(
 )
 
 
-
 def _report(report_to, kind, job_id, stamp):
     runners._send({"report_to": report_to}, f"{kind} {job_id} {stamp!r}")
+
+
+@worker_process_init.connect
+def _report_ready(**_):
+    """Stamp ``ready PID TIME`` when a pool process has started, just before it tells the pool it is up.
+
+    With ``--max-tasks-per-child=1`` every task runs in a fresh pool process, so
+    the benchmark waits for this stamp before it publishes the next pickup
+    sample: the worker is idle again, as rbit is when it consumes again. The
+    stamp also times how long the replacement took. Observation only.
+    """
+    report_to = os.environ.get("RBIT_BENCH_CELERY_REPORT_TO")
+    if report_to:
+        _report(report_to, "ready", os.getpid(), time.time())
 
 
 @app.task(name="bench.stamp")

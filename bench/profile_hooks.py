@@ -1,17 +1,32 @@
 """Timing hooks for profiling where an rbit job's time goes (used by bench/profile_worker.py).
 
 Nothing here changes what rbit does: functions are wrapped so that their start
-and end times (``time.time()``) are recorded.
+and end times (``time.time()``) are recorded. The one addition is this module,
+imported by the fork server (and so present in every job process).
 
 * In the worker (:func:`install_worker_hooks`): spans of the broker calls
-  (cancel, publish with its confirm, consume, purge, drain), of starting and
-  reaping the job's process, of status reporting, and of ``select``. They are
-  kept in memory and written by :func:`dump` as JSON lines.
-* In the fork server and the job processes: this module is the runner module
-  of the profiling configuration (``python!profile_hooks:stamp``), so the fork
-  server imports it at start-up. When ``RBIT_BENCH_REPORT_TO`` is set, the import
-  wraps ``rbit.jobs.child_main`` and its helpers; each job then sends UDP
-  datagrams ``KIND JOB_ID TIME`` (the format of bench/runners.py) to that address.
+  (cancel, the in-progress copy's publish with its confirm, ack, consume,
+  purge, drain), of taking a message (decode, ``Jobs.start`` with the job's
+  log and ``JobProcess.begin``), of noticing the job's end (its events, its
+  exit, its output drained, ``Jobs._end``), of ``Jobs.finish`` and of
+  ``Jobs.warm_up`` (starting the next waiting process), of ``Liveness.tick``
+  and of ``select``.
+  Each span is ``(name, start, end, info)``, *info* a job id, a pid or a dict
+  saying which job, process or outcome the call was about. They are kept in
+  memory and written by :func:`dump` as JSON lines.
+* In the fork server and the job processes: the worker's hooks add this
+  module to the fork server's preloaded modules (it is also the runner module
+  of the profiling configuration, ``python!profile_hooks:stamp``, but a
+  ``shell!``-only configuration names none), so the fork server imports it at
+  start-up. When ``RBIT_BENCH_REPORT_TO`` is set, the import
+  wraps ``rbit.child.main``, ``_lifeline``, ``_run`` and ``_become`` and
+  ``rbit.guard.main``; each process then sends UDP datagrams ``KIND ID TIME``
+  (the format of bench/runners.py) to that address: ``w_main`` (the process
+  started, waiting for no job yet), ``w_ready`` (its lifeline runs: it waits for
+  its job) and ``w_guard`` with the process's pid as ID; ``c_handed`` (the
+  lifeline has the job), ``c_run`` and ``c_ran`` (``_run`` entered and
+  returned), ``c_become`` (``_become`` entered: the process is about to become
+  its program) and ``c_exit`` (``main`` returns) with the job id.
 """
 
 import functools
@@ -22,7 +37,7 @@ import time
 
 import runners
 
-#: Spans recorded in this process: (name, start, end, job id or None).
+#: Spans recorded in this process: (name, start, end, info: a job id, a pid, a dict or None).
 SPANS = []
 
 _REPORT_TO = os.environ.get("RBIT_BENCH_REPORT_TO")
@@ -55,24 +70,31 @@ def gate(message, set_status, settings):
 # -- The worker's side --------------------------------------------------------------------------
 
 
-def _timed(owner, attribute, name=None, job_of=None):
-    """Replace ``owner.attribute`` by a wrapper that records a span named *name*."""
+def _timed(owner, attribute, name=None, info=None):
+    """Replace ``owner.attribute`` by a wrapper that records a span named *name*.
+
+    ``info(result, *args, **kwargs)``, called after the original returned (with
+    *result* None if it raised), gives the span's job id, pid or dict.
+    """
     original = getattr(owner, attribute)
     name = name or attribute
 
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
         start = time.time()
+        result = None
         try:
-            return original(*args, **kwargs)
+            result = original(*args, **kwargs)
+            return result
         finally:
-            job = None
-            if job_of is not None:
+            end = time.time()
+            found = None
+            if info is not None:
                 try:
-                    job = job_of(*args, **kwargs)
-                except Exception:  # noqa: BLE001 - a span without a job id is still a span
-                    job = None
-            SPANS.append((name, start, time.time(), job))
+                    found = info(result, *args, **kwargs)
+                except Exception:  # noqa: BLE001 - a span without its info is still a span
+                    found = None
+            SPANS.append((name, start, end, found))
 
     setattr(owner, attribute, wrapper)
 
@@ -90,76 +112,127 @@ def install_fixes():
 
 def install_worker_hooks():
     """Apply the experimental fixes, then wrap the worker's steps; call before the worker is made."""
-    from rbit import broker, jobs, reporting, running, wakeup, worker
+    import amqp.channel
+
+    from rbit import (
+        broker,
+        capture,
+        guard,
+        joblog,
+        jobs,
+        liveness,
+        queues,
+        reporting,
+        running,
+        wakeup,
+        worker,
+    )
 
     install_fixes()
 
+    # The fork server imports this module whatever the runners (a shell!-only configuration names
+    # none of ours), so that every job process and the guard send their stamps.
+    fork_context = jobs.fork_context
+
+    @functools.wraps(fork_context)
+    def fork_context_hooked(preload=()):
+        return fork_context([*preload, __name__])
+
+    jobs.fork_context = fork_context_hooked
+
+    # The broker: each call is one round trip (drain and heartbeat_check none, unless frames wait).
     _timed(broker.Broker, "cancel", "broker.cancel")
     _timed(broker.Broker, "publish", "broker.publish+confirm")
     _timed(broker.Broker, "consume", "broker.consume")
     _timed(broker.Broker, "purge", "broker.purge")
     _timed(broker.Broker, "drain", "broker.drain")
     _timed(broker.Broker, "heartbeat_check", "broker.heartbeat_check")
+    _timed(amqp.channel.Channel, "basic_ack", "broker.ack")
+    # Taking a message.
     _timed(worker, "decode_build_request", "decode")
     _timed(worker.Worker, "_on_message", "worker._on_message")
-    _timed(worker.Worker, "_resume_consuming", "worker._resume_consuming")
-    _timed(running.Jobs, "start", "jobs.start", job_of=lambda self, slot, queue, message, delivery: message.job_id)
-    _timed(running.Jobs, "_end", "jobs.end", job_of=lambda self, job, exit_text: job.job_id)
-    _timed(running.Jobs, "finish", "jobs.finish")
+    _timed(queues, "hold", "queues.hold")
+    _timed(running.Jobs, "start", "jobs.start", info=lambda _, self, slot, queue, message, delivery: message.job_id)
+    _timed(running.Jobs, "_open_log", "jobs._open_log", info=lambda _, self, job: job.job_id)
+    _timed(running.Jobs, "_begin", "jobs._begin", info=lambda _, self, job, runner: job.job_id)
+    _timed(jobs.JobProcess, "begin", "jobprocess.begin",
+           info=lambda _, self, runner, message, *args, **kwargs: {"job": message.job_id, "pid": self.pid})
+    # The job's news and its end.
     _timed(running.Jobs, "service", "jobs.service")
-    _timed(running.Jobs, "_on_event", "jobs.on_event",
-           job_of=lambda self, job, event: f"{job.job_id}:{event[0]}:{event[1] if event[0] == 'status' else ''}")
-    _timed(jobs.JobProcess, "start", "jobprocess.start")
-    _timed(jobs.JobProcess, "close", "jobprocess.close")
+    _timed(running.Jobs, "_on_event", "jobs._on_event",
+           info=lambda _, self, job, event: {"job": job.job_id, "event": event[0],
+                                             "status": event[1] if event[0] == "status" else None})
     _timed(jobs.JobProcess, "receive", "jobprocess.receive")
-    _timed(jobs.JobProcess, "exited", "jobprocess.exited")
+    _timed(jobs.JobProcess, "exited", "jobprocess.exited",
+           info=lambda result, self: {"job": self.job_id, "exited": result})
+    _timed(capture.Output, "drained", "output.drained",
+           info=lambda result, self, now: {"job": self.process.job_id, "drained": result})
+    _timed(running.Jobs, "_end", "jobs._end", info=lambda _, self, job, exit_text: job.job_id)
+    _timed(jobs.JobProcess, "close", "jobprocess.close", info=lambda _, self: self.job_id)
+    _timed(joblog.JobLog, "close", "joblog.close")
     _timed(reporting.StatusReporter, "report", "reporter.report")
+    _timed(guard.Guard, "forget", "guard.forget")
+    # Between two jobs: the message's end, the next waiting process, consuming again.
+    _timed(running.Jobs, "finish", "jobs.finish")
+    _timed(running.Jobs, "warm_up", "jobs.warm_up")
+    _timed(jobs.JobProcess, "start", "jobprocess.start", info=lambda _, self, *args, **kwargs: self.pid)
+    _timed(guard.Guard, "watch", "guard.watch")
+    _timed(liveness.Liveness, "tick", "liveness.tick")
+    _timed(worker.Worker, "_resume_consuming", "worker._resume_consuming")
     _timed(wakeup.Wakeup, "wait", "select")
-    import amqp.channel
-    _timed(amqp.channel.Channel, "basic_ack", "broker.ack")
 
 
 def dump(path):
     """Write the spans recorded so far as JSON lines."""
     with open(path, "w") as out:
-        for span in SPANS:
-            out.write(json.dumps(span) + "\n")
+        out.writelines(json.dumps(span) + "\n" for span in SPANS)
 
 
 # -- The job's side (fork server and job processes) -----------------------------------------------
 
 
-def _send(kind, job_id):
+def _send(kind, key):
+    """One datagram ``KIND KEY TIME`` (KEY a job id or a pid), from a socket used once:
+    a job's process keeps no descriptor of ours open into its program."""
+    now = time.time()
     host, _, port = _REPORT_TO.rpartition(":")
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        sock.sendto(f"{kind} {job_id} {time.time()!r}".encode("ascii"), (host, int(port)))
+        sock.sendto(f"{kind} {key} {now!r}".encode("ascii"), (host, int(port)))
     finally:
         sock.close()
 
 
+#: The job this process was given (None while it waits, and in the fork server).
+_current = [None]
+
+
 def _install_child_hooks():
-    from rbit import jobs
+    from rbit import child, guard
 
-    child_main = jobs.child_main
-    redirect = jobs._redirect_output
-    run = jobs._run
+    main, lifeline, run, become = child.main, child._lifeline, child._run, child._become
+    guard_main = guard.main
 
-    @functools.wraps(child_main)
-    def child_main_hooked(conn, output, runner, message, *args):
-        _current[0] = message.job_id
-        _send("c_enter", message.job_id)
+    # main and guard.main are pickled by name to the new process; functools.wraps keeps their names.
+    @functools.wraps(main)
+    def main_hooked(*args):
+        _send("w_main", os.getpid())
         try:
-            return child_main(conn, output, runner, message, *args)
+            return main(*args)
         finally:
-            _send("c_exit", message.job_id)
+            if _current[0] is not None:
+                _send("c_exit", _current[0])
 
-    @functools.wraps(redirect)
-    def redirect_hooked(output):
-        try:
-            return redirect(output)
-        finally:
-            _send("c_captured", _current[0])
+    @functools.wraps(lifeline)
+    def lifeline_hooked(conn, hand_over):
+        def hand_over_hooked(job):
+            if isinstance(job, tuple):  # (runner, message, pybit, worker_name); else the error unpickling it
+                _current[0] = job[1].job_id
+                _send("c_handed", job[1].job_id)
+            hand_over(job)
+
+        _send("w_ready", os.getpid())
+        return lifeline(conn, hand_over_hooked)
 
     @functools.wraps(run)
     def run_hooked(runner, message, *args):
@@ -167,15 +240,24 @@ def _install_child_hooks():
         try:
             return run(runner, message, *args)
         finally:
-            _send("c_ran", message.job_id)
+            _send("c_ran", message.job_id)  # not sent once the process became its program
 
-    # child_main is pickled by name to the job process; functools.wraps keeps that name.
-    jobs.child_main = child_main_hooked
-    jobs._redirect_output = redirect_hooked
-    jobs._run = run_hooked
+    @functools.wraps(become)
+    def become_hooked(*args):
+        _send("c_become", _current[0])
+        return become(*args)
 
+    @functools.wraps(guard_main)
+    def guard_main_hooked(*args):
+        _send("w_guard", os.getpid())
+        return guard_main(*args)
 
-_current = [0]
+    child.main = main_hooked
+    child._lifeline = lifeline_hooked
+    child._run = run_hooked
+    child._become = become_hooked
+    guard.main = guard_main_hooked
+
 
 if _REPORT_TO:
     _install_child_hooks()

@@ -2,30 +2,39 @@
 
 Usage::
 
-    python bench/profile_worker.py [--latency N] [--batch N]
+    python bench/profile_worker.py [--latency N] [--batch N] [--fix NAME]
 
 Runs the same set-up as bench/bench.py (own vhost, concurrency 1, a real
 worker subprocess), but the worker is started through ``serve`` below, which
-wraps its steps with bench/profile_hooks.py before serving; the fork server and
-the job processes send their own timestamps. All clocks are ``time.time()`` on
-this machine. Then it prints, for idle-worker jobs (published one at a time)
-and for pre-loaded no-op python and ``shell!/bin/true`` batches, the median and
-90th percentile of each step of a job's life, plus the CPU that the worker, the
-fork server and the broker (beam.smp) spent per job.
+wraps its steps with bench/profile_hooks.py before serving; the job processes
+(each started warm, before its job, and handed it by ``JobProcess.begin``) and
+the guard send their own timestamps. All clocks are ``time.time()`` on this
+machine. Then it prints, for idle-worker jobs (published one at a time) and for
+pre-loaded no-op python and ``shell!/bin/true`` batches (five served queues,
+then one), the median and 90th percentile of each step of a job's life: the
+worker taking the message, the job handed to its waiting process, the job's
+side up to its result or its exec, the worker noticing the exit, and the
+worker's tail (``_end``, the purge, ``Jobs.warm_up`` starting the next job's
+process, consuming again). Then, per group, how many jobs found no process
+waiting or found theirs not yet ready, the gap between jobs of a batch, and the
+CPU per job of the worker, the fork server, the guard, the job processes (the
+fork server's reaped children) and the broker (beam.smp).
 """
 
 import argparse
 import bisect
+import itertools
 import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import Bench, WorkerUnderTest, cpu_ticks, percentile  # noqa: E402
+from bench import Bench, WorkerUnderTest, cpu_ticks, helper_pids, percentile
 
 
 def serve(config_path, trace_path):
@@ -85,8 +94,7 @@ def _write_allocation_growth(path):
         out.write(_live_consumers())
         for stat in stats[:12]:
             out.write(f"\n{stat.size_diff / 1024:+.1f} KiB in {stat.count_diff:+d} blocks\n")
-            for line in stat.traceback.format()[-16:]:
-                out.write(line + "\n")
+            out.writelines(line + "\n" for line in stat.traceback.format()[-16:])
 
 
 def _live_consumers():
@@ -127,6 +135,13 @@ def _describe(obj):
     return repr(obj)[:120]
 
 
+def reaped_ticks(pid):
+    """cutime + cstime of *pid*: the CPU of its children that it has reaped, in clock ticks."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[13]) + int(fields[14])
+
+
 def beam_pid(port=5672):
     """The pid of the process listening on the AMQP *port* (the RabbitMQ node), or None.
 
@@ -162,7 +177,7 @@ class ProfileBench(Bench):
 
     fixes = ""
 
-    QUEUES = {kind: (key, line.replace("python!runners:", "python!profile_hooks:"))
+    QUEUES: ClassVar[dict] = {kind: (key, line.replace("python!runners:", "python!profile_hooks:"))
               for kind, (key, line) in Bench.QUEUES.items()}
 
     def make_worker(self, config):
@@ -176,9 +191,20 @@ class ProfileBench(Bench):
             env={"RBIT_BENCH_REPORT_TO": self.stamps.address, "RBIT_BENCH_FIX": self.fixes},
         )
 
+    def guard_pid(self):
+        """The pid of the worker's guard process (it stamps ``w_guard PID`` as it starts), or None."""
+        with self.stamps.cond:
+            found = [(stamp, key[1]) for key, stamp in self.stamps.events.items() if key[0] == "w_guard"]
+        return max(found)[1] if found else None
+
     def cpu_snapshot(self):
-        pids = {"worker": self.worker.pid, "forkserver": self.forkserver, "broker": beam_pid()}
-        return {who: cpu_ticks(pid) for who, pid in pids.items() if pid}
+        pids = {"worker": self.worker.pid, "forkserver": self.forkserver, "guard": self.guard_pid(),
+                "broker": beam_pid()}
+        ticks = {who: cpu_ticks(pid) for who, pid in pids.items() if pid}
+        if self.forkserver:
+            # The job processes are the fork server's children, reaped by it: their CPU is its children's.
+            ticks["job processes"] = reaped_ticks(self.forkserver)
+        return ticks
 
     def profile(self, latency_n, batch_n):
         self.setup()
@@ -222,6 +248,7 @@ class SingleQueueProfile(ProfileBench):
         self.broker.publish_bulk(bodies, self.routing_key(self.kind), self.queue(self.kind))
         self.start_worker(wait=False)
         t_begin = self.broker.wait_marker(begin, 60)
+        self.forkserver, _ = helper_pids(self.worker.pid)
         before, t0 = self.cpu_snapshot(), time.monotonic()
         t_end = self.broker.wait_marker(end, 180)
         after, wall = self.cpu_snapshot(), time.monotonic() - t0
@@ -248,64 +275,122 @@ def load_spans(path):
 
 
 def job_timelines(spans, stamps, published):
-    """{job id: {point or step name: value}} from the worker's spans and the jobs' stamps."""
+    """{job id: {point or step name: value}} from the worker's spans and the processes' stamps."""
     begins = [span[1] for span in spans]
 
-    def window(t0, t1):
-        """The spans that start and end within [t0, t1]."""
-        low, high = bisect.bisect_left(begins, t0), bisect.bisect_right(begins, t1)
-        return [s for s in spans[low:high] if s[2] <= t1]
+    def window(span):
+        """The spans that start and end within *span* (itself included)."""
+        low, high = bisect.bisect_left(begins, span[1]), bisect.bisect_right(begins, span[2])
+        return [s for s in spans[low:high] if s[2] <= span[2]]
 
-    def first_after(t0, name, limit=2000):
+    def first_after(t0, name, limit=5000):
         low = bisect.bisect_left(begins, t0)
         return next((s for s in spans[low:low + limit] if s[0] == name), None)
 
-    by_name = {}
+    def stamp(kind, key):
+        return None if key is None else stamps.get((kind, key))
+
+    firsts = {}  # (what, job id): the first such span
+    starts = {}  # pid: the JobProcess.start spans that gave it
+    on_messages = []
     for span in spans:
-        if span[0] in ("worker._start", "worker._end"):
-            by_name[(span[0], span[3])] = span
-        elif span[0] == "worker._on_job_event":
-            by_name[(span[0], span[3].rsplit(":", 1)[0] if ":result" in span[3] else span[3])] = span
-    on_messages = [span for span in spans if span[0] == "worker._on_message"]
+        name, info = span[0], span[3]
+        if name in ("jobs.start", "jobs._end"):
+            firsts.setdefault((name, info), span)
+        elif name == "jobprocess.begin" and info:
+            firsts.setdefault((name, info["job"]), span)
+        elif name == "jobs._on_event" and info:
+            firsts.setdefault((f"event:{info['event']}:{info['status'] or ''}", info["job"]), span)
+        elif name == "jobprocess.exited" and info and info["exited"]:
+            firsts.setdefault(("exited", info["job"]), span)
+        elif name == "output.drained" and info and info["drained"]:
+            firsts.setdefault(("drained", info["job"]), span)
+        elif name == "jobprocess.start" and info:
+            starts.setdefault(info, []).append(span)
+        elif name == "worker._on_message":
+            on_messages.append(span)
     on_message_begins = [span[1] for span in on_messages]
+
+    def process(pid, before):
+        """(JobProcess.start span, its main entered, its lifeline running) of *pid*, started before *before*."""
+        start = next((s for s in reversed(starts.get(pid, [])) if s[1] <= before), None)
+        main, ready = stamp("w_main", pid), stamp("w_ready", pid)
+        if start is None or main is None or not start[1] <= main <= before:
+            return start, None, None  # a pid used again since: its stamps are another process's
+        return start, main, ready
+
     timelines = {}
-    for (name, job_id), start_span in list(by_name.items()):
-        if name != "worker._start" or ("worker._end", job_id) not in by_name:
+    for (name, job_id), start_span in list(firsts.items()):
+        if name != "jobs.start" or ("jobs._end", job_id) not in firsts or ("jobprocess.begin", job_id) not in firsts:
             continue
         on_message = on_messages[bisect.bisect_right(on_message_begins, start_span[1]) - 1]
-        end_span = by_name[("worker._end", job_id)]
-        inside = window(on_message[1], on_message[2])
-        within_end = window(end_span[1], end_span[2])
-        finish = first_after(end_span[2], "worker._finish_jobs")
-        purge = first_after(end_span[2], "broker.purge")
-        consume = first_after(end_span[2], "broker.consume")
-        if consume is not None and consume[1] > finish[2] + 0.5:
-            consume = None
-        process_start = next(s for s in inside if s[0] == "jobprocess.start")
-        building = by_name.get(("worker._on_job_event", f"{job_id}:status:Building"))
-        result = by_name.get(("worker._on_job_event", f"{job_id}:result"))
+        taking, starting = window(on_message), window(start_span)
+        begin = firsts[("jobprocess.begin", job_id)]
+        own_start, own_main, own_ready = process(begin[3]["pid"], begin[1])
+        end_span = firsts[("jobs._end", job_id)]
+        ending = window(end_span)
+        finish = first_after(end_span[2], "jobs.finish")
+        warm = first_after(finish[2], "jobs.warm_up") if finish else None
+        resume = first_after(warm[2], "worker._resume_consuming") if warm else None
+        next_start = next((s for s in window(warm) if s[0] == "jobprocess.start"), None) if warm else None
+        consume = next((s for s in window(resume) if s[0] == "broker.consume"), None) if resume else None
+        _, next_main, next_ready = process(next_start[3], float("inf")) if next_start else (None, None, None)
+        exited, drained = firsts.get(("exited", job_id)), firsts.get(("drained", job_id))
         t = {
+            "published": published.get(job_id),
             "on_message": on_message[1],
-            "decode": _duration(inside, "decode"),
-            "cancel": _duration(inside, "broker.cancel"),
-            "publish": _duration(inside, "broker.publish+confirm"),
-            "ack": _duration(inside, "broker.ack"),
-            "process.start": process_start[2] - process_start[1],
+            "decode": _duration(taking, "decode"),
+            "cancel": _duration(taking, "broker.cancel"),
+            "hold": _duration(taking, "queues.hold"),
+            "publish": _duration(taking, "broker.publish+confirm"),
+            "ack": _duration(taking, "broker.ack"),
+            "jobs.start": start_span[2] - start_span[1],
+            "open_log": _duration(starting, "jobs._open_log"),
+            "_begin": _duration(starting, "jobs._begin"),
+            "begin": begin[2] - begin[1],
+            "cold_start": _duration(starting, "jobprocess.start") if own_start and own_start[1] >= start_span[1] else None,
+            "begin_at": begin[1],
+            "begin_end": begin[2],
+            "on_message_end": on_message[2],
+            "own_ready": own_ready,
+            "own_main": own_main,
+            "own_start_at": own_start[1] if own_start else None,
+            "building_seen": _start(firsts.get(("event:status:Building", job_id))),
+            "exec_seen": _start(firsts.get(("event:exec:", job_id))),
+            "result_seen": _start(firsts.get(("event:result:", job_id))),
+            "exit_seen": exited[2] if exited else None,
+            "drained_at": drained[2] if drained else None,
             "end_at": end_span[1],
             "_end": end_span[2] - end_span[1],
-            "close": _duration(within_end, "jobprocess.close"),
-            "report": _duration(within_end, "reporter.report"),
-            "purge": purge[2] - purge[1],
-            "consume": (consume[2] - consume[1]) if consume else 0.0,
-            "idle": consume[2] if consume else finish[2],
-            "process_start_at": process_start[1],
-            "building_seen": building[1] if building else None,
-            "result_seen": result[1] if result else None,
-            "published": published.get(job_id),
+            "close": _duration(ending, "jobprocess.close"),
+            "forget": _duration(ending, "guard.forget"),
+            "report": _duration(ending, "reporter.report"),
+            "log_close": _duration(ending, "joblog.close"),
+            "finish": (finish[2] - finish[1]) if finish else None,
+            "purge": _duration(window(finish), "broker.purge") if finish else None,
+            "warm_up": (warm[2] - warm[1]) if warm and next_start else None,
+            "next_start": (next_start[2] - next_start[1]) if next_start else None,
+            "next_start_at": next_start[1] if next_start else None,
+            "watch": _duration(window(warm), "guard.watch") if warm and next_start else None,
+            "next_main": next_main,
+            "next_ready": next_ready,
+            "resume": (resume[2] - resume[1]) if resume else None,
+            "consume": (consume[2] - consume[1]) if consume else None,
+            "idle": consume[2] if consume else None,
         }
-        for kind in ("c_enter", "c_captured", "c_run", "c_ran", "c_exit"):
-            t[kind] = stamps.get((kind, job_id))
-        t["r_start"], t["r_end"] = stamps.get(("start", job_id)), stamps.get(("end", job_id))
+        if t["drained_at"] is not None and t["idle"] is not None:
+            tail = window((None, t["drained_at"], t["idle"], None))
+            t["tail_broker"] = _duration(tail, "broker.drain") + _duration(tail, "broker.heartbeat_check")
+            t["tail_tick"] = _duration(tail, "liveness.tick")
+            t["tail_select"] = _duration(tail, "select")
+            parts = (t["_end"], t["finish"], t["warm_up"], t["resume"], t["tail_broker"], t["tail_tick"],
+                     t["tail_select"])
+            t["tail_rest"] = None if None in parts else t["idle"] - t["drained_at"] - sum(parts)
+        else:
+            t["tail_broker"] = t["tail_tick"] = t["tail_select"] = t["tail_rest"] = None
+        for kind in ("c_handed", "c_run", "c_ran", "c_become", "c_exit"):
+            t[kind] = stamp(kind, job_id)
+        t["r_start"], t["r_end"] = stamp("start", job_id), stamp("end", job_id)
         timelines[job_id] = t
     return timelines
 
@@ -314,35 +399,68 @@ def _duration(spans, name):
     return sum(s[2] - s[1] for s in spans if s[0] == name)
 
 
+def _start(span):
+    return None if span is None else span[1]
+
+
 #: Steps of a job's life: (label, function of a timeline giving seconds, or None if unknown).
+#: Indented lines are parts of the unindented line above them; lines in brackets overlap others.
 STEPS = [
     ("publish -> worker's _on_message (broker delivery, select wake-up)",
      lambda t: _gap(t["published"], t["on_message"])),
     ("  decode the request", lambda t: t["decode"]),
     ("  basic.cancel of the consumers (round trip)", lambda t: t["cancel"]),
-    ("  in-progress copy: basic.publish + confirm (round trip, disk)", lambda t: t["publish"]),
+    ("  hold: in-progress copy, basic.publish + confirm (round trip, disk)", lambda t: t["hold"]),
     ("  basic.ack of the original", lambda t: t["ack"]),
-    ("  JobProcess.start in the worker (pipe, fork-server request, pickling)", lambda t: t["process.start"]),
-    ("process start called -> child_main entered (fork + unpickle in the child)",
-     lambda t: _gap(t["process_start_at"], t["c_enter"])),
-    ("child: setsid, output onto the log pipe", lambda t: _gap(t["c_enter"], t["c_captured"])),
-    ("child: lifeline thread, log handler, then _run entered", lambda t: _gap(t["c_captured"], t["c_run"])),
-    ("child: is_cancelled + set_status(Building) -> runner starts", lambda t: _gap(t["c_run"], t["r_start"])),
-    ("child: the runner itself", lambda t: _gap(t["r_start"], t["r_end"])),
-    ("child: _run entered -> _run returned (whole run)", lambda t: _gap(t["c_run"], t["c_ran"])),
-    ("child: flush, result sent, child_main returns", lambda t: _gap(t["c_ran"], t["c_exit"])),
-    ("child_main returned -> worker notices the exit (teardown, fork-server SIGCHLD, sentinel)",
-     lambda t: _gap(t["c_exit"], t["end_at"])),
-    ("  (the worker had the Building status after child_main entered)", lambda t: _gap(t["c_enter"], t["building_seen"])),
-    ("  (the worker had the result after child_main returned)", lambda t: _gap(t["c_exit"], t["result_seen"])),
-    ("  worker._end (close: receive+join; report; log)", lambda t: t["_end"]),
-    ("    of which JobProcess.close", lambda t: t["close"]),
+    ("  Jobs.start: JobLog open (file, first line, board)", lambda t: t["open_log"]),
+    ("  Jobs.start: _begin (a waiting process takes the job)", lambda t: t["_begin"]),
+    ("    of which JobProcess.begin (job pickled down the pipe)", lambda t: t["begin"]),
+    ("    of which JobProcess.start (no process was waiting)", lambda t: t["cold_start"]),
+    ("  Jobs.start: the rest (pipes watched, first output read)",
+     lambda t: t["jobs.start"] - t["open_log"] - t["_begin"]),
+    ("[its process waiting (lifeline running) -> JobProcess.begin; < 0: the job waited]",
+     lambda t: _gap(t["own_ready"], t["begin_at"])),
+    ("JobProcess.begin called -> the job's lifeline has it (pipe, unpickle)",
+     lambda t: _gap(t["begin_at"], t["c_handed"])),
+    ("job: lifeline has it -> _run entered (main thread woken)", lambda t: _gap(t["c_handed"], t["c_run"])),
+    ("job: _run entered -> runner's first line (set_status Building)", lambda t: _gap(t["c_run"], t["r_start"])),
+    ("job: the runner itself", lambda t: _gap(t["r_start"], t["r_end"])),
+    ("job: _run entered -> _run returned (whole run)", lambda t: _gap(t["c_run"], t["c_ran"])),
+    ("job: flush, result sent, main returns", lambda t: _gap(t["c_ran"], t["c_exit"])),
+    ("job: _run entered -> _become entered (Building sent, about to exec)", lambda t: _gap(t["c_run"], t["c_become"])),
+    ("main returned -> worker notices the exit (interpreter teardown, reaping, sentinel, select)",
+     lambda t: _gap(t["c_exit"], t["exit_seen"])),
+    ("_become entered -> worker notices the exit (exec, the program, exit, sentinel, select)",
+     lambda t: _gap(t["c_become"], t["exit_seen"])),
+    ("  [the worker had the Building status, after _run entered]", lambda t: _gap(t["c_run"], t["building_seen"])),
+    ("  [the worker had the result, after main returned]", lambda t: _gap(t["c_exit"], t["result_seen"])),
+    ("  [the worker had the exec, after _become entered]", lambda t: _gap(t["c_become"], t["exec_seen"])),
+    ("exit noticed -> output drained", lambda t: _gap(t["exit_seen"], t["drained_at"])),
+    ("output drained -> consuming again (whole tail inside the worker)", lambda t: _gap(t["drained_at"], t["idle"])),
+    ("  Jobs._end", lambda t: t["_end"]),
+    ("    of which JobProcess.close (receive, close pipes, join)", lambda t: t["close"]),
+    ("    of which guard.forget", lambda t: t["forget"]),
     ("    of which status reports (logging only, no [pybit])", lambda t: t["report"]),
-    ("  queue.purge of the in-progress copy (round trip)", lambda t: t["purge"]),
-    ("  basic.consume again (round trip)", lambda t: t["consume"]),
+    ("    of which JobLog.close (last line, metadata)", lambda t: t["log_close"]),
+    ("  Jobs.finish", lambda t: t["finish"]),
+    ("    of which queue.purge of the in-progress copy (round trip)", lambda t: t["purge"]),
+    ("  Jobs.warm_up: the next job's waiting process", lambda t: t["warm_up"]),
+    ("    of which JobProcess.start (pipes, fork-server request, pid back)", lambda t: t["next_start"]),
+    ("    of which guard.watch", lambda t: t["watch"]),
+    ("  _resume_consuming", lambda t: t["resume"]),
+    ("    of which basic.consume (round trip)", lambda t: t["consume"]),
+    ("  broker.drain and heartbeat_check (no round trip)", lambda t: t["tail_broker"]),
+    ("  Liveness.tick", lambda t: t["tail_tick"]),
+    ("  select (a loop turn's wait, if the tail took more than one)", lambda t: t["tail_select"]),
+    ("  the rest (the loop between the steps: _news, logging, hooks)", lambda t: t["tail_rest"]),
+    ("[next process: JobProcess.start called -> its main entered (fork, unpickle)]",
+     lambda t: _gap(t["next_start_at"], t["next_main"])),
+    ("[next process: main entered -> lifeline running (setsid, output pipe, thread)]",
+     lambda t: _gap(t["next_main"], t["next_ready"])),
     ("worker's _on_message -> consuming again (whole cycle inside the worker)",
-     lambda t: t["idle"] - t["on_message"]),
-    ("publish -> runner start (pickup latency)", lambda t: _gap(t["published"], t["r_start"])),
+     lambda t: _gap(t["on_message"], t["idle"])),
+    ("publish -> runner's first line (pickup latency)", lambda t: _gap(t["published"], t["r_start"])),
+    ("publish -> _run entered (pickup latency, any runner)", lambda t: _gap(t["published"], t["c_run"])),
 ]
 
 
@@ -369,18 +487,22 @@ def print_steps(groups, timelines):
 
 
 def print_gaps(groups, timelines):
-    """Between-job gap in batches: consume again -> next _on_message."""
+    """Between two jobs of a batch: consuming again -> the next _on_message; and whether each
+    job found its process waiting."""
     for group, ids in groups.items():
+        known = [timelines[j] for j in ids if j in timelines]
+        cold = sum(1 for t in known if t["cold_start"] is not None)
+        late = sum(1 for t in known if t["own_ready"] is not None and t["own_ready"] > t["begin_at"])
+        print(f"{group}: {len(known)} jobs timed; {cold} found no waiting process (started in _begin), "
+              f"{late} found theirs not yet waiting (the job waited in the pipe)")
         if "batch" not in group:
             continue
-        gaps = []
-        for a, b in zip(ids, ids[1:]):
-            if a in timelines and b in timelines:
-                gaps.append((timelines[b]["on_message"] - timelines[a]["idle"]) * 1000)
-        cycle = [(timelines[b]["on_message"] - timelines[a]["on_message"]) * 1000
-                 for a, b in zip(ids, ids[1:]) if a in timelines and b in timelines]
-        print(f"{group}: consume again -> next delivery median {statistics.median(gaps):.2f} ms; "
-              f"job-to-job cycle median {statistics.median(cycle):.2f} ms, p90 {percentile(cycle, 0.9):.2f} ms")
+        pairs = [(timelines[a], timelines[b]) for a, b in itertools.pairwise(ids) if a in timelines and b in timelines]
+        gaps = [(b["on_message"] - a["idle"]) * 1000 for a, b in pairs if a["idle"] is not None]
+        cycle = [(b["on_message"] - a["on_message"]) * 1000 for a, b in pairs]
+        if gaps and cycle:
+            print(f"{group}: consuming again -> next _on_message median {statistics.median(gaps):.2f} ms; "
+                  f"job-to-job cycle median {statistics.median(cycle):.2f} ms, p90 {percentile(cycle, 0.9):.2f} ms")
 
 
 def call_counts(spans, label):
@@ -388,10 +510,11 @@ def call_counts(spans, label):
     counts = {}
     for span in spans:
         counts[span[0]] = counts.get(span[0], 0) + 1
-    jobs = counts.get("worker._start", 0) or 1
+    jobs = counts.get("jobs.start", 0) or 1
     return (f"{label}: per job started ({jobs}): {counts.get('worker._on_message', 0) / jobs:.1f} _on_message calls, "
             f"{counts.get('select', 0) / jobs:.1f} loop turns, "
-            f"{counts.get('broker.cancel', 0) / jobs:.2f} cancels, {counts.get('broker.consume', 0) / jobs:.2f} consumes")
+            f"{counts.get('broker.cancel', 0) / jobs:.2f} cancels, {counts.get('broker.consume', 0) / jobs:.2f} consumes, "
+            f"{counts.get('jobprocess.start', 0) / jobs:.2f} job processes started")
 
 
 def print_cpu(cpu):
@@ -410,7 +533,7 @@ def main(argv=None):
                                                   "(see bench/profile_hooks.py)")
     args = parser.parse_args(argv)
     ProfileBench.fixes = args.fix
-    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda text: print(text, file=sys.stderr, flush=True)
 
     groups, timelines, cpu, rates, counts = {}, {}, {}, {}, []
     bench = ProfileBench({}, log=log)

@@ -24,7 +24,7 @@ def _install(path):
         for attr, value in vars(cls).items():
             if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
                 names[value] = f"{cls.__name__.lower()}.{attr[0].lower()}{attr[1:]}".replace("Ok", "_ok")
-    out = open(path, "a", buffering=1)
+    out = open(path, "a", buffering=1)  # noqa: SIM115 - written until the traced worker exits
     pid = os.getpid()
 
     def name_of(sig):
