@@ -84,7 +84,7 @@ class Jobs:
         self.context = None
         self.guard: Guard | None = None
         self.slots: dict[int, RunningJob] = {}
-        #: Started job processes waiting for a job, one for each free slot (see :meth:`warm_up`).
+        #: Started job processes waiting for a job, one for each slot's next job (see :meth:`warm_up`).
         self.warm: list[jobs.JobProcess] = []
         self._exit_hook = False
         #: Jobs that ended, in order, whose messages wait for their end on the broker.
@@ -102,7 +102,9 @@ class Jobs:
         return any(job.job_id == job_id for job in self.slots.values())
 
     def warm_up(self) -> None:
-        """Have a started job process waiting for each free slot, so that a job starts without a fork."""
+        """Have a started job process waiting for each slot's next job, so that a job starts without a
+        fork: as many as there are slots, whether or not they are busy (a busy slot's next process
+        is forked while its job runs, so that the fork is not between two jobs)."""
         if self.guard is None:
             self.guard = Guard(self.context)
             self.guard.start()
@@ -113,7 +115,7 @@ class Jobs:
                 atexit.register(self.cool_down)
                 self._exit_hook = True
         self.warm = [process for process in self.warm if process.ready() or self._discard(process)]
-        while len(self.warm) < self.settings.concurrency - len(self.slots):
+        while len(self.warm) < self.settings.concurrency:
             try:
                 self.warm.append(self._new_process())
             except OSError as exc:
@@ -176,6 +178,7 @@ class Jobs:
         self.wakeup.watch(process.process.sentinel, ("exit", slot))
         job.output = Output(process, job.log, self.wakeup, ("output", slot), job.started)
         job.output.read(self.clock())
+        self.warm_up()  # the slot's next process forks while this job runs, not between two jobs
 
     def _open_log(self, job: RunningJob) -> JobLog:
         """The job's log: a new attempt's file, begun with a line of rbit's."""
