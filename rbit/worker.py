@@ -225,9 +225,10 @@ class Worker:
         if (self.stopping or self.jobs.finishing or self.broker.consuming(JOBS) or self.jobs.free_slot() is None
                 or not self.liveness.joined):
             return
-        # The broker may deliver on the first queues while a later basic.consume
-        # waits for its reply; such a message is held and taken once every
-        # consumer is in place, so that cancelling them then finds them all.
+        # One wait, for the last queue's consume_ok: a refusal of any queue is
+        # raised here. The broker may deliver on the first queues meanwhile; such
+        # a message is held and taken once every consumer is in place, so that
+        # cancelling them then finds them all.
         self._taking = True
         try:
             self.broker.consume(JOBS, self.served.specs(), self._on_message)

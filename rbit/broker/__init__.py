@@ -20,8 +20,8 @@ from ..delivery import Delivery, Outgoing
 from ..errors import BrokerError, ConnectionLost, QueueMissing, QueueUnavailable, Unroutable
 from ..queues import QueueSpec
 from .library import (
-    _amqp_message, _close_quietly, _delivery, _kombu_queue, _refuses_global_qos, _settle, _short, _translated,
-    _where, connection_for,
+    _amqp_message, _close_quietly, _delivery, _forget_consumer, _kombu_queue, _queue_of,
+    _refuses_global_qos, _settle, _short, _translated, _where, connection_for,
 )
 
 __all__ = ["Batch", "Broker", "Delivery", "Outgoing", "StopWaiting", "connection_for"]
@@ -181,23 +181,32 @@ class Broker:
 
     @_translated
     def consume(self, key: str, specs, callback, no_ack: bool = False) -> None:
-        """Consume the queues of *specs*, remembered under *key*; ``callback(queue_name, delivery)``."""
+        """Consume the queues of *specs*, remembered under *key*; ``callback(queue_name, delivery)``.
 
-        def on_message(queue_name, message):
+        One kombu Consumer for them all, so one round trip: every
+        ``basic.consume`` but the last goes without waiting for its reply.
+        The last one waits for its ``consume_ok``, which the broker sends only
+        once it has handled the channel's methods before it (it handles them in
+        order): a refusal of any of them (a queue gone, a quorum queue refusing
+        the shared prefetch) is raised here, where the caller handles it. A
+        message of the first queues may arrive while that wait lasts: *callback*
+        gets it then.
+        """
+
+        def on_message(message):
             settle = None if no_ack else functools.partial(_settle, message)
-            callback(queue_name, _delivery(message, settle))
+            callback(_queue_of(consumer, message), _delivery(message, settle))
 
-        consumers = [
-            Consumer(self._channel, queues=[_kombu_queue(spec)], no_ack=no_ack, auto_declare=False,
-                     on_message=functools.partial(on_message, spec.name))
-            for spec in specs
-        ]
-        self._consumers[key] = consumers
+        consumer = Consumer(self._channel, queues=[_kombu_queue(spec) for spec in specs], no_ack=no_ack,
+                            auto_declare=False, on_message=on_message, tag_prefix=f"rbit.{key}.")
+        self._consumers[key] = [consumer]
         try:
-            for consumer in consumers:
-                consumer.consume()
-        except amqp.exceptions.AMQPError as exc:
-            if self.shared_prefetch and _refuses_global_qos(exc):
+            consumer.consume()
+        except Exception as exc:
+            # The broker closed the channel (or the connection): none of these consumers is left.
+            self._consumers.pop(key, None)
+            _forget_consumer(consumer)
+            if self.shared_prefetch and isinstance(exc, amqp.exceptions.AMQPError) and _refuses_global_qos(exc):
                 self._per_consumer(exc)  # a quorum queue: RabbitMQ closes the connection
             raise
 
