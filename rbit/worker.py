@@ -15,7 +15,10 @@ How a message travels:
    ``consumer_timeout`` never sees a long build, and a connection that drops
    mid-job cannot make the broker hand the job to someone else. If every slot
    is now busy, the consumers are cancelled *before* the acknowledgement, so
-   the broker sends nothing more until a slot is free.
+   the broker sends nothing more until a slot is free. With the shared
+   prefetch the cancel needs no reply: the message taken is the only one the
+   broker may send until its acknowledgement, which the cancel precedes on
+   the same channel (see :meth:`rbit.broker.Broker.cancel`).
 4. The job ends; :func:`rbit.outcome.decide` says what to report and what the
    message becomes (acknowledged, delayed, put back, dropped); then the slot's
    in-progress copy is removed. If the broker is away then, this waits for
@@ -289,7 +292,8 @@ class Worker:
             delivery.ack()
             return
         if len(self.slots) + 1 >= self.settings.concurrency:
-            self.broker.cancel(JOBS)
+            # No hoarding: the consumers go before the ack below lets the broker send more.
+            self.broker.cancel(JOBS, before_ack=True)
         self._unsure.add(slot)
         self.served.taken_from(queue)
         queues.hold(self.broker, delivery, queue, self.settings.name, slot)

@@ -20,7 +20,7 @@ from ..delivery import Delivery, Outgoing
 from ..errors import BrokerError, ConnectionLost, QueueMissing, QueueUnavailable, Unroutable
 from ..queues import QueueSpec
 from .library import (
-    _amqp_message, _close_quietly, _delivery, _forget_consumer, _kombu_queue, _queue_of,
+    _amqp_message, _cancel_unanswered, _close_quietly, _delivery, _forget_consumer, _kombu_queue, _queue_of,
     _refuses_global_qos, _settle, _short, _translated, _where, connection_for,
 )
 
@@ -57,6 +57,8 @@ class Broker:
         #: (see :meth:`publish`) without touching the consumers or unsettled messages.
         self._publisher = None
         self._consumers = {}
+        #: The prefetch count last asked for (see :meth:`qos`).
+        self._prefetch = None
         #: True while the broker takes one prefetch limit for all of a channel's
         #: consumers (``basic.qos`` global). Quorum queues refuse it, and RabbitMQ
         #: 4.3 refuses it for every queue: then each consumer gets its own.
@@ -147,6 +149,7 @@ class Broker:
                 raise
             if not spare:
                 self._channel = self._connection.channel()
+                self._prefetch = None
             raise QueueUnavailable(exc.reply_text) from exc
         finally:
             if spare:
@@ -163,6 +166,7 @@ class Broker:
         limit, and the worker hands back at once a message that came beside
         the one it takes (see :mod:`rbit.worker`).
         """
+        self._prefetch = prefetch
         if self.shared_prefetch:
             try:
                 self._channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, a_global=True)
@@ -211,10 +215,28 @@ class Broker:
             raise
 
     @_translated
-    def cancel(self, key: str) -> None:
-        """Stop the consumers under *key*; the broker sends none of their messages after this."""
+    def cancel(self, key: str, before_ack: bool = False) -> None:
+        """Stop the consumers under *key*; the broker sends none of their messages after this.
+
+        *before_ack*: the caller holds an unacknowledged message of these
+        consumers and acknowledges it after this call. With a prefetch of 1
+        shared by the channel's consumers, that message is the only one the
+        broker may send them until the ack; the broker handles a channel's
+        methods in order, so a ``basic.cancel`` sent before the ack is done
+        before the ack frees the prefetch, and nothing can come for these
+        consumers in between: the cancel goes without waiting for its reply.
+        """
         for consumer in self._consumers.pop(key, ()):
-            consumer.cancel()
+            if before_ack and self.shared_prefetch and self._prefetch == 1:
+                _cancel_unanswered(consumer)
+            else:
+                # Waits for each cancel_ok: a message may be on its way to one of these
+                # consumers (with a prefetch per consumer, for quorum queues, one per
+                # consumer; with a shared one, when the caller holds none). It arrives
+                # during the wait, through rbit's callback, which hands it back with
+                # basic.nack. Once the callback is gone, py-amqp would basic.reject it,
+                # and RabbitMQ 4.3 counts a reject against a quorum queue's delivery limit.
+                consumer.cancel()
 
     def consuming(self, key: str) -> bool:
         return key in self._consumers
@@ -339,6 +361,7 @@ class Broker:
     def close(self) -> None:
         """Drop the connection, quietly: it may be dead already."""
         self._consumers.clear()
+        self._prefetch = None
         connection, self._connection, self._channel, self._publisher = self._connection, None, None, None
         if connection is not None:
             try:

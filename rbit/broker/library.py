@@ -161,6 +161,23 @@ def _queue_of(consumer, message) -> str:
     return next(name for name, active in consumer._active_tags.items() if active == tag)
 
 
+def _cancel_unanswered(consumer) -> None:
+    """``basic.cancel`` every queue *consumer* consumes without waiting for ``cancel_ok``, and forget them.
+
+    py-amqp drops a consumer's callbacks only when its ``cancel_ok`` comes,
+    which a cancel sent with ``nowait`` never gets: without this, each cancel
+    would leave one callback per queue on the channel for as long as it is
+    open. kombu's record of the active tags is emptied as its own cancel()
+    empties it.
+    """
+    channel = consumer.channel
+    for tag in consumer._active_tags.values():
+        channel.basic_cancel(tag, nowait=True)  # also drops it from channel.no_ack_consumers
+        _forget_tag(channel, tag)
+    consumer._active_tags.clear()
+    getattr(consumer, "_active_queue_no_ack", {}).clear()  # kombu 5.5 and later
+
+
 def _forget_consumer(consumer) -> None:
     """Drop *consumer*'s callbacks from its channel, which no longer has its consumers (closed by the broker)."""
     for tag in consumer._active_tags.values():
