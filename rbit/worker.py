@@ -296,6 +296,8 @@ class Worker:
             self.broker.cancel(JOBS, before_ack=True)
         self._unsure.add(slot)
         self.served.taken_from(queue)
+        # No loss: this waits for the broker's confirm of the copy, and only then is
+        # the original acknowledged; a worker that dies in between finds the copy.
         queues.hold(self.broker, delivery, queue, self.settings.name, slot)
         delivery.ack()
         self._unsure.discard(slot)

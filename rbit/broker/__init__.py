@@ -278,6 +278,19 @@ class Broker:
 
     @_translated
     def purge(self, queue_name: str) -> None:
+        """Empty *queue_name*, waiting for the broker's ``purge_ok``.
+
+        rbit purges only an in-progress queue, once its job has had its end
+        (:func:`rbit.queues.release`), and the wait keeps two promises. No
+        double run: the slot is freed only once the copy is gone; should the
+        connection drop first, the purge fails and is done again once
+        connected again, where one sent without waiting could be lost, leaving
+        a copy that a later start puts back. No loss: the slot's next copy goes
+        on the publisher channel, and the broker orders methods within a
+        channel, not across channels; while another slot is free the
+        consumers keep running, so that copy may follow at once, and a purge
+        still pending here could remove it.
+        """
         self._channel.queue_purge(queue_name)
 
     @_translated
