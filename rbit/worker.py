@@ -15,7 +15,10 @@ How a message travels:
    ``consumer_timeout`` never sees a long build, and a connection that drops
    mid-job cannot make the broker hand the job to someone else. If every slot
    is now busy, the consumers are cancelled *before* the acknowledgement, so
-   the broker sends nothing more until a slot is free.
+   the broker sends nothing more until a slot is free. With the shared
+   prefetch the cancel needs no reply: the message taken is the only one the
+   broker may send until its acknowledgement, which the cancel precedes on
+   the same channel (see :meth:`rbit.broker.Broker.cancel`).
 4. The job ends; :func:`rbit.outcome.decide` says what to report and what the
    message becomes (acknowledged, delayed, put back, dropped); then the slot's
    in-progress copy is removed. If the broker is away then, this waits for
@@ -230,9 +233,10 @@ class Worker:
         if (self.stopping or self.jobs.finishing or self.broker.consuming(JOBS) or self.jobs.free_slot() is None
                 or not self.liveness.joined):
             return
-        # The broker may deliver on the first queues while a later basic.consume
-        # waits for its reply; such a message is held and taken once every
-        # consumer is in place, so that cancelling them then finds them all.
+        # One wait, for the last queue's consume_ok: a refusal of any queue is
+        # raised here. The broker may deliver on the first queues meanwhile; such
+        # a message is held and taken once every consumer is in place, so that
+        # cancelling them then finds them all.
         self._taking = True
         try:
             self.broker.consume(JOBS, self.served.specs(), self._on_message)
@@ -293,9 +297,12 @@ class Worker:
             delivery.ack()
             return
         if len(self.slots) + 1 >= self.settings.concurrency:
-            self.broker.cancel(JOBS)
+            # No hoarding: the consumers go before the ack below lets the broker send more.
+            self.broker.cancel(JOBS, before_ack=True)
         self._unsure.add(slot)
         self.served.taken_from(queue)
+        # No loss: this waits for the broker's confirm of the copy, and only then is
+        # the original acknowledged; a worker that dies in between finds the copy.
         queues.hold(self.broker, delivery, queue, self.settings.name, slot)
         delivery.ack()
         self._unsure.discard(slot)

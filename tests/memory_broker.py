@@ -11,7 +11,9 @@ worker depends on it:
   and :meth:`~MemoryBroker.fileno` is readable while one waits there;
 - a message requeued, or unacknowledged when its connection ends, goes back
   to the head of its queue, marked redelivered; one that arrives for a
-  consumer just cancelled is requeued (as py-amqp does);
+  consumer just cancelled is requeued (as py-amqp does), and
+  ``cancel(key, before_ack=True)``, which the real broker sends without
+  waiting, fails the test if such a message exists;
 - an exclusive queue belongs to the connection that declared it
   (:class:`~rbit.errors.QueueLocked` for any other) and goes with it;
 - unknown queues are :class:`~rbit.errors.QueueMissing`; str bodies are
@@ -362,7 +364,7 @@ class MemoryBroker:
         self._consumers[key] = consumers
         self.server._dispatch()
 
-    def cancel(self, key: str) -> None:
+    def cancel(self, key: str, before_ack: bool = False) -> None:
         self._check()
         consumers = self._consumers.pop(key, [])
         # Deliveries already on their way to a cancelled consumer find no
@@ -370,6 +372,10 @@ class MemoryBroker:
         kept, late = deque(), []
         for item in self._inbox:
             (late if item[0] in consumers else kept).append(item)
+        if before_ack and late:
+            # The real broker cancels without waiting then, trusting the prefetch
+            # to let nothing else out: a delivery on its way breaks that promise.
+            raise AssertionError(f"cancel(before_ack=True) with {len(late)} delivery(ies) on their way")
         self._inbox = kept
         self.server._requeue([self._unacked.pop(tag) for _, tag, _ in late if tag in self._unacked])
         for consumer in consumers:

@@ -331,7 +331,7 @@ class ReentrantBroker:
     def consume(self, key, specs, callback, no_ack=False):
         self.consumers[key] = callback
 
-    def cancel(self, key):
+    def cancel(self, key, before_ack=False):
         self.consumers.pop(key, None)
 
     def consuming(self, key):

@@ -292,6 +292,43 @@ def test_worker_holds_no_more_messages_than_it_runs(tmp_path, vhost, unique, pub
         assert vhost.depth(in_progress(name)) == 0
 
 
+def test_consumers_cancelled_without_waiting_still_let_the_worker_hold_only_its_job(tmp_path, vhost, unique):
+    """Serving five queues with one slot, the worker cancels its five consumers without waiting
+    for the broker's reply before it acknowledges each message it takes: the broker still sends
+    it nothing more than the job it runs. After a run of quick jobs over the five queues, two
+    slow jobs are queued: while the first runs, the second stays ready on its queue, none is
+    unacknowledged, and no message ever reaches a cancelled consumer (py-amqp would log that it
+    rejects it). Each job runs once and leaves no in-progress copy."""
+    suites = ("a", "b", "c", "d", "e")
+    served = [queue_for(unique, suite) for suite in suites]
+    for queue, key in served:
+        vhost.declare_build_queue(queue, key)
+    quick = {job_id: suites[job_id % len(suites)] for job_id in range(101, 116)}
+    for job_id, suite in quick.items():
+        vhost.publish_build(body_for(job_id, unique, suite, package=f"done-{job_id}"), queue_for(unique, suite)[1])
+    path, record = make_config(tmp_path, vhost, unique, suites=suites)
+    with WorkerProcess(path) as worker:
+        worker.wait_ready(timeout=20)
+        assert wait_until(lambda: len(records(record)) == len(quick), timeout=30), records(record)
+        worker.wait_log(r"ended Done", count=len(quick))
+        for job_id, suite in ((121, "a"), (122, "b")):
+            vhost.publish_build(body_for(job_id, unique, suite, package=f"wait-{job_id}"), queue_for(unique, suite)[1])
+        worker.wait_log(r"job 12[12]: starting", timeout=20)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # hold for a while: nothing more is taken
+            assert sum(vhost.depth(queue) for queue, _ in served) == 1
+            time.sleep(0.1)
+        rows = list_queues(vhost)
+        assert {queue: rows[queue]["messages_unacknowledged"] for queue, _ in served} == dict.fromkeys(
+            (queue for queue, _ in served), 0)
+        (tmp_path / "release").touch()
+        worker.wait_log(r"ended Done", count=len(quick) + 2)
+        log = worker.log
+    assert "no callbacks" not in log and "Rejecting message" not in log, log[-3000:]
+    assert sorted(entry["job_id"] for entry in records(record)) == sorted([*quick, 121, 122])
+    assert vhost.depth(in_progress(f"w{unique}")) == 0
+
+
 # -- What a runner is handed ----------------------------------------------------
 
 

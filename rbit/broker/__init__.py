@@ -17,25 +17,11 @@ import amqp
 from kombu import Consumer
 
 from ..delivery import Delivery, Outgoing
-from ..errors import (
-    BrokerError,
-    ConnectionLost,
-    QueueMissing,
-    QueueUnavailable,
-    Unroutable,
-)
+from ..errors import BrokerError, ConnectionLost, QueueMissing, QueueUnavailable, Unroutable
 from ..queues import QueueSpec
 from .library import (
-    _amqp_message,
-    _close_quietly,
-    _delivery,
-    _kombu_queue,
-    _refuses_global_qos,
-    _settle,
-    _short,
-    _translated,
-    _where,
-    connection_for,
+    _amqp_message, _cancel_unanswered, _close_quietly, _delivery, _forget_consumer, _kombu_queue, _queue_of,
+    _refuses_global_qos, _settle, _short, _translated, _where, connection_for,
 )
 
 __all__ = ["Batch", "Broker", "Delivery", "Outgoing", "StopWaiting", "connection_for"]
@@ -71,6 +57,8 @@ class Broker:
         #: (see :meth:`publish`) without touching the consumers or unsettled messages.
         self._publisher = None
         self._consumers = {}
+        #: The prefetch count last asked for (see :meth:`qos`).
+        self._prefetch = None
         #: True while the broker takes one prefetch limit for all of a channel's
         #: consumers (``basic.qos`` global). Quorum queues refuse it, and RabbitMQ
         #: 4.3 refuses it for every queue: then each consumer gets its own.
@@ -161,6 +149,7 @@ class Broker:
                 raise
             if not spare:
                 self._channel = self._connection.channel()
+                self._prefetch = None
             raise QueueUnavailable(exc.reply_text) from exc
         finally:
             if spare:
@@ -177,6 +166,7 @@ class Broker:
         limit, and the worker hands back at once a message that came beside
         the one it takes (see :mod:`rbit.worker`).
         """
+        self._prefetch = prefetch
         if self.shared_prefetch:
             try:
                 self._channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, a_global=True)
@@ -195,31 +185,58 @@ class Broker:
 
     @_translated
     def consume(self, key: str, specs, callback, no_ack: bool = False) -> None:
-        """Consume the queues of *specs*, remembered under *key*; ``callback(queue_name, delivery)``."""
+        """Consume the queues of *specs*, remembered under *key*; ``callback(queue_name, delivery)``.
 
-        def on_message(queue_name, message):
+        One kombu Consumer for them all, so one round trip: every
+        ``basic.consume`` but the last goes without waiting for its reply.
+        The last one waits for its ``consume_ok``, which the broker sends only
+        once it has handled the channel's methods before it (it handles them in
+        order): a refusal of any of them (a queue gone, a quorum queue refusing
+        the shared prefetch) is raised here, where the caller handles it. A
+        message of the first queues may arrive while that wait lasts: *callback*
+        gets it then.
+        """
+
+        def on_message(message):
             settle = None if no_ack else functools.partial(_settle, message)
-            callback(queue_name, _delivery(message, settle))
+            callback(_queue_of(consumer, message), _delivery(message, settle))
 
-        consumers = [
-            Consumer(self._channel, queues=[_kombu_queue(spec)], no_ack=no_ack, auto_declare=False,
-                     on_message=functools.partial(on_message, spec.name))
-            for spec in specs
-        ]
-        self._consumers[key] = consumers
+        consumer = Consumer(self._channel, queues=[_kombu_queue(spec) for spec in specs], no_ack=no_ack,
+                            auto_declare=False, on_message=on_message, tag_prefix=f"rbit.{key}.")
+        self._consumers[key] = [consumer]
         try:
-            for consumer in consumers:
-                consumer.consume()
-        except amqp.exceptions.AMQPError as exc:
-            if self.shared_prefetch and _refuses_global_qos(exc):
+            consumer.consume()
+        except Exception as exc:
+            # The broker closed the channel (or the connection): none of these consumers is left.
+            self._consumers.pop(key, None)
+            _forget_consumer(consumer)
+            if self.shared_prefetch and isinstance(exc, amqp.exceptions.AMQPError) and _refuses_global_qos(exc):
                 self._per_consumer(exc)  # a quorum queue: RabbitMQ closes the connection
             raise
 
     @_translated
-    def cancel(self, key: str) -> None:
-        """Stop the consumers under *key*; the broker sends none of their messages after this."""
+    def cancel(self, key: str, before_ack: bool = False) -> None:
+        """Stop the consumers under *key*; the broker sends none of their messages after this.
+
+        *before_ack*: the caller holds an unacknowledged message of these
+        consumers and acknowledges it after this call. With a prefetch of 1
+        shared by the channel's consumers, that message is the only one the
+        broker may send them until the ack; the broker handles a channel's
+        methods in order, so a ``basic.cancel`` sent before the ack is done
+        before the ack frees the prefetch, and nothing can come for these
+        consumers in between: the cancel goes without waiting for its reply.
+        """
         for consumer in self._consumers.pop(key, ()):
-            consumer.cancel()
+            if before_ack and self.shared_prefetch and self._prefetch == 1:
+                _cancel_unanswered(consumer)
+            else:
+                # Waits for each cancel_ok: a message may be on its way to one of these
+                # consumers (with a prefetch per consumer, for quorum queues, one per
+                # consumer; with a shared one, when the caller holds none). It arrives
+                # during the wait, through rbit's callback, which hands it back with
+                # basic.nack. Once the callback is gone, py-amqp would basic.reject it,
+                # and RabbitMQ 4.3 counts a reject against a quorum queue's delivery limit.
+                consumer.cancel()
 
     def consuming(self, key: str) -> bool:
         return key in self._consumers
@@ -261,6 +278,19 @@ class Broker:
 
     @_translated
     def purge(self, queue_name: str) -> None:
+        """Empty *queue_name*, waiting for the broker's ``purge_ok``.
+
+        rbit purges only an in-progress queue, once its job has had its end
+        (:func:`rbit.queues.release`), and the wait keeps two promises. No
+        double run: the slot is freed only once the copy is gone; should the
+        connection drop first, the purge fails and is done again once
+        connected again, where one sent without waiting could be lost, leaving
+        a copy that a later start puts back. No loss: the slot's next copy goes
+        on the publisher channel, and the broker orders methods within a
+        channel, not across channels; while another slot is free the
+        consumers keep running, so that copy may follow at once, and a purge
+        still pending here could remove it.
+        """
         self._channel.queue_purge(queue_name)
 
     @_translated
@@ -344,6 +374,7 @@ class Broker:
     def close(self) -> None:
         """Drop the connection, quietly: it may be dead already."""
         self._consumers.clear()
+        self._prefetch = None
         connection, self._connection, self._channel, self._publisher = self._connection, None, None, None
         if connection is not None:
             try:

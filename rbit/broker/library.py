@@ -158,6 +158,45 @@ def _refuses_global_qos(exc) -> bool:
     return "global qos" in text or "global_qos" in text
 
 
+def _queue_of(consumer, message) -> str:
+    """The name of the queue that *message* came from, among those *consumer* consumes.
+
+    kombu records each queue's consumer tag; a delivery names its tag.
+    """
+    tag = message.delivery_info["consumer_tag"]
+    return next(name for name, active in consumer._active_tags.items() if active == tag)
+
+
+def _cancel_unanswered(consumer) -> None:
+    """``basic.cancel`` every queue *consumer* consumes without waiting for ``cancel_ok``, and forget them.
+
+    py-amqp drops a consumer's callbacks only when its ``cancel_ok`` comes,
+    which a cancel sent with ``nowait`` never gets: without this, each cancel
+    would leave one callback per queue on the channel for as long as it is
+    open. kombu's record of the active tags is emptied as its own cancel()
+    empties it.
+    """
+    channel = consumer.channel
+    for tag in consumer._active_tags.values():
+        channel.basic_cancel(tag, nowait=True)  # also drops it from channel.no_ack_consumers
+        _forget_tag(channel, tag)
+    consumer._active_tags.clear()
+    getattr(consumer, "_active_queue_no_ack", {}).clear()  # kombu 5.5 and later
+
+
+def _forget_consumer(consumer) -> None:
+    """Drop *consumer*'s callbacks from its channel, which no longer has its consumers (closed by the broker)."""
+    for tag in consumer._active_tags.values():
+        _forget_tag(consumer.channel, tag)
+
+
+def _forget_tag(channel, tag) -> None:
+    """What py-amqp forgets of a consumer at its ``cancel_ok``."""
+    channel.callbacks.pop(tag, None)
+    channel.cancel_callbacks.pop(tag, None)
+    channel.no_ack_consumers.discard(tag)
+
+
 def _close_quietly(channel):
     try:
         channel.close()

@@ -1,0 +1,119 @@
+"""The worker's consumers on the real broker, job after job: started with one wait for all the
+served queues, cancelled without a wait where the shared prefetch allows it, and leaving
+nothing behind on the channel.
+
+Each test drives a :class:`rbit.worker.Worker` in this process on a real
+:class:`rbit.broker.Broker`, in a vhost of its own, so that it can look at the
+py-amqp channel and count the replies the worker waits for.
+"""
+
+import pytest
+from amqp import abstract_channel, spec
+
+from rbit import config as rbit_config
+from rbit import queues
+from rbit.broker import Broker
+from rbit.worker import JOBS, Worker
+
+from .broker import make_vhost as make_classic_vhost
+from .broker import rabbitmqctl
+from .harness import write_config
+from .pybit_models import queue_name, request_body, routing_key
+from .test_quorum import make_vhost as make_quorum_vhost
+from .test_worker_loop import RUNNERS, RecordingReporter, context, turn_until  # noqa: F401  (a fixture)
+
+#: Served queues, as in bench/bench.py: the case where one wait per queue cost the most.
+SUITES = ("a", "b", "c", "d", "e")
+
+#: Jobs run one after the other in each test.
+JOBS_RUN = 25
+
+
+@pytest.fixture(params=["shared prefetch", "prefetch per consumer"])
+def prefetch(request):
+    """A vhost for one test and its ``[amqp] queue_type``: classic queues take a prefetch shared
+    by the channel's consumers; quorum build queues (in a vhost whose default queue type is
+    quorum) take one per consumer."""
+    if request.param == "shared prefetch":
+        vhost, queue_type = make_classic_vhost(), "classic"
+    else:
+        vhost, queue_type = make_quorum_vhost("quorum"), "quorum"
+    yield vhost, queue_type
+    rabbitmqctl("delete_vhost", vhost.name, check=False)
+
+
+class Waits:
+    """Counts the replies py-amqp waits for, by method, in this process."""
+
+    def __init__(self, monkeypatch):
+        self.counts = {}
+        wait = abstract_channel.AbstractChannel.wait
+
+        def counted(channel, method, *args, **kwargs):
+            key = tuple(method) if isinstance(method, (list, tuple)) else method
+            self.counts[key] = self.counts.get(key, 0) + 1
+            return wait(channel, method, *args, **kwargs)
+
+        monkeypatch.setattr(abstract_channel.AbstractChannel, "wait", counted)
+
+    def of(self, method) -> int:
+        return self.counts.get(tuple(method), 0)
+
+
+def make_worker(tmp_path, unique, vhost, queue_type, context):  # noqa: F811  (the fixture's value)
+    record = tmp_path / "record"
+    runner = {"runner": f"python!{RUNNERS}:behave", "record": record, "release": tmp_path / "release"}
+    runners = {queue_name(f"t{unique}", "any", suite, "pdf"): runner for suite in SUITES}
+    path = write_config(tmp_path / "w.ini", name=f"w{unique}", vhost=vhost, runners=runners,
+                        rbit={"polling_time": "1"}, amqp={"queue_type": queue_type})
+    config = rbit_config.load(path)
+    worker = Worker(config, Broker(config.amqp), reporter=RecordingReporter(), context=context)
+    assert worker._connect()
+    return worker
+
+
+def publish(vhost, unique, job_id):
+    """A quick job on one of the served queues, in turn, as PyBit's controller publishes it."""
+    suite = SUITES[job_id % len(SUITES)]
+    vhost.publish_build(request_body(job_id, package="done", dist=f"t{unique}", suite=suite),
+                        routing_key(f"t{unique}", "any", suite, "pdf"))
+
+
+def consumer_tags(worker):
+    """The consumer tags py-amqp keeps a callback for on the worker's channel, and those rbit holds."""
+    channel = worker.broker._channel
+    held = {tag for group in worker.broker._consumers.values() for consumer in group
+            for tag in consumer._active_tags.values()}
+    return set(channel.callbacks), held
+
+
+def test_job_after_job_the_channel_keeps_a_callback_only_for_each_live_consumer(
+        tmp_path, unique, prefetch, context, monkeypatch):  # noqa: F811
+    """One slot, five served queues, jobs one after the other: each job cancels the five
+    consumers and starts them again, and after every job the channel keeps a callback for the
+    worker's live consumers only (its cancel queue's and the five of the build queues), none for
+    a cancelled one. Each job waits for one consume_ok, whatever the number of queues, and for
+    no cancel_ok with the shared prefetch (five, one per queue, with a prefetch per consumer).
+    Every job runs once and leaves no in-progress copy behind."""
+    vhost, queue_type = prefetch
+    worker = make_worker(tmp_path, unique, vhost, queue_type, context)
+    waits = Waits(monkeypatch)
+    try:
+        for job_id in range(1, JOBS_RUN + 1):
+            publish(vhost, unique, job_id)
+            turn_until(worker, lambda job_id=job_id: worker.reporter.statuses(job_id)[-1:] == ["Done"]
+                       and not worker.slots and worker.broker.consuming(JOBS), timeout=20)
+            registered, held = consumer_tags(worker)
+            assert registered == held and len(held) == 1 + len(SUITES), (job_id, registered, held)
+    finally:
+        for job in worker.running():
+            job.process.kill()
+            job.process.close()
+        worker.slots.clear()
+        worker._shutdown()
+    assert waits.of(spec.Basic.ConsumeOk) == JOBS_RUN
+    cancels = 0 if queue_type == "classic" else len(SUITES) * JOBS_RUN
+    assert waits.of(spec.Basic.CancelOk) == cancels
+    ran = [int(line.split()[0]) for line in (tmp_path / "record").read_text().splitlines()]
+    assert ran == list(range(1, JOBS_RUN + 1))
+    assert vhost.depth(queues.in_progress_name(f"w{unique}", 0)) == 0
