@@ -9,8 +9,8 @@ and one that writes as fast as it can seldom finds the pipe full.
 
 from __future__ import annotations
 
-from .joblog import JobLog
 from .jobs import OUTPUT_CHUNK, JobProcess
+from .joblog import JobLog
 
 #: Longest pause (seconds) after a read, and the bytes a read aims to find.
 OUTPUT_PAUSE = 0.05

@@ -13,9 +13,7 @@ from typing import TYPE_CHECKING
 import requests
 
 from . import statuses
-from .pybit_http import auth as _auth
-from .pybit_http import job_url, safe_url
-from .pybit_http import redact as _redact
+from .pybit_http import auth as _auth, job_url, redact as _redact, safe_url
 from .spool import Report, Spool
 
 if TYPE_CHECKING:

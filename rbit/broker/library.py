@@ -16,13 +16,7 @@ import kombu.exceptions
 from kombu import Connection, Exchange, Queue
 
 from ..delivery import Delivery, Outgoing
-from ..errors import (
-    BrokerError,
-    ConnectionLost,
-    QueueLocked,
-    QueueMismatch,
-    QueueMissing,
-)
+from ..errors import BrokerError, ConnectionLost, QueueLocked, QueueMismatch, QueueMissing
 from ..queues import PYBIT_EXCHANGE, QueueSpec
 
 #: PyBit's exchange, declared exactly as PyBit declares it.

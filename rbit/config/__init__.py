@@ -5,27 +5,15 @@ import os
 from pathlib import Path
 
 from .. import joblog, runners
+from ..logdir import default_log_dir
 from ..errors import ConfigError
 from ..lease import MIN_RECLAIM_AFTER
-from ..logdir import default_log_dir
 from ..passwords import PASSWORD_ENV
 from ..settings import parse_size
 from .sections import _Section, read_parser
 from .types import (
-    _HOST_NAME,
-    AMQP_DEFAULTS,
-    LOGGING_SECTIONS,
-    PYBIT_DEFAULTS,
-    QUEUE_TYPES,
-    RBIT_DEFAULTS,
-    RUNNER_OWN_KEYS,
-    RUNNER_PREFIX,
-    Address,
-    AmqpSettings,
-    Config,
-    PybitSettings,
-    RunnerSection,
-    WorkerSettings,
+    _HOST_NAME, AMQP_DEFAULTS, LOGGING_SECTIONS, PYBIT_DEFAULTS, QUEUE_TYPES, RBIT_DEFAULTS, RUNNER_OWN_KEYS,
+    RUNNER_PREFIX, Address, AmqpSettings, Config, PybitSettings, RunnerSection, WorkerSettings,
 )
 
 __all__ = [

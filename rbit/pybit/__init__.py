@@ -6,27 +6,11 @@ called on a message), ``writing`` the encoder.
 """
 
 from .models import (
-    Arch,
-    BuildD,
-    BuildEnv,
-    BuildRequest,
-    CancelRequest,
-    Dist,
-    Format,
-    Job,
-    Package,
-    PackageInstance,
-    Suite,
-    Transport,
+    Arch, BuildD, BuildEnv, BuildRequest, CancelRequest, Dist, Format, Job, Package, PackageInstance,
+    Suite, Transport,
 )
 from .reading import decode, decode_build_request, decode_cancel_request
-from .schema import (
-    MAX_BODY_BYTES,
-    MAX_DEPTH,
-    MAX_STRING_LENGTH,
-    OBJECT_TAG,
-    PYBIT_MODULE,
-)
+from .schema import MAX_BODY_BYTES, MAX_DEPTH, MAX_STRING_LENGTH, OBJECT_TAG, PYBIT_MODULE
 from .writing import encode, make_request
 
 __all__ = [

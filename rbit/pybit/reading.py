@@ -6,14 +6,7 @@ import math
 from ..errors import BadMessage
 from .models import BuildRequest, CancelRequest
 from .schema import (
-    _BY_TAG,
-    _QUOTE_LENGTH,
-    MAX_BODY_BYTES,
-    MAX_DEPTH,
-    OBJECT_TAG,
-    _json_type,
-    _quote,
-    _read_object,
+    _BY_TAG, _QUOTE_LENGTH, MAX_BODY_BYTES, MAX_DEPTH, OBJECT_TAG, _json_type, _quote, _read_object,
 )
 
 

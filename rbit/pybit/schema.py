@@ -5,18 +5,8 @@ from typing import Callable, NamedTuple
 
 from ..errors import BadMessage
 from .models import (
-    Arch,
-    BuildD,
-    BuildEnv,
-    BuildRequest,
-    CancelRequest,
-    Dist,
-    Format,
-    Job,
-    Package,
-    PackageInstance,
-    Suite,
-    Transport,
+    Arch, BuildD, BuildEnv, BuildRequest, CancelRequest, Dist, Format, Job, Package, PackageInstance,
+    Suite, Transport,
 )
 
 #: Largest message body read, in bytes; a bigger one is rejected before parsing.

@@ -3,17 +3,7 @@
 import jsonpickle
 
 from .models import (
-    Arch,
-    BuildD,
-    BuildEnv,
-    BuildRequest,
-    Dist,
-    Format,
-    Job,
-    Package,
-    PackageInstance,
-    Suite,
-    Transport,
+    Arch, BuildD, BuildEnv, BuildRequest, Dist, Format, Job, Package, PackageInstance, Suite, Transport,
 )
 from .reading import decode_build_request
 from .schema import _FIELDS, _WIRE_CLASSES
