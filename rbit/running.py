@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import time
@@ -13,11 +12,11 @@ from . import jobs, queues, statuses
 from .capture import Output
 from .child import JOB_LOG_FORMAT
 from .errors import UnknownStatus
-from .guard import Guard
 from .joblog import JobLog
 from .logdir import default_log_dir, sweep
 from .message import Message
 from .outcome import Decision, Ended, Fate, Result, Stop, decide
+from .ready import Ready
 from .runners.shell import LOG_UNKNOWN_STATUS, exit_outcome, status_line
 from .statuses import FINAL
 
@@ -82,15 +81,10 @@ class Jobs:
         self.log_dir = self.settings.log_dir or default_log_dir(os.environ)
         self.next_sweep = clock() + SWEEP_PERIOD
         self.context = None
-        self.guard: Guard | None = None
+        self.ready = Ready(self.settings.concurrency)
         self.slots: dict[int, RunningJob] = {}
-        #: Started job processes waiting for a job, one for each slot's next job (see :meth:`warm_up`).
-        self.warm: list[jobs.JobProcess] = []
-        self._exit_hook = False
         #: Jobs that ended, in order, whose messages wait for their end on the broker.
         self.finishing: list[RunningJob] = []
-        #: The worker's lease (rbit.lease), which each job process holds too; None: no lease.
-        self.lease: float | None = None
 
     def free_slot(self) -> int | None:
         return next((slot for slot in range(self.settings.concurrency) if slot not in self.slots), None)
@@ -102,60 +96,22 @@ class Jobs:
         return any(job.job_id == job_id for job in self.slots.values())
 
     def warm_up(self) -> None:
-        """Have a started job process waiting for each slot's next job, so that a job starts without a
-        fork: as many as there are slots, whether or not they are busy (a busy slot's next process
-        is forked while its job runs, so that the fork is not between two jobs)."""
-        if self.guard is None:
-            self.guard = Guard(self.context)
-            self.guard.start()
-            self.guard.renew(self.lease)
-            if not self._exit_hook:
-                # Before multiprocessing's own exit handler (atexit runs the last registered first),
-                # which would wait for ever for these processes: they end when their pipes close.
-                atexit.register(self.cool_down)
-                self._exit_hook = True
-        self.warm = [process for process in self.warm if process.ready() or self._discard(process)]
-        while len(self.warm) < self.settings.concurrency:
-            try:
-                self.warm.append(self._new_process())
-            except OSError as exc:
-                log.error("cannot start a job process: %s", exc)
-                return
-
-    def _new_process(self) -> jobs.JobProcess:
-        process = jobs.JobProcess(self.context, log_level=logging.getLogger().getEffectiveLevel())
-        process.start(lease=self.lease)
-        self.guard.watch(process.pid)  # before it has a job, so no program it becomes escapes the guard
-        return process
-
-    def _discard(self, process: jobs.JobProcess) -> bool:
-        """Let a process go that will not take a job (its lease ran out, say); False."""
-        process.kill()
-        process.close()
-        self.guard.forget(process.pid)
-        return False
+        """Have a job process started and waiting for each slot's next job (see :mod:`rbit.ready`)."""
+        self.ready.fill(self.context)
 
     def cool_down(self) -> None:
-        """Let the waiting job processes go, and the guard, as the worker stops (no job runs then:
-        a job left in a slot has ended and only waits for its message's end)."""
-        for process in self.warm:
-            self._discard(process)
-        self.warm = []
-        if self.guard is not None:
-            self.guard.close()
-            self.guard = None
+        """Let the waiting job processes and the guard go: the worker stops."""
+        self.ready.close()
 
     def _begin(self, job: RunningJob, runner) -> None:
-        """Hand *job* to a waiting process (started now if none waits); OSError if none takes it."""
+        """Hand *job* to a waiting process; OSError if none takes it."""
         for _ in range(2):
-            if not self.warm:
-                self.warm_up()
-            process = self.warm.pop(0) if self.warm else self._new_process()
+            process = self.ready.take(self.context)
             try:
                 process.begin(runner, job.message, self.config.pybit, self.settings.name)
-            except OSError as exc:  # it died waiting: one more, fresh, try
+            except OSError as exc:  # it died waiting: one more try
                 log.warning("a waiting job process was gone (%s); starting another", exc)
-                self._discard(process)
+                self.ready.discard(process)
                 continue
             job.process = process
             return
@@ -257,19 +213,15 @@ class Jobs:
 
     def renew(self, deadline: float) -> None:
         """The worker's lease now runs until *deadline*: tell every job process, and the guard."""
-        self.lease = deadline
-        for process in [job.process for job in self.running()] + self.warm:
-            process.renew(deadline)
-        if self.guard is not None:
-            self.guard.renew(deadline)
+        for job in self.running():
+            job.process.renew(deadline)
+        self.ready.renew(deadline)
 
     def fence(self) -> int:
         """The lease ran out: kill every running job's group, forget every job's statuses not yet
         sent, and leave every message alone (a live peer puts it back). How many were running."""
         running = self.running()
-        for process in self.warm:  # their lease has run out too: they kill themselves
-            self._discard(process)
-        self.warm = []
+        self.ready.drop_waiting()  # their lease has run out too
         for job in list(self.slots.values()):
             if self.reporter.discard(job.job_id):
                 log.info("job %s (%s): statuses not yet sent to PyBit are dropped", job.job_id, job.queue)
@@ -345,7 +297,7 @@ class Jobs:
             job.output.close()
         if job.process is not None:
             job.process.close()
-            self.guard.forget(job.process.pid)
+            self.ready.done(job.process)
         job.decision = decision = decide(job.result, last_final=job.last_final, stop=job.stop,
                                          exit_text=exit_text, timeout=job.timeout)
         if decision.status is not None:

@@ -155,8 +155,6 @@ class Worker:
             self.broker.drain()
             self.broker.heartbeat_check()
             self.jobs.finish(self.broker)
-            if not self.stopping:
-                self.jobs.warm_up()  # before consuming again: the next job finds its process waiting
             self._serve_returned()
             self._hold_deliveries(self.liveness.tick)
             self._resume_consuming()
@@ -189,8 +187,6 @@ class Worker:
         # Once: what an earlier run of this worker left unfinished is put back under its lock.
         self._hold_deliveries(lambda broker: self.liveness.join(broker, first=not self._recovered))
         self._recovered = True
-        if not self.stopping:
-            self.jobs.warm_up()
         self._resume_consuming()
         log.info("serving %s as %s (concurrency %d)", ", ".join(s.queue for s in self.config.runners),
                  self.settings.name, self.settings.concurrency)
@@ -230,6 +226,8 @@ class Worker:
     # -- Taking jobs ---------------------------------------------------------------
 
     def _resume_consuming(self) -> None:
+        if not self.stopping:
+            self.jobs.warm_up()  # the next job finds its process waiting (one that died is replaced)
         if (self.stopping or self.jobs.finishing or self.broker.consuming(JOBS) or self.jobs.free_slot() is None
                 or not self.liveness.joined):
             return

@@ -516,18 +516,18 @@ def test_a_started_process_waits_for_each_slots_next_job_and_runs_one_job_only(h
     that a job starts without a fork (a busy slot's next one is forked while its job runs); every
     job has a process of its own, never one that ran a job."""
     worker = harness.worker(concurrency="2")
-    waiting = {process.pid for process in worker.jobs.warm}
+    waiting = {process.pid for process in worker.jobs.ready.waiting}
     assert len(waiting) == 2 and all(alive(pid) for pid in waiting)
     harness.publish(70, "wait")
     turn_until(worker, lambda: reports(worker).statuses(70) == ["Building"])
     first = worker.slots[0].process.pid
     assert first in waiting
-    now_waiting = {process.pid for process in worker.jobs.warm}
+    now_waiting = {process.pid for process in worker.jobs.ready.waiting}
     assert len(now_waiting) == 2 and waiting - {first} < now_waiting and first not in now_waiting
     harness.release(70)
     turn_until(worker, lambda: not worker.slots)
     assert not alive(first)
-    assert len(worker.jobs.warm) == 2 and first not in {process.pid for process in worker.jobs.warm}
+    assert len(worker.jobs.ready.waiting) == 2 and first not in {process.pid for process in worker.jobs.ready.waiting}
     harness.publish(71)
     turn_until(worker, lambda: reports(worker).statuses(71) == ["Building", "Done"] and not worker.slots)
     assert harness.runs() == [(70, 0), (71, 0)]
