@@ -13,7 +13,8 @@ as the systemd unit starts it (the ``rbit`` console script beside this Python,
 1. warm-up: one job, so that first-job costs (imports, the fork server's first
    fork) are not counted as idle or latency;
 2. idle: PSS (``/proc/PID/smaps_rollup``) of the worker and of every process
-   below it (fork server, resource tracker), added up, then CPU time
+   below it (fork server, resource tracker, guard, a waiting job process per
+   slot), added up, then CPU time
    (utime+stime from ``/proc/PID/stat``) over 10 s of idleness;
 3. pickup latency: one request at a time, the publisher's ``time.time()`` just
    before ``basic_publish`` against the runner's ``time.time()`` at its start
@@ -155,25 +156,56 @@ def pss_mb(pid):
 
 
 def descendants(pid):
-    """{pid: command line} of every process below *pid* (children, their children, ...)."""
+    """{pid: (parent pid, command line)} of every process below *pid* (children, their children, ...)."""
     found, todo = {}, [pid]
     while todo:
-        for child, cmdline in children(todo.pop()).items():
+        parent = todo.pop()
+        for child, cmdline in children(parent).items():
             if child not in found:
-                found[child] = cmdline
+                found[child] = (parent, cmdline)
                 todo.append(child)
     return found
+
+
+def session_leader(pid):
+    """True if *pid* leads its own session (a job process calls setsid first thing); None if it is gone."""
+    try:
+        return os.getsid(pid) == pid
+    except OSError:
+        return None
+
+
+def role(pid, parent, cmdline, worker_pid, forkserver_pid):
+    """A short name for a process the worker keeps, from where it sits in the tree.
+
+    The fork server's children have its command line (they are forked from
+    it): a job process makes itself a session leader first thing, the guard
+    (``rbit guard``, rbit/guard.py) does not. With no job running, each job
+    process is one waiting for its slot's next job.
+    """
+    if parent == worker_pid and "multiprocessing.forkserver" in cmdline:
+        return "fork server"
+    if "multiprocessing.resource_tracker" in cmdline:
+        return "resource tracker"
+    if parent == forkserver_pid:
+        return "waiting job process" if session_leader(pid) else "guard"
+    return cmdline.split(" ")[0].rsplit("/", 1)[-1][:20]
 
 
 def tree_memory(pid):
     """(PSS in MB of *pid* and every process it keeps, added up; {pid: (short name, MB)})."""
     parts = {pid: ("main", pss_mb(pid))}
-    for child, cmdline in descendants(pid).items():
-        name = ("fork server" if "multiprocessing.forkserver" in cmdline
-                else "resource tracker" if "resource_tracker" in cmdline
-                else cmdline.split(" ")[0].rsplit("/", 1)[-1][:20])
-        parts[child] = (name, pss_mb(child))
+    below = descendants(pid)
+    forkserver = next((child for child, (parent, cmdline) in below.items()
+                       if parent == pid and "multiprocessing.forkserver" in cmdline), None)
+    for child, (parent, cmdline) in below.items():
+        parts[child] = (role(child, parent, cmdline, pid, forkserver), pss_mb(child))
     return sum(mb for _, mb in parts.values() if mb is not None), parts
+
+
+def memory_parts_text(parts):
+    """'main 30.1, fork server 12.0, guard 3.1, ...': each process's PSS in MB, by role."""
+    return ", ".join(f"{label} {mb:.1f}" for label, mb in parts.values() if mb is not None)
 
 
 def helper_pids(worker_pid):
@@ -868,7 +900,7 @@ def print_rows(header, rows):
 
 def detail_lines(name, r):
     """The measured figures behind one rbit column."""
-    parts = ", ".join(f"{label} {mb:.1f}" for label, mb in r["mem_idle_parts"].values() if mb is not None)
+    parts = memory_parts_text(r["mem_idle_parts"])
     lines = [
         (f"pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
         f"{r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms"),
@@ -886,7 +918,7 @@ def detail_lines(name, r):
 
 
 def celery_detail_lines(name, r):
-    parts = ", ".join(f"{label} {mb:.1f}" for label, mb in r["mem_idle_parts"].values() if mb is not None)
+    parts = memory_parts_text(r["mem_idle_parts"])
     lines = [
         (f"[{name}] pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
         f"{r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms; no-op {r['noop_n']} tasks, "
