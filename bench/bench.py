@@ -22,7 +22,12 @@ as the systemd unit starts it (the ``rbit`` console script beside this Python,
    once the job has ended and the worker consumes again (idle worker);
 4. baselines (the floor): a bare kombu consume-and-ack loop (prefetch 1) over
    N pre-loaded requests of the same kind, and ``subprocess.run(['/bin/true'])``
-   N times;
+   N times; then the floors rbit's promises set (bench/floors.py): the
+   promises' broker steps alone (confirmed copy, nowait cancel, ack, purge,
+   consume again) on a vhost of their own, no process; and a fresh process per
+   job from rbit's fork server alone (``rbit.jobs.JobProcess``), no broker,
+   sequential and overlapped, for a no-op ``python!`` and a ``shell!/bin/true``
+   job;
 5. throughput of a no-op python runner: N requests pre-loaded, rate from the
    first job's start to the last job's end (both stamped by the runner);
 6. throughput of ``shell!/bin/true``: N requests pre-loaded between two
@@ -38,7 +43,9 @@ Pre-loading uses the worker's own behaviour: a "gate" job holds its only slot,
 so it has cancelled its consumers; the benchmark fills a queue, then lets the
 gate job end.
 
-Every figure is printed next to Celery's, the floor and its target, with PASS or MISS\nfor rbit, and a table of ratios.
+Every figure is printed next to Celery's, the floor and its target, with PASS or MISS
+for rbit, and a table of ratios; then, for each throughput figure, the floors that bound it
+and whether its target is above them.
 """
 
 import argparse
@@ -1044,13 +1051,14 @@ def bound_lines(r, floors):
         share = f" = {process / bare:.2g} of bare subprocess.run" if kind == "shell" else ""
         text = (f"{label}: {value:.1f} /s (target {target_text}); broker steps alone {broker:.0f} /s, "
                 f"a fresh process per job alone {process:.0f} /s ({how}{share}; {other} {modes[other]:.0f} /s), "
-                f"the two one after the other {series:.0f} /s. the lower floor is {name} ({binding:.0f} /s): "
+                f"the two one after the other {series:.0f} /s. The lower floor is {name} ({binding:.0f} /s): "
                 f"rbit reaches {value / binding:.2f} of it, {value / series:.2f} of the two one after the other; ")
         if target > binding:
             text += f"target above the measured floor ({target:.0f} /s > {name} alone, {binding:.0f} /s)"
         elif target > series:
             text += (f"target below each floor alone but above the two one after the other ({series:.0f} /s): "
-                     "met only if the broker steps overlap the job's process")
+                     "met only if part of the broker steps overlaps the job's process (rbit does them between "
+                     "two jobs' processes)")
         else:
             text += "target below the measured floors"
         lines.append(text)
