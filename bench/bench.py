@@ -13,7 +13,8 @@ as the systemd unit starts it (the ``rbit`` console script beside this Python,
 1. warm-up: one job, so that first-job costs (imports, the fork server's first
    fork) are not counted as idle or latency;
 2. idle: PSS (``/proc/PID/smaps_rollup``) of the worker and of every process
-   below it (fork server, resource tracker), added up, then CPU time
+   below it (fork server, resource tracker, guard, a waiting job process per
+   slot), added up, then CPU time
    (utime+stime from ``/proc/PID/stat``) over 10 s of idleness;
 3. pickup latency: one request at a time, the publisher's ``time.time()`` just
    before ``basic_publish`` against the runner's ``time.time()`` at its start
@@ -21,7 +22,12 @@ as the systemd unit starts it (the ``rbit`` console script beside this Python,
    once the job has ended and the worker consumes again (idle worker);
 4. baselines (the floor): a bare kombu consume-and-ack loop (prefetch 1) over
    N pre-loaded requests of the same kind, and ``subprocess.run(['/bin/true'])``
-   N times;
+   N times; then the floors rbit's promises set (bench/floors.py): the
+   promises' broker steps alone (confirmed copy, nowait cancel, ack, purge,
+   consume again) on a vhost of their own, no process; and a fresh process per
+   job from rbit's fork server alone (``rbit.jobs.JobProcess``), no broker,
+   sequential and overlapped, for a no-op ``python!`` and a ``shell!/bin/true``
+   job;
 5. throughput of a no-op python runner: N requests pre-loaded, rate from the
    first job's start to the last job's end (both stamped by the runner);
 6. throughput of ``shell!/bin/true``: N requests pre-loaded between two
@@ -37,7 +43,9 @@ Pre-loading uses the worker's own behaviour: a "gate" job holds its only slot,
 so it has cancelled its consumers; the benchmark fills a queue, then lets the
 gate job end.
 
-Every figure is printed next to Celery's, the floor and its target, with PASS or MISS\nfor rbit, and a table of ratios.
+Every figure is printed next to Celery's, the floor and its target, with PASS or MISS
+for rbit, and a table of ratios; then, for each throughput figure, the floors that bound it
+and whether its target is above them.
 """
 
 import argparse
@@ -60,6 +68,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import amqp
+from floors import broker_floor
 from kombu import Connection, Consumer, Queue
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,27 +88,50 @@ RESERVE = 20.0
 #: Job id written into the template request, replaced by each message's own.
 TEMPLATE_ID = 987654321
 
+#: The throughput targets: no-op python! jobs/s, and shell!/bin/true's share of the bare subprocess.run loop.
+NOOP_TARGET = 150
+SHELL_SHARE = 0.3
+
 #: The table's rows, by result key: (label, unit, whether higher is better, floor key, test, target as printed).
 #: The targets are issue 12's; the verdict is on the rbit columns.
 FIGURES = {
     "latency_p50_ms": ("pickup p50", "ms", False, None, lambda v: v <= 5, "<= 5 ms"),
     "latency_p99_ms": ("pickup p99", "ms", False, None, lambda v: v <= 20, "<= 20 ms"),
-    "noop_rate": ("no-op jobs/s", "/s", True, "bare_kombu_rate", lambda v: v >= 150, ">= 150 /s"),
+    "noop_rate": ("no-op jobs/s", "/s", True, "bare_kombu_rate", lambda v: v >= NOOP_TARGET, f">= {NOOP_TARGET} /s"),
     "shell_rate": ("/bin/true jobs/s", "/s", True, "bare_subprocess_rate", None, "(see next)"),
-    "shell_ratio": ("/bin/true / floor", "", True, None, lambda v: v >= 0.3, ">= 0.3"),
+    "shell_ratio": ("/bin/true / floor", "", True, None, lambda v: v >= SHELL_SHARE, f">= {SHELL_SHARE}"),
     "mem_idle_mb": ("idle PSS, all kept", "MB", False, None, lambda v: v <= 78, "<= 78 MB"),
     "mem_growth_mb": ("PSS growth", "MB", False, None, lambda v: v < 2, "< 2 MB"),
     "cpu_idle_pct": ("idle CPU", "%", False, None, lambda v: v < 1, "< 1 %"),
 }
 
+#: What the floor phases record beside their rates, carried to a later column with them.
+FLOOR_FACTS = ("broker_floor_queues", "broker_floor_n", "process_floor_n", "process_floor_rounds",
+               "process_python_sequential_all_rate", "process_python_overlapped_all_rate",
+               "process_shell_sequential_all_rate", "process_shell_overlapped_all_rate")
+
 #: Phase sizes: full run and --quick.
 SIZES = {
     "full": {"idle_s": 10.0, "latency_n": 200, "batch_n": 500, "batch_box": 40.0, "soak_n": 20000, "soak_box": 120.0,
                  "budget": TOTAL_BUDGET, "celery_latency_n": 100, "celery_batch_n": 300, "celery_soak_box": 10.0,
-                 "celery_pause": 0.05, "celery_box": 20.0, "celery_latency_box": 30.0, "module_soak_box": 20.0},
+                 "celery_pause": 0.05, "celery_box": 20.0, "celery_latency_box": 30.0, "module_soak_box": 20.0,
+                 "floor_n": 300},
     "quick": {"idle_s": 3.0, "latency_n": 30, "batch_n": 100, "batch_box": 20.0, "soak_n": 1000, "soak_box": 10.0,
                   "budget": TOTAL_BUDGET, "celery_latency_n": 20, "celery_batch_n": 50, "celery_soak_box": 3.0,
-                  "celery_pause": 0.05, "celery_box": 8.0, "celery_latency_box": 12.0, "module_soak_box": 5.0},
+                  "celery_pause": 0.05, "celery_box": 8.0, "celery_latency_box": 12.0, "module_soak_box": 5.0,
+                  "floor_n": 90},
+}
+
+#: The floors measured in the run, by result key: (label, what it is). bench/floors.py measures the
+#: promises' two; the bare loops are the older floors.
+FLOORS = {
+    "bare_kombu_rate": ("bare kombu consume+ack, prefetch 1", "msg/s"),
+    "broker_floor_rate": ("the promises' broker steps, no process", "msg/s"),
+    "process_python_sequential_rate": ("a fresh process per job, no-op python!, sequential", "proc/s"),
+    "process_python_overlapped_rate": ("a fresh process per job, no-op python!, overlapped", "proc/s"),
+    "process_shell_sequential_rate": ("a fresh process per job, shell!/bin/true, sequential", "proc/s"),
+    "process_shell_overlapped_rate": ("a fresh process per job, shell!/bin/true, overlapped", "proc/s"),
+    "bare_subprocess_rate": ("bare subprocess.run(['/bin/true'])", "runs/s"),
 }
 
 
@@ -155,25 +187,56 @@ def pss_mb(pid):
 
 
 def descendants(pid):
-    """{pid: command line} of every process below *pid* (children, their children, ...)."""
+    """{pid: (parent pid, command line)} of every process below *pid* (children, their children, ...)."""
     found, todo = {}, [pid]
     while todo:
-        for child, cmdline in children(todo.pop()).items():
+        parent = todo.pop()
+        for child, cmdline in children(parent).items():
             if child not in found:
-                found[child] = cmdline
+                found[child] = (parent, cmdline)
                 todo.append(child)
     return found
+
+
+def session_leader(pid):
+    """True if *pid* leads its own session (a job process calls setsid first thing); None if it is gone."""
+    try:
+        return os.getsid(pid) == pid
+    except OSError:
+        return None
+
+
+def role(pid, parent, cmdline, worker_pid, forkserver_pid):
+    """A short name for a process the worker keeps, from where it sits in the tree.
+
+    The fork server's children have its command line (they are forked from
+    it): a job process makes itself a session leader first thing, the guard
+    (``rbit guard``, rbit/guard.py) does not. With no job running, each job
+    process is one waiting for its slot's next job.
+    """
+    if parent == worker_pid and "multiprocessing.forkserver" in cmdline:
+        return "fork server"
+    if "multiprocessing.resource_tracker" in cmdline:
+        return "resource tracker"
+    if parent == forkserver_pid:
+        return "waiting job process" if session_leader(pid) else "guard"
+    return cmdline.split(" ")[0].rsplit("/", 1)[-1][:20]
 
 
 def tree_memory(pid):
     """(PSS in MB of *pid* and every process it keeps, added up; {pid: (short name, MB)})."""
     parts = {pid: ("main", pss_mb(pid))}
-    for child, cmdline in descendants(pid).items():
-        name = ("fork server" if "multiprocessing.forkserver" in cmdline
-                else "resource tracker" if "resource_tracker" in cmdline
-                else cmdline.split(" ")[0].rsplit("/", 1)[-1][:20])
-        parts[child] = (name, pss_mb(child))
+    below = descendants(pid)
+    forkserver = next((child for child, (parent, cmdline) in below.items()
+                       if parent == pid and "multiprocessing.forkserver" in cmdline), None)
+    for child, (parent, cmdline) in below.items():
+        parts[child] = (role(child, parent, cmdline, pid, forkserver), pss_mb(child))
     return sum(mb for _, mb in parts.values() if mb is not None), parts
+
+
+def memory_parts_text(parts):
+    """'main 30.1, fork server 12.0, guard 3.1, ...': each process's PSS in MB, by role."""
+    return ", ".join(f"{label} {mb:.1f}" for label, mb in parts.values() if mb is not None)
 
 
 def helper_pids(worker_pid):
@@ -644,6 +707,45 @@ class Bench:
             subprocess.run(["/bin/true"], check=True)
         self.results["bare_subprocess_rate"] = count / (time.perf_counter() - t0)
 
+    def phase_broker_floor(self):
+        """The promises' broker steps alone (bench/floors.py), on a vhost of their own, no process."""
+        if self.baselines:
+            self.results.update({key: value for key, value in self.baselines.items() if key.startswith("broker_floor")})
+            return
+        vhost = f"{self.vhost}-floor"
+        rabbitmqctl("add_vhost", vhost)
+        try:
+            rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+            url = f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
+            bodies = [self.body(i + 1) for i in range(self.sizes["batch_n"])]
+            self.results.update(broker_floor(url, bodies, served=len(self.QUEUES)))
+        finally:
+            rabbitmqctl("delete_vhost", vhost)
+
+    def phase_process_floor(self):
+        """A fresh process per job from rbit's fork server alone (bench/floors.py), no broker.
+
+        In a process of its own: it starts its own fork server, and the
+        benchmark's threads (the UDP stamps) are not in it.
+        """
+        if self.baselines:
+            self.results.update({key: value for key, value in self.baselines.items() if key.startswith("process_")})
+            return
+        done = subprocess.run(
+            [sys.executable, str(BENCH / "floors.py"), "process", str(self.sizes["floor_n"])],
+            capture_output=True, text=True, timeout=180, check=False, cwd=str(BENCH),
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"bench/floors.py process failed: {done.stderr.strip()[-2000:]}")
+        figures = json.loads(done.stdout)
+        for kind in ("python", "shell"):
+            for mode in ("sequential", "overlapped"):
+                self.results[f"process_{kind}_{mode}_rate"] = figures[kind][mode]
+                self.results[f"process_{kind}_{mode}_all_rate"] = figures[kind][f"{mode}_all"]
+        self.results["process_floor_n"] = figures["n"]
+        self.results["process_floor_rounds"] = figures["rounds"]
+        self.notes += [f"process floor: {text}" for text in figures["failed"]]
+
     def phase_noop(self):
         count = self.sizes["batch_n"]
         result = self.batch("noop", count, timeout=self.sizes["batch_box"])
@@ -760,6 +862,8 @@ class Bench:
             ("pickup latency", self.phase_latency),
             ("bare kombu baseline", self.phase_bare_kombu),
             ("bare subprocess baseline", self.phase_bare_subprocess),
+            ("broker floor (the promises' broker steps, no process)", self.phase_broker_floor),
+            ("process floor (a fresh process per job, no broker)", self.phase_process_floor),
             ("no-op python throughput", self.phase_noop),
             ("shell!/bin/true throughput", self.phase_shell),
             ("memory soak", self.phase_soak),
@@ -833,6 +937,9 @@ def print_table(columns, floors, notes, round_trips=None):
             value = columns[name].get(key)
             verdicts.append("" if test is None else "MISS" if value is None else "PASS" if test(value) else "MISS")
         rows.append([label, *cells, floor, target, "/".join(v for v in verdicts if v)])
+    for key, (label, unit) in FLOORS.items():
+        if floors.get(key) is not None:
+            rows.append([f"floor: {label}", *["-"] * len(names), f"{floors[key]:.1f} {unit}", "-", ""])
     print()
     print_rows(header, rows)
     print()
@@ -868,7 +975,7 @@ def print_rows(header, rows):
 
 def detail_lines(name, r):
     """The measured figures behind one rbit column."""
-    parts = ", ".join(f"{label} {mb:.1f}" for label, mb in r["mem_idle_parts"].values() if mb is not None)
+    parts = memory_parts_text(r["mem_idle_parts"])
     lines = [
         (f"pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
         f"{r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms"),
@@ -886,7 +993,7 @@ def detail_lines(name, r):
 
 
 def celery_detail_lines(name, r):
-    parts = ", ".join(f"{label} {mb:.1f}" for label, mb in r["mem_idle_parts"].values() if mb is not None)
+    parts = memory_parts_text(r["mem_idle_parts"])
     lines = [
         (f"[{name}] pickup: {r['latency_n']} samples, min / mean / max {r['latency_min_ms']:.2f} / "
         f"{r['latency_mean_ms']:.2f} / {r['latency_max_ms']:.2f} ms; no-op {r['noop_n']} tasks, "
@@ -912,6 +1019,63 @@ def round_trip_line(r):
     return (f"broker round trips per job: {r['round_trips_per_job']:g} (blocking waits: {waits})\n"
             f"AMQP methods the worker sends per job: {r['methods_per_job']:g} ({methods}); "
             f"over {r['round_trip_jobs']} jobs one at a time, counted by bench/amqp_trace")
+
+
+def bound_lines(r, floors):
+    """A line per throughput figure of rbit's results *r*: the floors that bound it, and its target against them.
+
+    The process floor taken is the faster of the sequential and overlapped
+    loops (the promises allow either). "One after the other" adds the two
+    floors' times per job: what a job costs if nothing of the broker steps
+    overlaps its process (an estimate from the two measurements, not a third).
+    """
+    broker = floors.get("broker_floor_rate")
+    bare = floors.get("bare_subprocess_rate")
+    if not broker or not bare:
+        return []
+    lines = []
+    for kind, label, key, target, target_text in (
+        ("python", "no-op python!", "noop_rate", NOOP_TARGET, f">= {NOOP_TARGET} /s"),
+        ("shell", "shell!/bin/true", "shell_rate", SHELL_SHARE * bare,
+         f">= {SHELL_SHARE} of bare subprocess.run = {SHELL_SHARE * bare:.0f} /s"),
+    ):
+        value = r.get(key)
+        modes = {mode: floors.get(f"process_{kind}_{mode}_rate") for mode in ("overlapped", "sequential")}
+        if value is None or None in modes.values():
+            continue
+        how = max(modes, key=modes.get)
+        other = "sequential" if how == "overlapped" else "overlapped"
+        process = modes[how]
+        series = 1 / (1 / broker + 1 / process)
+        binding, name = min((broker, "the broker steps"), (process, "a fresh process per job"))
+        share = f" = {process / bare:.2g} of bare subprocess.run" if kind == "shell" else ""
+        text = (f"{label}: {value:.1f} /s (target {target_text}); broker steps alone {broker:.0f} /s, "
+                f"a fresh process per job alone {process:.0f} /s ({how}{share}; {other} {modes[other]:.0f} /s), "
+                f"the two one after the other {series:.0f} /s. The lower floor is {name} ({binding:.0f} /s): "
+                f"rbit reaches {value / binding:.2f} of it, {value / series:.2f} of the two one after the other; ")
+        if target > binding:
+            text += f"target above the measured floor ({target:.0f} /s > {name} alone, {binding:.0f} /s)"
+        elif target > series:
+            text += (f"target below each floor alone but above the two one after the other ({series:.0f} /s): "
+                     "met only if part of the broker steps overlaps the job's process (rbit does them between "
+                     "two jobs' processes)")
+        else:
+            text += "target below the measured floors"
+        lines.append(text)
+    return lines
+
+
+def floor_details(floors):
+    """How the promises' floors were measured, in one line."""
+    if floors.get("broker_floor_rate") is None:
+        return []
+    return [(f"floors: the promises' broker steps over {floors['broker_floor_n']} messages, "
+             f"{floors['broker_floor_queues']} served queues (confirmed copy, nowait cancel, ack, purge, consume); "
+             f"a fresh process per job: fastest of {floors['process_floor_rounds']} rounds, "
+             f"{floors['process_floor_n']} jobs each way; over all rounds python! "
+             f"{floors['process_python_sequential_all_rate']:.0f} /s sequential, "
+             f"{floors['process_python_overlapped_all_rate']:.0f} /s overlapped, shell!/bin/true "
+             f"{floors['process_shell_sequential_all_rate']:.0f} / {floors['process_shell_overlapped_all_rate']:.0f} /s")]
 
 
 # -- Markdown for the project README -------------------------------------------------
@@ -1021,12 +1185,23 @@ def print_markdown(columns, floors, joblog, load_start, command):
     rows = markdown_rows(columns, floors)
     if joblog:
         rows += joblog_rows(joblog, len(columns))
+    for key, (label, unit) in FLOORS.items():
+        if floors.get(key) is not None:
+            rows.append((f"floor: {label}", ["-"] * len(columns), f"{floors[key]:.0f} {unit}", "-", "-"))
     header = ["figure", *columns, "floor", "target", "met/missed"]
     print()
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
     for label, values, floor, target, mark in rows:
         print("| " + " | ".join([label, *values, floor, target, mark]) + " |")
+    rbit = next((results for name, results in columns.items() if name.startswith("rbit")), None)
+    lines = bound_lines(rbit, floors) if rbit else []
+    if lines:
+        print()
+        print("What bounds each throughput figure (rbit `rbit CONFIG`, floors of the same run):")
+        print()
+        for line in lines:
+            print(f"- {line.replace('python!', '`python!`').replace('shell!/bin/true', '`shell!/bin/true`')}")
     print()
     print(f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `{command}`, on a machine "
           f"with {os.cpu_count()} cores and {memory_gib():.0f} GiB of memory; load average (1 min) "
@@ -1107,8 +1282,7 @@ def main(argv=None):
         bench.cleanup()
         name = f"rbit `{PATHS[path]}`"
         columns[name] = bench.results
-        floors = {"bare_kombu_rate": bench.results["bare_kombu_rate"],
-                  "bare_subprocess_rate": bench.results["bare_subprocess_rate"]}
+        floors = {key: bench.results[key] for key in [*FLOORS, *FLOOR_FACTS]}
         details += detail_lines(name, bench.results)
         notes += [f"{name}: {note}" for note in bench.notes]
         json_out[f"rbit_{path}"] = bench.results
@@ -1129,6 +1303,11 @@ def main(argv=None):
     print(f"floor: no-op = bare kombu consume+ack at prefetch 1 ({floors['bare_kombu_rate']:.1f} msg/s); "
           f"/bin/true = bare subprocess.run(['/bin/true']) loop ({floors['bare_subprocess_rate']:.1f} runs/s), "
           "both in this run")
+    for line in floor_details(floors):
+        print(line)
+    rbit_name = next(name for name in columns if name.startswith("rbit"))
+    for line in bound_lines(columns[rbit_name], floors):
+        print(f"[{rbit_name}] {line}")
     for line in details:
         print(line)
     print(f"machine: {os.cpu_count()} CPUs, load average (1/5/15 min) {load_start[0]:.2f} {load_start[1]:.2f} "

@@ -1,0 +1,223 @@
+"""The floors set by rbit's promises, measured apart from rbit's worker loop.
+
+Every job costs two things rbit has promised, whatever its code does around them:
+
+* **the broker steps** (:func:`broker_floor`): per message, a copy published to
+  the in-progress queue with a publisher confirm (a wait), ``basic.cancel`` of
+  the consumers without waiting (the last slot fills), the original's
+  ``basic.ack``, a purge of the in-progress queue (a wait) and ``basic.consume``
+  again (one wait, for the last queue). Written with kombu and py-amqp only, not
+  rbit's broker code, so that it is a floor independent of rbit's code;
+* **a fresh process per job** (:func:`process_floor`): a process forked from
+  rbit's fork server (:func:`rbit.jobs.fork_context`), in its own session and
+  process group, holding the lifeline and the lease, given its job down its pipe
+  (:class:`rbit.jobs.JobProcess`), waited for until it exits, then closed;
+  strictly one after the other, and with the next process started while the
+  current one runs, as ``rbit.running.Jobs.warm_up`` does.
+
+``python bench/floors.py process COUNT`` prints the process floor as JSON; the
+benchmark runs it so, in a process of its own, so that the fork server it starts
+and the bench's own threads stay apart.
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+import types
+from multiprocessing.connection import wait as wait_ready
+from pathlib import Path
+
+import amqp
+from kombu import Connection, Consumer, Queue
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+
+#: The header rbit's in-progress copy carries (rbit.queues.HEADER_QUEUE), written out: no rbit import.
+COPY_HEADER = "x-rbit-queue"
+
+#: The runner lines of the process floor, by kind.
+PROCESS_RUNNERS = {"python": "python!runners:noop", "shell": "shell!/bin/true"}
+
+#: Untimed jobs before each timed loop (the fork server's first forks, imports).
+WARM_UP = 5
+
+
+# -- The broker steps, no process ------------------------------------------------------
+
+
+def _forget_tag(channel, tag):
+    """What py-amqp forgets of a consumer at its ``cancel_ok``, which a nowait cancel never gets."""
+    channel.callbacks.pop(tag, None)
+    channel.cancel_callbacks.pop(tag, None)
+    channel.no_ack_consumers.discard(tag)
+
+
+def _cancel_nowait(consumer):
+    """``basic.cancel`` (nowait) of every queue *consumer* consumes, and its callbacks dropped."""
+    channel = consumer.channel
+    for tag in consumer._active_tags.values():
+        channel.basic_cancel(tag, nowait=True)
+        _forget_tag(channel, tag)
+    consumer._active_tags.clear()
+    getattr(consumer, "_active_queue_no_ack", {}).clear()  # kombu 5.5 and later
+
+
+def broker_floor(url, bodies, served=5, timeout=60.0):
+    """Messages/s of the promises' broker steps alone, over *bodies* pre-loaded in one of *served* queues.
+
+    *url* names a vhost of its own. The consumer channel has a prefetch of 1
+    shared by its consumers (``basic.qos`` global), as rbit's; it consumes
+    *served* queues (the worker under test serves that many, and each
+    ``basic.cancel`` and ``basic.consume`` is per queue); the messages wait in
+    the first. For each message, in rbit's order: the copy published on a
+    second channel with a publisher confirm, ``basic.cancel`` of every consumer
+    (nowait), ``basic.ack``, ``queue.purge`` of the in-progress queue (waits for
+    ``purge_ok``), and ``basic.consume`` of every queue again (nowait but the
+    last). The rate is the messages over the time from the first delivery to the
+    last ``consume_ok``. Returns a dict of figures.
+    """
+    queues = [f"floor.served.{index}" for index in range(served)]
+    in_progress = "floor.in-progress"
+    count = len(bodies)
+    with Connection(url) as loader:
+        channel = loader.channel()
+        for name in [*queues, in_progress]:
+            channel.queue_declare(name, durable=True, auto_delete=False)
+            channel.queue_purge(name)
+        for body in bodies:
+            channel.basic_publish(amqp.Message(body, delivery_mode=2, content_type="application/json"),
+                                  exchange="", routing_key=queues[0])
+        deadline = time.monotonic() + timeout
+        while channel.queue_declare(queues[0], passive=True).message_count < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"broker floor: {queues[0]} does not hold the {count} messages")
+            time.sleep(0.01)
+    with Connection(url, transport_options={"confirm_publish": True}) as conn:
+        channel = conn.channel()
+        publisher = conn.channel()
+        channel.basic_qos(prefetch_size=0, prefetch_count=1, a_global=True)
+        pending = []
+        consumer = Consumer(channel, queues=[Queue(name, no_declare=True) for name in queues],
+                            on_message=pending.append, auto_declare=False, tag_prefix="floor.")
+        consumer.consume()
+        first = last = None
+        deadline = time.monotonic() + timeout
+        for _ in range(count):
+            while not pending:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("broker floor: time box reached")
+                conn.drain_events(timeout=max(0.1, deadline - time.monotonic()))
+            message = pending.pop(0)
+            if first is None:
+                first = time.perf_counter()
+            copy = amqp.Message(message.body, delivery_mode=2, content_type="application/json",
+                                application_headers={COPY_HEADER: queues[0]})
+            publisher.basic_publish(copy, exchange="", routing_key=in_progress)  # waits for the confirm
+            _cancel_nowait(consumer)
+            message.ack()
+            channel.queue_purge(in_progress)  # waits for purge_ok
+            consumer.consume()  # nowait but the last queue's; a delivery during that wait goes to pending
+            last = time.perf_counter()
+        _cancel_nowait(consumer)
+    return {"broker_floor_rate": count / (last - first), "broker_floor_n": count, "broker_floor_queues": served}
+
+
+# -- A fresh process per job, no broker -----------------------------------------------
+
+
+def _job_message():
+    """A rbit Message of a PyBit build request, as a job gets it."""
+    from rbit.message import Message
+    from rbit.pybit import decode_build_request, encode, make_request
+
+    body = encode(make_request(1, "hello", "1.0", "bench", "any", "x", "x"))
+    return Message(body=body, request=decode_build_request(body), queue="floor")
+
+
+def _run_to_exit(process):
+    """Wait for the job's process to exit, as the worker does on its sentinel; then release it."""
+    while not process.exited():  # exited() also kills what is left of the job's group, as the worker's
+        wait_ready([process.process.sentinel])
+    process.close()
+    return process.exitcode
+
+
+def process_loop(context, runner, message, count, overlapped, lease):
+    """Processes/s of *count* jobs: start, begin, wait for the exit, close; the next started
+    after the exit (sequential) or right after the current one's begin (*overlapped*)."""
+    from rbit.jobs import JobProcess
+
+    def started():
+        process = JobProcess(context)
+        process.start(lease=lease)
+        return process
+
+    failed = 0
+    waiting = started() if overlapped else None
+    t0 = time.perf_counter()
+    for _ in range(count):
+        current = waiting if overlapped else started()
+        current.begin(runner, message)
+        if overlapped:
+            waiting = started()  # as Jobs.start calls warm_up right after begin
+        failed += _run_to_exit(current) != 0
+    took = time.perf_counter() - t0
+    if waiting is not None:  # the one started for a next job that does not come
+        waiting.kill()
+        _run_to_exit(waiting)
+    return count / took, failed
+
+
+def process_floor(count, rounds=3):
+    """The process floor of a no-op python! and a shell!/bin/true job, sequential and overlapped.
+
+    Each loop is run in *rounds* rounds of ``count // rounds`` jobs, the
+    sequential and overlapped rounds taking turns, so that a burst of load from
+    elsewhere on the machine falls on both; the floor is the fastest round (the
+    rate over all rounds is given too). Returns ``{kind: {mode: rate, mode + "_all": rate}}``.
+    """
+    sys.path[:0] = [str(ROOT), str(BENCH)]
+    from rbit import jobs
+    from rbit.lease import clock
+    from rbit.runners import load
+
+    runners = {kind: load(line, {}) for kind, line in PROCESS_RUNNERS.items()}
+    sections = [types.SimpleNamespace(runner=runner) for runner in runners.values()]
+    context = jobs.fork_context(preload=jobs.runner_modules(sections))  # as the worker preloads its runners
+    message = _job_message()
+    lease = clock() + 3600.0  # held by each process as the worker's is; never runs out here
+    per_round = max(1, count // rounds)
+    figures = {"n": per_round * rounds, "rounds": rounds, "failed": []}
+    for kind, runner in runners.items():
+        rates = {"sequential": [], "overlapped": []}
+        for mode in rates:
+            process_loop(context, runner, message, WARM_UP, mode == "overlapped", lease)
+        for _ in range(rounds):
+            for mode, found in rates.items():
+                rate, failed = process_loop(context, runner, message, per_round, mode == "overlapped", lease)
+                found.append(rate)
+                if failed:
+                    figures["failed"].append(f"{kind} {mode}: {failed} of {per_round} exited non-zero")
+        figures[kind] = {}
+        for mode, found in rates.items():
+            figures[kind][mode] = max(found)
+            figures[kind][f"{mode}_all"] = len(found) / sum(1 / rate for rate in found)
+    return figures
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["process"])
+    parser.add_argument("count", type=int)
+    args = parser.parse_args(argv)
+    with contextlib.redirect_stdout(sys.stderr):
+        figures = process_floor(args.count)
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
