@@ -157,12 +157,15 @@ def _lifeline(conn, hand_over) -> None:
     whole job with it.
 
     The worker's messages: ``("lease", deadline)`` (a :func:`rbit.lease.clock` value) and
-    ``("job", runner, message, pybit, worker_name)``, once.
+    ``("job", runner, message, pybit, worker_name)``, once. Until its job comes the process has
+    nothing to stop, so it waits for the pipe alone, never waking for the lease (an idle worker's
+    waiting processes cost no CPU); from then on a lease that has run out ends it.
     """
     deadline = None
+    handed = False
     try:
         while True:
-            timeout = None if deadline is None else deadline - lease_clock()
+            timeout = None if deadline is None or not handed else deadline - lease_clock()
             if timeout is not None and timeout <= 0:
                 break  # the worker did not renew its lease: a peer may run this job soon
             if not conn.poll(None if timeout is None else min(timeout, LIFELINE_TICK)):
@@ -177,6 +180,7 @@ def _lifeline(conn, hand_over) -> None:
             if isinstance(message, tuple) and len(message) == 2 and message[0] == "lease":
                 deadline = message[1]
             elif isinstance(message, tuple) and len(message) == 5 and message[0] == "job":
+                handed = True
                 hand_over(message[1:])
     except (EOFError, OSError):  # the worker is gone (or the pipe was closed to become the program)
         pass

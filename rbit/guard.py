@@ -4,7 +4,7 @@ all when the worker's lease runs out.
 A job's own Python process does both itself (:mod:`rbit.child`'s lifeline); but a job whose
 process became its program (``shell!``) has no Python left in it, and its program need not watch
 anything. The guard watches for them all: the worker tells it, down a pipe, each job process's
-group as the process starts (before any job can become a program, so none escapes) and when its
+group just before the process is handed its job (so no program it becomes escapes) and when its
 job has ended, and each renewal of its lease. When the pipe closes (the worker is gone, killed
 or not) it kills every group it knows and ends; when the lease runs out it kills them and waits
 for a new lease, as the worker then fences its jobs (:mod:`rbit.liveness`).
@@ -89,11 +89,12 @@ def main(conn) -> None:
     deadline = None
     try:
         while True:
-            if deadline is not None and lease_clock() >= deadline:
+            if groups and deadline is not None and lease_clock() >= deadline:
                 _kill(groups)  # the worker fences these jobs too; new ones come with a new lease
                 groups.clear()
-                deadline = None
-            timeout = None if deadline is None else min(max(0.0, deadline - lease_clock()), GUARD_TICK)
+            timeout = None  # with no job to watch there is nothing to stop: wait for the pipe alone
+            if groups and deadline is not None:
+                timeout = min(max(0.0, deadline - lease_clock()), GUARD_TICK)
             if not conn.poll(timeout):
                 continue
             kind, value = conn.recv()

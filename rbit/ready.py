@@ -5,7 +5,7 @@ many waiting processes as slots, busy or not: a busy slot's next process is fork
 runs, so that the fork stands neither between a message and its job nor between two jobs. Every
 process runs one job and is never used again.
 
-The guard (:mod:`rbit.guard`) is told of each process as it starts, before it has a job, so that
+The guard (:mod:`rbit.guard`) is told of each process just before it is handed its job, so that
 no program a job's process becomes escapes it, and is told to forget it once its job has ended.
 """
 
@@ -65,8 +65,11 @@ class Ready:
     def _start(self, context) -> jobs.JobProcess:
         process = jobs.JobProcess(context, log_level=logging.getLogger().getEffectiveLevel())
         process.start(lease=self.lease)
-        self.guard.watch(process.pid)
         return process
+
+    def watch(self, process: jobs.JobProcess) -> None:
+        """*process* is about to be handed its job: the guard watches its group from now on."""
+        self.guard.watch(process.pid)
 
     def discard(self, process: jobs.JobProcess) -> None:
         """Let a process go: killed if it still runs, reaped, and forgotten by the guard."""

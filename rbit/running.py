@@ -107,6 +107,7 @@ class Jobs:
         """Hand *job* to a waiting process; OSError if none takes it."""
         for _ in range(2):
             process = self.ready.take(self.context)
+            self.ready.watch(process)
             try:
                 process.begin(runner, job.message, self.config.pybit, self.settings.name)
             except OSError as exc:  # it died waiting: one more try

@@ -203,6 +203,28 @@ def test_a_job_process_stops_its_own_group_when_the_lease_runs_out(tmp_path):
                 process.close()
 
 
+def test_a_waiting_job_process_holds_no_job_to_stop_until_it_is_handed_one(tmp_path):
+    """A process started ahead of its job outlives a lease that runs out while it waits (it has
+    nothing to stop, and does not wake for the lease); handed a job once the lease is gone, it
+    stops its group at once, before the runner does anything."""
+    record = tmp_path / "runs.log"
+    runner = runners.load("python!tests.reliability_runners:slow", {"seconds": "60", "record": str(record)})
+    body = request_body(3, "p3", "1.0", "d", "any", "s", "pdf")
+    message = Message(body=body, request=decode_build_request(body), queue="d_any_s_pdf")
+    process = jobs.JobProcess(jobs.fork_context())
+    process.start(lease=lease_clock() + 0.5)
+    try:
+        time.sleep(1.5)
+        assert process.process.exitcode is None, "a process with no job died with the lease"
+        process.begin(runner, message)
+        assert wait_until(lambda: process.process.exitcode is not None, 2), "the job outlived its lease"
+        assert process.process.exitcode == -signal.SIGKILL
+        assert not events(record), "the runner ran past the lease"
+    finally:
+        process.kill()
+        process.close()
+
+
 # -- The loop and the protocol on the in-memory broker ------------------------------------------
 
 
