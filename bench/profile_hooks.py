@@ -7,10 +7,15 @@ imported by the fork server (and so present in every job process).
 * In the worker (:func:`install_worker_hooks`): spans of the broker calls
   (cancel, the in-progress copy's publish with its confirm, ack, consume,
   purge, drain), of taking a message (decode, ``Jobs.start`` with the job's
-  log and ``JobProcess.begin``), of noticing the job's end (its events, its
-  exit, its output drained, ``Jobs._end``), of ``Jobs.finish`` and of
-  ``Jobs.warm_up`` (starting the next waiting process), of ``Liveness.tick``
-  and of ``select``.
+  log, ``Ready.take`` and ``JobProcess.begin``), of ``Jobs.warm_up`` and the
+  steps below it (``Ready.fill``, ``Ready._start``, ``JobProcess.start``,
+  ``Guard.watch``: the slot's next waiting process, forked from ``Jobs.start``
+  once the job was handed over, while it runs; the same ``Jobs.warm_up`` at the
+  start of ``Worker._resume_consuming`` normally finds that process waiting and
+  starts none), of noticing the job's end (its events, its exit, its output
+  drained, ``Jobs._end`` with ``Ready.done`` and ``Guard.forget``), of
+  ``Jobs.finish``, ``Worker._resume_consuming``, ``Liveness.tick`` and
+  ``select``.
   Each span is ``(name, start, end, info)``, *info* a job id, a pid or a dict
   saying which job, process or outcome the call was about. They are kept in
   memory and written by :func:`dump` as JSON lines.
@@ -122,6 +127,7 @@ def install_worker_hooks():
         jobs,
         liveness,
         queues,
+        ready,
         reporting,
         running,
         wakeup,
@@ -155,6 +161,7 @@ def install_worker_hooks():
     _timed(running.Jobs, "start", "jobs.start", info=lambda _, self, slot, queue, message, delivery: message.job_id)
     _timed(running.Jobs, "_open_log", "jobs._open_log", info=lambda _, self, job: job.job_id)
     _timed(running.Jobs, "_begin", "jobs._begin", info=lambda _, self, job, runner: job.job_id)
+    _timed(ready.Ready, "take", "ready.take")
     _timed(jobs.JobProcess, "begin", "jobprocess.begin",
            info=lambda _, self, runner, message, *args, **kwargs: {"job": message.job_id, "pid": self.pid})
     # The job's news and its end.
@@ -171,12 +178,19 @@ def install_worker_hooks():
     _timed(jobs.JobProcess, "close", "jobprocess.close", info=lambda _, self: self.job_id)
     _timed(joblog.JobLog, "close", "joblog.close")
     _timed(reporting.StatusReporter, "report", "reporter.report")
+    _timed(ready.Ready, "done", "ready.done", info=lambda _, self, process: process.pid)
+    _timed(ready.Ready, "discard", "ready.discard", info=lambda _, self, process: process.pid)
     _timed(guard.Guard, "forget", "guard.forget")
-    # Between two jobs: the message's end, the next waiting process, consuming again.
-    _timed(running.Jobs, "finish", "jobs.finish")
+    # The slot's next waiting process: Jobs.start calls Jobs.warm_up once its job is handed over,
+    # so it forks while the job runs (Ready.fill -> Ready._start -> JobProcess.start, Guard.watch);
+    # Worker._resume_consuming calls Jobs.warm_up too, which then normally starts nothing.
     _timed(running.Jobs, "warm_up", "jobs.warm_up")
+    _timed(ready.Ready, "fill", "ready.fill")
+    _timed(ready.Ready, "_start", "ready._start", info=lambda result, self, context: result.pid if result else None)
     _timed(jobs.JobProcess, "start", "jobprocess.start", info=lambda _, self, *args, **kwargs: self.pid)
     _timed(guard.Guard, "watch", "guard.watch")
+    # Between two jobs: the message's end, consuming again.
+    _timed(running.Jobs, "finish", "jobs.finish")
     _timed(liveness.Liveness, "tick", "liveness.tick")
     _timed(worker.Worker, "_resume_consuming", "worker._resume_consuming")
     _timed(wakeup.Wakeup, "wait", "select")

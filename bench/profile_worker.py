@@ -7,16 +7,21 @@ Usage::
 Runs the same set-up as bench/bench.py (own vhost, concurrency 1, a real
 worker subprocess), but the worker is started through ``serve`` below, which
 wraps its steps with bench/profile_hooks.py before serving; the job processes
-(each started warm, before its job, and handed it by ``JobProcess.begin``) and
-the guard send their own timestamps. All clocks are ``time.time()`` on this
+(each started before its job, and handed it by ``JobProcess.begin``) and the
+guard send their own timestamps. All clocks are ``time.time()`` on this
 machine. Then it prints, for idle-worker jobs (published one at a time) and for
 pre-loaded no-op python and ``shell!/bin/true`` batches (five served queues,
 then one), the median and 90th percentile of each step of a job's life: the
-worker taking the message, the job handed to its waiting process, the job's
-side up to its result or its exec, the worker noticing the exit, and the
-worker's tail (``_end``, the purge, ``Jobs.warm_up`` starting the next job's
-process, consuming again). Then, per group, how many jobs found no process
-waiting or found theirs not yet ready, the gap between jobs of a batch, and the
+worker taking the message, the job handed to its waiting process, then, still
+in ``Jobs.start`` and while the job runs, ``Jobs.warm_up`` forking the slot's
+next process (rbit/ready.py); the job's side up to its result or its exec, the
+worker noticing the exit, and the worker's tail (``_end``, the purge,
+``_resume_consuming`` with its ``Jobs.warm_up``, which finds the next process
+waiting, and the consume). In brackets, what overlaps: the next process's
+start-up and its slack before the next job's ``JobProcess.begin``, and whether
+the job got to its end while the worker was still in ``Jobs.start``. Then, per
+group, how many jobs found no process waiting or found theirs not yet ready,
+where the next processes were forked, the gap between jobs of a batch, and the
 CPU per job of the worker, the fork server, the guard, the job processes (the
 fork server's reaped children) and the broker (beam.smp).
 """
@@ -292,6 +297,7 @@ def job_timelines(spans, stamps, published):
 
     firsts = {}  # (what, job id): the first such span
     starts = {}  # pid: the JobProcess.start spans that gave it
+    handed = {}  # pid: the JobProcess.begin spans that gave it a job
     on_messages = []
     for span in spans:
         name, info = span[0], span[3]
@@ -299,6 +305,7 @@ def job_timelines(spans, stamps, published):
             firsts.setdefault((name, info), span)
         elif name == "jobprocess.begin" and info:
             firsts.setdefault((name, info["job"]), span)
+            handed.setdefault(info["pid"], []).append(span)
         elif name == "jobs._on_event" and info:
             firsts.setdefault((f"event:{info['event']}:{info['status'] or ''}", info["job"]), span)
         elif name == "jobprocess.exited" and info and info["exited"]:
@@ -327,14 +334,29 @@ def job_timelines(spans, stamps, published):
         taking, starting = window(on_message), window(start_span)
         begin = firsts[("jobprocess.begin", job_id)]
         own_start, own_main, own_ready = process(begin[3]["pid"], begin[1])
+        # Jobs.start: _begin hands the job to a waiting process (starting one first only if none
+        # waits), then Jobs.warm_up forks the slot's next process while the job runs.
+        handing = next((s for s in starting if s[0] == "jobs._begin"), None)
+        cold = [s for s in window(handing) if s[0] == "jobprocess.start"] if handing else []
+        warm = next((s for s in starting if s[0] == "jobs.warm_up" and handing and s[1] >= handing[2]), None)
+        next_start = next((s for s in window(warm) if s[0] == "jobprocess.start"), None) if warm else None
+        next_begin = next((s for s in handed.get(next_start[3], []) if s[1] >= next_start[2]), None) \
+            if next_start else None
+        _, next_main, next_ready = process(next_start[3], next_begin[1] if next_begin else float("inf")) \
+            if next_start else (None, None, None)
         end_span = firsts[("jobs._end", job_id)]
         ending = window(end_span)
+        # The tail: the message's end, then _resume_consuming, whose Jobs.warm_up comes first and
+        # normally finds the slot's next process waiting; a message delivered with the consume is
+        # taken after it, inside the same call, so the tail ends at the consume_ok.
         finish = first_after(end_span[2], "jobs.finish")
-        warm = first_after(finish[2], "jobs.warm_up") if finish else None
-        resume = first_after(warm[2], "worker._resume_consuming") if warm else None
-        next_start = next((s for s in window(warm) if s[0] == "jobprocess.start"), None) if warm else None
-        consume = next((s for s in window(resume) if s[0] == "broker.consume"), None) if resume else None
-        _, next_main, next_ready = process(next_start[3], float("inf")) if next_start else (None, None, None)
+        resume = first_after(finish[2], "worker._resume_consuming") if finish else None
+        resuming = window(resume) if resume else []
+        consume = next((s for s in resuming if s[0] == "broker.consume"), None)
+        idle = consume[2] if consume else None
+        tail_warm = next((s for s in resuming if s[0] == "jobs.warm_up"), None)
+        if tail_warm and consume and tail_warm[1] > consume[1]:
+            tail_warm = None  # the next job's, in its Jobs.start
         exited, drained = firsts.get(("exited", job_id)), firsts.get(("drained", job_id))
         t = {
             "published": published.get(job_id),
@@ -348,7 +370,8 @@ def job_timelines(spans, stamps, published):
             "open_log": _duration(starting, "jobs._open_log"),
             "_begin": _duration(starting, "jobs._begin"),
             "begin": begin[2] - begin[1],
-            "cold_start": _duration(starting, "jobprocess.start") if own_start and own_start[1] >= start_span[1] else None,
+            "cold_start": sum(s[2] - s[1] for s in cold) if cold else None,
+            "start_end": start_span[2],
             "begin_at": begin[1],
             "begin_end": begin[2],
             "on_message_end": on_message[2],
@@ -368,23 +391,25 @@ def job_timelines(spans, stamps, published):
             "log_close": _duration(ending, "joblog.close"),
             "finish": (finish[2] - finish[1]) if finish else None,
             "purge": _duration(window(finish), "broker.purge") if finish else None,
-            "warm_up": (warm[2] - warm[1]) if warm and next_start else None,
+            "warm_up": (warm[2] - warm[1]) if warm else None,
             "next_start": (next_start[2] - next_start[1]) if next_start else None,
             "next_start_at": next_start[1] if next_start else None,
-            "watch": _duration(window(warm), "guard.watch") if warm and next_start else None,
+            "watch": _duration(window(warm), "guard.watch") if warm else None,
             "next_main": next_main,
             "next_ready": next_ready,
-            "resume": (resume[2] - resume[1]) if resume else None,
+            "next_begin_at": next_begin[1] if next_begin else None,
+            "resume": (idle if idle is not None else resume[2]) - resume[1] if resume else None,
+            "tail_warm_up": (tail_warm[2] - tail_warm[1]) if tail_warm else None,
+            "tail_forks": sum(1 for s in window(tail_warm) if s[0] == "jobprocess.start") if tail_warm else None,
             "consume": (consume[2] - consume[1]) if consume else None,
-            "idle": consume[2] if consume else None,
+            "idle": idle,
         }
         if t["drained_at"] is not None and t["idle"] is not None:
             tail = window((None, t["drained_at"], t["idle"], None))
             t["tail_broker"] = _duration(tail, "broker.drain") + _duration(tail, "broker.heartbeat_check")
             t["tail_tick"] = _duration(tail, "liveness.tick")
             t["tail_select"] = _duration(tail, "select")
-            parts = (t["_end"], t["finish"], t["warm_up"], t["resume"], t["tail_broker"], t["tail_tick"],
-                     t["tail_select"])
+            parts = (t["_end"], t["finish"], t["resume"], t["tail_broker"], t["tail_tick"], t["tail_select"])
             t["tail_rest"] = None if None in parts else t["idle"] - t["drained_at"] - sum(parts)
         else:
             t["tail_broker"] = t["tail_tick"] = t["tail_select"] = t["tail_rest"] = None
@@ -416,10 +441,19 @@ STEPS = [
     ("  Jobs.start: _begin (a waiting process takes the job)", lambda t: t["_begin"]),
     ("    of which JobProcess.begin (job pickled down the pipe)", lambda t: t["begin"]),
     ("    of which JobProcess.start (no process was waiting)", lambda t: t["cold_start"]),
-    ("  Jobs.start: the rest (pipes watched, first output read)",
-     lambda t: t["jobs.start"] - t["open_log"] - t["_begin"]),
+    ("  Jobs.start: pipes watched, first output read",
+     lambda t: _less(t["jobs.start"], t["open_log"], t["_begin"], t["warm_up"])),
+    ("  Jobs.start: warm_up, the slot's next process (the job runs meanwhile)", lambda t: t["warm_up"]),
+    ("    of which JobProcess.start (pipes, fork-server request, pid back)", lambda t: t["next_start"]),
+    ("    of which guard.watch", lambda t: t["watch"]),
     ("[its process waiting (lifeline running) -> JobProcess.begin; < 0: the job waited]",
      lambda t: _gap(t["own_ready"], t["begin_at"])),
+    ("[next process: JobProcess.start called -> its main entered (fork, unpickle)]",
+     lambda t: _gap(t["next_start_at"], t["next_main"])),
+    ("[next process: main entered -> lifeline running (setsid, output pipe, thread)]",
+     lambda t: _gap(t["next_main"], t["next_ready"])),
+    ("[next process: lifeline running -> the next job's JobProcess.begin; < 0: that job waited]",
+     lambda t: _gap(t["next_ready"], t["next_begin_at"])),
     ("JobProcess.begin called -> the job's lifeline has it (pipe, unpickle)",
      lambda t: _gap(t["begin_at"], t["c_handed"])),
     ("job: lifeline has it -> _run entered (main thread woken)", lambda t: _gap(t["c_handed"], t["c_run"])),
@@ -432,6 +466,8 @@ STEPS = [
      lambda t: _gap(t["c_exit"], t["exit_seen"])),
     ("_become entered -> worker notices the exit (exec, the program, exit, sentinel, select)",
      lambda t: _gap(t["c_become"], t["exit_seen"])),
+    ("  [main returned / _become entered -> the worker's Jobs.start returned; > 0: still in it]",
+     lambda t: _gap(t["c_exit"] or t["c_become"], t["start_end"])),
     ("  [the worker had the Building status, after _run entered]", lambda t: _gap(t["c_run"], t["building_seen"])),
     ("  [the worker had the result, after main returned]", lambda t: _gap(t["c_exit"], t["result_seen"])),
     ("  [the worker had the exec, after _become entered]", lambda t: _gap(t["c_become"], t["exec_seen"])),
@@ -439,24 +475,18 @@ STEPS = [
     ("output drained -> consuming again (whole tail inside the worker)", lambda t: _gap(t["drained_at"], t["idle"])),
     ("  Jobs._end", lambda t: t["_end"]),
     ("    of which JobProcess.close (receive, close pipes, join)", lambda t: t["close"]),
-    ("    of which guard.forget", lambda t: t["forget"]),
+    ("    of which guard.forget (Ready.done)", lambda t: t["forget"]),
     ("    of which status reports (logging only, no [pybit])", lambda t: t["report"]),
     ("    of which JobLog.close (last line, metadata)", lambda t: t["log_close"]),
     ("  Jobs.finish", lambda t: t["finish"]),
     ("    of which queue.purge of the in-progress copy (round trip)", lambda t: t["purge"]),
-    ("  Jobs.warm_up: the next job's waiting process", lambda t: t["warm_up"]),
-    ("    of which JobProcess.start (pipes, fork-server request, pid back)", lambda t: t["next_start"]),
-    ("    of which guard.watch", lambda t: t["watch"]),
-    ("  _resume_consuming", lambda t: t["resume"]),
+    ("  _resume_consuming, up to its consume_ok", lambda t: t["resume"]),
+    ("    of which Jobs.warm_up (Ready.fill: the next process already waits)", lambda t: t["tail_warm_up"]),
     ("    of which basic.consume (round trip)", lambda t: t["consume"]),
     ("  broker.drain and heartbeat_check (no round trip)", lambda t: t["tail_broker"]),
     ("  Liveness.tick", lambda t: t["tail_tick"]),
     ("  select (a loop turn's wait, if the tail took more than one)", lambda t: t["tail_select"]),
     ("  the rest (the loop between the steps: _news, logging, hooks)", lambda t: t["tail_rest"]),
-    ("[next process: JobProcess.start called -> its main entered (fork, unpickle)]",
-     lambda t: _gap(t["next_start_at"], t["next_main"])),
-    ("[next process: main entered -> lifeline running (setsid, output pipe, thread)]",
-     lambda t: _gap(t["next_main"], t["next_ready"])),
     ("worker's _on_message -> consuming again (whole cycle inside the worker)",
      lambda t: _gap(t["on_message"], t["idle"])),
     ("publish -> runner's first line (pickup latency)", lambda t: _gap(t["published"], t["r_start"])),
@@ -466,6 +496,11 @@ STEPS = [
 
 def _gap(a, b):
     return None if a is None or b is None else b - a
+
+
+def _less(whole, *parts):
+    """*whole* less its *parts* (a part unknown counts as none: it did not happen)."""
+    return whole - sum(part for part in parts if part is not None)
 
 
 def print_steps(groups, timelines):
@@ -493,8 +528,12 @@ def print_gaps(groups, timelines):
         known = [timelines[j] for j in ids if j in timelines]
         cold = sum(1 for t in known if t["cold_start"] is not None)
         late = sum(1 for t in known if t["own_ready"] is not None and t["own_ready"] > t["begin_at"])
+        forked = sum(1 for t in known if t["next_start"] is not None)
+        tail = [t["tail_forks"] for t in known if t["tail_forks"] is not None]
         print(f"{group}: {len(known)} jobs timed; {cold} found no waiting process (started in _begin), "
-              f"{late} found theirs not yet waiting (the job waited in the pipe)")
+              f"{late} found theirs not yet waiting (the job waited in the pipe); {forked} forked the slot's "
+              f"next process in Jobs.start; the tail's Jobs.warm_up started {sum(tail)} in {len(tail)} tails "
+              f"(it starts one only in place of one that died waiting)")
         if "batch" not in group:
             continue
         pairs = [(timelines[a], timelines[b]) for a, b in itertools.pairwise(ids) if a in timelines and b in timelines]
