@@ -90,16 +90,12 @@ class Ready:
         if self.guard is not None:
             self.guard.renew(deadline)
 
-    def drop_waiting(self) -> None:
-        """Let every waiting process go (the lease ran out: they are killing themselves)."""
-        for process in self.waiting:
-            self.discard(process)
-        self.waiting = []
-
     def close(self) -> None:
         """Let the waiting processes go, and the guard, as the worker stops (no job runs then: a job
         left in a slot has ended and only waits for its message's end)."""
-        self.drop_waiting()
+        for process in self.waiting:
+            self.discard(process)
+        self.waiting = []
         if self.guard is not None:
             self.guard.close()
             self.guard = None

@@ -222,7 +222,6 @@ class Jobs:
         """The lease ran out: kill every running job's group, forget every job's statuses not yet
         sent, and leave every message alone (a live peer puts it back). How many were running."""
         running = self.running()
-        self.ready.drop_waiting()  # their lease has run out too
         for job in list(self.slots.values()):
             if self.reporter.discard(job.job_id):
                 log.info("job %s (%s): statuses not yet sent to PyBit are dropped", job.job_id, job.queue)
