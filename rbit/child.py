@@ -174,7 +174,7 @@ def _lifeline(conn, hand_over) -> None:
                 message = conn.recv()
             except (EOFError, OSError):
                 raise
-            except Exception as exc:  # a job that cannot be unpickled here: the job fails, not the thread
+            except Exception as exc:  # noqa: BLE001 -- a job that cannot be unpickled here fails, not the thread
                 hand_over(exc)
                 continue
             if isinstance(message, tuple) and len(message) == 2 and message[0] == "lease":

@@ -175,32 +175,18 @@ class JobProcess:
 
     def read_output(self, limit: int = 4 * OUTPUT_CHUNK) -> list[bytes]:
         """What the job wrote since the last call, at most about *limit* bytes, without blocking."""
-        chunks, total = [], 0
-        while total < limit and not self.output_eof:
-            try:
-                chunk = os.read(self.output.fileno(), OUTPUT_CHUNK)
-            except BlockingIOError:
-                break
-            if not chunk:
-                self.output_eof = True
-                break
-            chunks.append(chunk)
-            total += len(chunk)
+        if self.output_eof:
+            return []
+        chunks, self.output_eof = _read_available(self.output.fileno(), OUTPUT_CHUNK, limit)
         return chunks
 
     def read_statuses(self, final: bool = False) -> list[str]:
         """The status lines the program wrote since the last call, without blocking; with
         *final* (its group has ended) a last line without its line break counts too."""
         data = self._status_part
-        while not self.status_eof:
-            try:
-                chunk = os.read(self.status_pipe.fileno(), STATUS_CHUNK)
-            except BlockingIOError:
-                break
-            if not chunk:
-                self.status_eof = True
-                break
-            data += chunk
+        if not self.status_eof:
+            chunks, self.status_eof = _read_available(self.status_pipe.fileno(), STATUS_CHUNK, OUTPUT_CHUNK)
+            data += b"".join(chunks)
         *lines, self._status_part = data.split(b"\n")
         if (final or self.status_eof) and self._status_part:
             lines.append(self._status_part)
@@ -295,3 +281,19 @@ class JobProcess:
         if code is not None and code < 0:
             return f"the job's process was killed by {signal.Signals(-code).name}"
         return f"the job's process exited with status {code} before reporting a result"
+
+
+def _read_available(fd: int, size: int, limit: int) -> tuple[list[bytes], bool]:
+    """What the non-blocking *fd* holds now, in reads of *size* up to about *limit* bytes, and
+    whether every writer has closed it."""
+    chunks, total = [], 0
+    while total < limit:
+        try:
+            chunk = os.read(fd, size)
+        except BlockingIOError:
+            break
+        if not chunk:
+            return chunks, True
+        chunks.append(chunk)
+        total += len(chunk)
+    return chunks, False

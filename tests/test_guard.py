@@ -36,60 +36,53 @@ def gone(leader, child):
     return leader.poll() is not None and not alive(child)
 
 
-def test_the_guard_kills_every_group_it_watches_when_the_worker_goes(context, group):
+@pytest.fixture
+def guard(context, group):
+    """A guard watching *group*."""
+    started = Guard(context)
+    started.start()
+    started.watch(group[0].pid)
+    yield started
+    started.close()
+
+
+def worker_gone(guard):
+    """What the kernel does to the guard's pipe when the worker dies."""
+    guard.conn.close()
+    guard.conn = None
+
+
+def test_the_guard_kills_every_group_it_watches_when_the_worker_goes(guard, group):
     """The worker's end of the pipe closes (as when the worker is killed): the guard kills each
     watched group, leader and children, and ends."""
-    guard = Guard(context)
-    guard.start()
-    leader, child = group
-    guard.watch(leader.pid)
     process = guard.process
-    guard.conn.close()  # what the kernel does when the worker dies
-    guard.conn = None
-    assert wait_until(lambda: gone(leader, child), 5), "the group outlived its worker"
+    worker_gone(guard)
+    assert wait_until(lambda: gone(*group), 5), "the group outlived its worker"
     assert wait_until(lambda: process.exitcode is not None, 5)
+
+
+def test_the_guard_spares_a_group_it_was_told_to_forget(guard, group):
+    guard.forget(group[0].pid)
     guard.close()
+    assert not wait_until(lambda: gone(*group), 1), "a forgotten group was killed"
 
 
-def test_the_guard_spares_a_group_it_was_told_to_forget(context, group):
-    guard = Guard(context)
-    guard.start()
-    leader, child = group
-    guard.watch(leader.pid)
-    guard.forget(leader.pid)
-    guard.close()
-    assert not wait_until(lambda: gone(leader, child), 1), "a forgotten group was killed"
-
-
-def test_the_guard_kills_its_groups_when_the_lease_runs_out_and_not_while_it_is_renewed(context, group):
+def test_the_guard_kills_its_groups_when_the_lease_runs_out_and_not_while_it_is_renewed(guard, group):
     """While the worker renews its lease the group runs; once it stops, the group dies within
     the lease and a tick."""
-    guard = Guard(context)
-    guard.start()
-    leader, child = group
-    guard.watch(leader.pid)
-    try:
-        for _ in range(8):
-            guard.renew(lease_clock() + 0.5)
-            assert not wait_until(lambda: gone(leader, child), 0.2), "the group died while its lease was renewed"
-        stopped = lease_clock()
-        assert wait_until(lambda: gone(leader, child), 3), "the group outlived the lease"
-        assert lease_clock() - stopped < 0.5 + 0.6
-        assert guard.process.exitcode is None, "the guard waits for a new lease"
-    finally:
-        guard.close()
+    for _ in range(8):
+        guard.renew(lease_clock() + 0.5)
+        assert not wait_until(lambda: gone(*group), 0.2), "the group died while its lease was renewed"
+    stopped = lease_clock()
+    assert wait_until(lambda: gone(*group), 3), "the group outlived the lease"
+    assert lease_clock() - stopped < 0.5 + 0.6
+    assert guard.process.exitcode is None, "the guard waits for a new lease"
 
 
-def test_a_guard_that_died_is_started_again_and_knows_every_group(context, group):
-    guard = Guard(context)
-    guard.start()
-    leader, child = group
-    guard.watch(leader.pid)
+def test_a_guard_that_died_is_started_again_and_knows_every_group(guard, group):
     guard.process.kill()
     guard.process.join(5)
     guard.renew(None)  # the next word to it finds it gone: a new one starts, with what the last knew
     assert guard.process.exitcode is None
-    guard.conn.close()
-    guard.conn = None
-    assert wait_until(lambda: gone(leader, child), 5), "the new guard did not know the group"
-    guard.close()
+    worker_gone(guard)
+    assert wait_until(lambda: gone(*group), 5), "the new guard did not know the group"

@@ -357,7 +357,7 @@ def test_a_shell_jobs_process_becomes_its_program_which_dies_with_its_worker(tmp
     worker takes the program and the children it started with it."""
     pids = tmp_path / "pids"
     line = f"/bin/sh -c 'sleep 300 & echo $$ $! > {pids}.part && mv {pids}.part {pids}; wait'"
-    worker, queue, key = shell_worker(tmp_path, vhost, unique, line)
+    worker, _, key = shell_worker(tmp_path, vhost, unique, line)
     with worker:
         worker.wait_ready(timeout=20)
         publish(vhost, key, unique, 241)
