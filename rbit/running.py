@@ -96,8 +96,10 @@ class Jobs:
         return any(job.job_id == job_id for job in self.slots.values())
 
     def warm_up(self) -> None:
-        """Have a job process started and waiting for each slot's next job (see :mod:`rbit.ready`)."""
-        self.ready.fill(self.context)
+        """Have a job process started and waiting for each slot's next job (see :mod:`rbit.ready`),
+        once there is a fork server to start them."""
+        if self.context is not None:
+            self.ready.fill(self.context)
 
     def cool_down(self) -> None:
         """Let the waiting job processes and the guard go: the worker stops."""

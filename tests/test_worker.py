@@ -178,7 +178,8 @@ def test_queue_declared_by_pybit_first_then_worker_runs_the_waiting_job(tmp_path
         worker.wait_ready(timeout=20)
         ended(worker, 11, "Done")
         assert [entry["job_id"] for entry in records(record)] == [11]
-        assert vhost.queue_info(queue) == (0, 1)
+        # Empty, and consumed again once the job's message has had its end.
+        assert wait_until(lambda: vhost.queue_info(queue) == (0, 1), 5), vhost.queue_info(queue)
     assert "PRECONDITION_FAILED" not in worker.log
     assert worker.process.returncode == 0
 
