@@ -65,19 +65,10 @@ def _cancel_nowait(consumer):
     getattr(consumer, "_active_queue_no_ack", {}).clear()  # kombu 5.5 and later
 
 
-def broker_floor(url, bodies, served=5, timeout=60.0):
-    """Messages/s of the promises' broker steps alone, over *bodies* pre-loaded in one of *served* queues.
+def _preload(url, bodies, served, timeout):
+    """Declare *served* queues and the in-progress queue, empty them, and load *bodies* into the first.
 
-    *url* names a vhost of its own. The consumer channel has a prefetch of 1
-    shared by its consumers (``basic.qos`` global), as rbit's; it consumes
-    *served* queues (the worker under test serves that many, and each
-    ``basic.cancel`` and ``basic.consume`` is per queue); the messages wait in
-    the first. For each message, in rbit's order: the copy published on a
-    second channel with a publisher confirm, ``basic.cancel`` of every consumer
-    (nowait), ``basic.ack``, ``queue.purge`` of the in-progress queue (waits for
-    ``purge_ok``), and ``basic.consume`` of every queue again (nowait but the
-    last). The rate is the messages over the time from the first delivery to the
-    last ``consume_ok``. Returns a dict of figures.
+    Returns the served queues' names and the in-progress queue's, once the first holds every body.
     """
     queues = [f"floor.served.{index}" for index in range(served)]
     in_progress = "floor.in-progress"
@@ -93,24 +84,55 @@ def broker_floor(url, bodies, served=5, timeout=60.0):
         deadline = time.monotonic() + timeout
         while channel.queue_declare(queues[0], passive=True).message_count < count:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"broker floor: {queues[0]} does not hold the {count} messages")
+                raise RuntimeError(f"floor: {queues[0]} does not hold the {count} messages")
             time.sleep(0.01)
+    return queues, in_progress
+
+
+def _consuming(conn, queues):
+    """The consumer channel (prefetch 1, ``basic.qos`` global, as rbit's), a publisher channel, and a
+    consumer of every queue in *queues*, consuming; its deliveries are appended to the list returned last."""
+    channel = conn.channel()
+    publisher = conn.channel()
+    channel.basic_qos(prefetch_size=0, prefetch_count=1, a_global=True)
+    pending = []
+    consumer = Consumer(channel, queues=[Queue(name, no_declare=True) for name in queues],
+                        on_message=pending.append, auto_declare=False, tag_prefix="floor.")
+    consumer.consume()
+    return channel, publisher, consumer, pending
+
+
+def _next_delivery(conn, pending, deadline, what):
+    """The next delivery, draining the connection's events until one comes or *deadline* passes."""
+    while not pending:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: time box reached")
+        conn.drain_events(timeout=max(0.1, deadline - time.monotonic()))
+    return pending.pop(0)
+
+
+def broker_floor(url, bodies, served=5, timeout=60.0):
+    """Messages/s of the promises' broker steps alone, over *bodies* pre-loaded in one of *served* queues.
+
+    *url* names a vhost of its own. The consumer channel has a prefetch of 1
+    shared by its consumers (``basic.qos`` global), as rbit's; it consumes
+    *served* queues (the worker under test serves that many, and each
+    ``basic.cancel`` and ``basic.consume`` is per queue); the messages wait in
+    the first. For each message, in rbit's order: the copy published on a
+    second channel with a publisher confirm, ``basic.cancel`` of every consumer
+    (nowait), ``basic.ack``, ``queue.purge`` of the in-progress queue (waits for
+    ``purge_ok``), and ``basic.consume`` of every queue again (nowait but the
+    last). The rate is the messages over the time from the first delivery to the
+    last ``consume_ok``. Returns a dict of figures.
+    """
+    queues, in_progress = _preload(url, bodies, served, timeout)
+    count = len(bodies)
     with Connection(url, transport_options={"confirm_publish": True}) as conn:
-        channel = conn.channel()
-        publisher = conn.channel()
-        channel.basic_qos(prefetch_size=0, prefetch_count=1, a_global=True)
-        pending = []
-        consumer = Consumer(channel, queues=[Queue(name, no_declare=True) for name in queues],
-                            on_message=pending.append, auto_declare=False, tag_prefix="floor.")
-        consumer.consume()
+        channel, publisher, consumer, pending = _consuming(conn, queues)
         first = last = None
         deadline = time.monotonic() + timeout
         for _ in range(count):
-            while not pending:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("broker floor: time box reached")
-                conn.drain_events(timeout=max(0.1, deadline - time.monotonic()))
-            message = pending.pop(0)
+            message = _next_delivery(conn, pending, deadline, "broker floor")
             if first is None:
                 first = time.perf_counter()
             copy = amqp.Message(message.body, delivery_mode=2, content_type="application/json",
