@@ -230,13 +230,125 @@ def process_floor(count, rounds=3):
     return figures
 
 
+# -- The two together: the broker steps and a fresh process per job -------------------
+
+
+def _combined_loop(conn, loop, runner, count, deadline):
+    """Jobs/s of *count* messages, each taken with the broker steps and run in a fresh process.
+
+    *loop* holds the broker's side (see :func:`combined_floor`) and ``waiting``,
+    the process started for the next job, replaced in it. Returns the rate and
+    how many processes exited non-zero.
+    """
+    from rbit.message import Message
+    from rbit.pybit import decode_build_request
+
+    failed = 0
+    first = last = None
+    for _ in range(count):
+        delivery = _next_delivery(conn, loop.pending, deadline, "combined floor")
+        if first is None:
+            first = time.perf_counter()
+        copy = amqp.Message(delivery.body, delivery_mode=2, content_type="application/json",
+                            application_headers={COPY_HEADER: loop.queues[0]})
+        loop.publisher.basic_publish(copy, exchange="", routing_key=loop.in_progress)  # waits for the confirm
+        _cancel_nowait(loop.consumer)
+        delivery.ack()
+        body = delivery.body.decode() if isinstance(delivery.body, bytes) else delivery.body
+        message = Message(body=body, request=decode_build_request(body), queue=loop.queues[0])
+        current, loop.waiting = loop.waiting, None
+        current.begin(runner, message)
+        loop.waiting = loop.started()  # as Jobs.start calls warm_up right after begin
+        failed += _run_to_exit(current) != 0
+        loop.channel.queue_purge(loop.in_progress)  # waits for purge_ok
+        loop.consumer.consume()  # nowait but the last queue's
+        last = time.perf_counter()
+    return count / (last - first), failed
+
+
+def combined_floor(url, count, served=5, rounds=3, timeout=120.0):
+    """Jobs/s of the promises' broker steps and a fresh process per job together, with no rbit loop.
+
+    One bare loop does, per message, what rbit's promises ask of a worker of
+    concurrency 1: on a channel of prefetch 1 (``basic.qos`` global) consuming
+    *served* queues (the messages wait in the first), the copy published to the
+    in-progress queue with a publisher confirm, ``basic.cancel`` of every
+    consumer (nowait), the original's ``basic.ack``; the job (the delivered
+    request, decoded into a rbit Message) handed with ``JobProcess.begin`` to
+    the process started beforehand from rbit's fork server, the next process
+    started right after (as ``Jobs.start`` calls ``warm_up``); the job's
+    process waited for on its sentinel and closed; ``queue.purge`` of the
+    in-progress queue (waits for ``purge_ok``) and ``basic.consume`` of every
+    queue again (nowait but the last). No job log, no status report, no PyBit.
+
+    For a no-op python! and a shell!/bin/true job, in *rounds* rounds of
+    ``count // rounds`` messages each, the two kinds taking turns, after
+    :data:`WARM_UP` untimed messages of each; a round's rate is its messages
+    over the time from its first delivery to its last ``consume_ok``. The
+    floor is the fastest round; the rate over all rounds is given too.
+    Returns ``{kind: {"rate": rate, "all": rate}}`` and the counts.
+    """
+    sys.path[:0] = [str(ROOT), str(BENCH)]
+    from rbit import jobs
+    from rbit.lease import clock
+    from rbit.pybit import encode, make_request
+    from rbit.runners import load
+
+    runners = {kind: load(line, {}) for kind, line in PROCESS_RUNNERS.items()}
+    sections = [types.SimpleNamespace(runner=runner) for runner in runners.values()]
+    context = jobs.fork_context(preload=jobs.runner_modules(sections))  # as the worker preloads its runners
+    lease = clock() + 3600.0
+    per_round = max(1, count // rounds)
+    total = len(runners) * (WARM_UP + per_round * rounds)
+    bodies = [encode(make_request(job_id, "hello", "1.0", "bench", "any", "x", "x")) for job_id in range(1, total + 1)]
+    queues, in_progress = _preload(url, bodies, served, timeout)
+
+    def started():
+        process = jobs.JobProcess(context)
+        process.start(lease=lease)
+        return process
+
+    figures = {"n": per_round * rounds, "rounds": rounds, "queues": served, "failed": []}
+    rates = {kind: [] for kind in runners}
+    with Connection(url, transport_options={"confirm_publish": True}) as conn:
+        channel, publisher, consumer, pending = _consuming(conn, queues)
+        loop = types.SimpleNamespace(channel=channel, publisher=publisher, consumer=consumer, pending=pending,
+                                     queues=queues, in_progress=in_progress, started=started, waiting=started())
+        deadline = time.monotonic() + timeout
+        try:
+            for kind, runner in runners.items():
+                _combined_loop(conn, loop, runner, WARM_UP, deadline)
+            for _ in range(rounds):
+                for kind, runner in runners.items():
+                    rate, failed = _combined_loop(conn, loop, runner, per_round, deadline)
+                    rates[kind].append(rate)
+                    if failed:
+                        figures["failed"].append(f"{kind}: {failed} of {per_round} exited non-zero")
+        finally:
+            _cancel_nowait(consumer)
+            if loop.waiting is not None:  # the one started for a next job that does not come
+                loop.waiting.kill()
+                _run_to_exit(loop.waiting)
+    for kind, found in rates.items():
+        figures[kind] = {"rate": max(found), "all": len(found) / sum(1 / rate for rate in found)}
+    return figures
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["process"])
-    parser.add_argument("count", type=int)
+    parser.add_argument("what", choices=["process", "combined"])
+    parser.add_argument("count", type=int, help="jobs of each kind (and each way, for process), in 3 rounds")
+    parser.add_argument("--url", help="combined: the AMQP URL of a vhost of its own, e.g. "
+                                      "amqp://guest:guest@127.0.0.1:5672/NAME")
+    parser.add_argument("--served", type=int, default=5, help="combined: how many queues to consume (default 5)")
     args = parser.parse_args(argv)
+    if args.what == "combined" and not args.url:
+        parser.error("combined needs --url")
     with contextlib.redirect_stdout(sys.stderr):
-        figures = process_floor(args.count)
+        if args.what == "process":
+            figures = process_floor(args.count)
+        else:
+            figures = combined_floor(args.url, args.count, served=args.served)
     print(json.dumps(figures))
     return 0
 
