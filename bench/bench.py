@@ -1065,10 +1065,12 @@ def round_trip_line(r):
 def bound_lines(r, floors):
     """A line per throughput figure of rbit's results *r*: the floors that bound it, and its target against them.
 
-    The process floor taken is the faster of the sequential and overlapped
-    loops (the promises allow either). "One after the other" adds the two
-    floors' times per job: what a job costs if nothing of the broker steps
-    overlaps its process (an estimate from the two measurements, not a third).
+    The floor that decides is the measured one of the broker steps and a fresh
+    process per job together (bench/floors.py ``combined_floor``: one bare loop,
+    no rbit loop): the target is above it or not. Beside it, each floor alone
+    (the process floor the faster of sequential and overlapped, named) and the
+    estimate of the two one after the other, 1 / (1/broker + 1/process), labelled
+    as an estimate.
     """
     broker = floors.get("broker_floor_rate")
     bare = floors.get("bare_subprocess_rate")
@@ -1082,41 +1084,49 @@ def bound_lines(r, floors):
     ):
         value = r.get(key)
         modes = {mode: floors.get(f"process_{kind}_{mode}_rate") for mode in ("overlapped", "sequential")}
-        if value is None or None in modes.values():
+        together = floors.get(f"combined_{kind}_rate")
+        if value is None or None in modes.values() or not together:
             continue
         how = max(modes, key=modes.get)
         other = "sequential" if how == "overlapped" else "overlapped"
         process = modes[how]
         series = 1 / (1 / broker + 1 / process)
-        binding, name = min((broker, "the broker steps"), (process, "a fresh process per job"))
         share = f" = {process / bare:.2g} of bare subprocess.run" if kind == "shell" else ""
-        text = (f"{label}: {value:.1f} /s (target {target_text}); broker steps alone {broker:.0f} /s, "
-                f"a fresh process per job alone {process:.0f} /s ({how}{share}; {other} {modes[other]:.0f} /s), "
-                f"the two one after the other {series:.0f} /s. The lower floor is {name} ({binding:.0f} /s): "
-                f"rbit reaches {value / binding:.2f} of it, {value / series:.2f} of the two one after the other; ")
-        if target > binding:
-            text += f"target above the measured floor ({target:.0f} /s > {name} alone, {binding:.0f} /s)"
-        elif target > series:
-            text += (f"target below each floor alone but above the two one after the other ({series:.0f} /s): "
-                     "met only if part of the broker steps overlaps the job's process (rbit does them between "
-                     "two jobs' processes)")
+        together_share = f" = {together / bare:.2g} of bare subprocess.run" if kind == "shell" else ""
+        text = (f"{label}: {value:.1f} /s (target {target_text}). Measured floor, the broker steps and a fresh "
+                f"process per job together (no rbit loop): {together:.0f} /s{together_share} (all rounds "
+                f"{floors[f'combined_{kind}_all_rate']:.0f} /s); rbit reaches {value / together:.2f} of it. "
+                f"Apart: broker steps alone {broker:.0f} /s, a fresh process per job alone {process:.0f} /s "
+                f"({how}{share}; {other} {modes[other]:.0f} /s); estimated one after the other, from the two "
+                f"apart: {series:.0f} /s. ")
+        if target > together:
+            text += (f"Target above the measured floor: {target:.0f} /s > {together:.0f} /s, the broker steps and a "
+                     "fresh process per job together with nothing else around them, stop it")
         else:
-            text += "target below the measured floors"
+            text += (f"Target below the measured floor ({target:.0f} /s <= {together:.0f} /s together): "
+                     "the promises leave room for it")
         lines.append(text)
     return lines
 
 
 def floor_details(floors):
-    """How the promises' floors were measured, in one line."""
+    """How the promises' floors were measured, in one line each."""
     if floors.get("broker_floor_rate") is None:
         return []
-    return [(f"floors: the promises' broker steps over {floors['broker_floor_n']} messages, "
-             f"{floors['broker_floor_queues']} served queues (confirmed copy, nowait cancel, ack, purge, consume); "
-             f"a fresh process per job: fastest of {floors['process_floor_rounds']} rounds, "
-             f"{floors['process_floor_n']} jobs each way; over all rounds python! "
-             f"{floors['process_python_sequential_all_rate']:.0f} /s sequential, "
-             f"{floors['process_python_overlapped_all_rate']:.0f} /s overlapped, shell!/bin/true "
-             f"{floors['process_shell_sequential_all_rate']:.0f} / {floors['process_shell_overlapped_all_rate']:.0f} /s")]
+    lines = [(f"floors: the promises' broker steps over {floors['broker_floor_n']} messages, "
+              f"{floors['broker_floor_queues']} served queues (confirmed copy, nowait cancel, ack, purge, consume); "
+              f"a fresh process per job: fastest of {floors['process_floor_rounds']} rounds, "
+              f"{floors['process_floor_n']} jobs each way; over all rounds python! "
+              f"{floors['process_python_sequential_all_rate']:.0f} /s sequential, "
+              f"{floors['process_python_overlapped_all_rate']:.0f} /s overlapped, shell!/bin/true "
+              f"{floors['process_shell_sequential_all_rate']:.0f} / {floors['process_shell_overlapped_all_rate']:.0f} /s")]
+    if floors.get("combined_floor_n") is not None:
+        lines.append(f"floors: {TOGETHER}: fastest of {floors['combined_floor_rounds']} rounds, "
+                     f"{floors['combined_floor_n']} jobs of each kind, {floors['combined_floor_queues']} served "
+                     "queues, the next process started while the job runs; over all rounds python! "
+                     f"{floors['combined_python_all_rate']:.0f} /s, shell!/bin/true "
+                     f"{floors['combined_shell_all_rate']:.0f} /s")
+    return lines
 
 
 # -- Markdown for the project README -------------------------------------------------
