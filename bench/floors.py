@@ -13,11 +13,17 @@ Every job costs two things rbit has promised, whatever its code does around them
   process group, holding the lifeline and the lease, given its job down its pipe
   (:class:`rbit.jobs.JobProcess`), waited for until it exits, then closed;
   strictly one after the other, and with the next process started while the
-  current one runs, as ``rbit.running.Jobs.warm_up`` does.
+  current one runs, as ``rbit.running.Jobs.warm_up`` does;
+* **the two together** (:func:`combined_floor`): one bare loop doing both per
+  message, as a worker of concurrency 1 must (the job handed to its process
+  between the ack and the purge, the next process started while it runs), with
+  no rbit worker loop, job log, status report or PyBit. The measured floor a
+  target is judged against.
 
-``python bench/floors.py process COUNT`` prints the process floor as JSON; the
-benchmark runs it so, in a process of its own, so that the fork server it starts
-and the bench's own threads stay apart.
+``python bench/floors.py process COUNT`` prints the process floor as JSON, and
+``python bench/floors.py combined COUNT --url URL`` the combined one; the
+benchmark runs them so, each in a process of its own, so that the fork server it
+starts and the bench's own threads stay apart.
 """
 
 import argparse
