@@ -1100,11 +1100,11 @@ def bound_lines(r, floors):
                 f"({how}{share}; {other} {modes[other]:.0f} /s); estimated one after the other, from the two "
                 f"apart: {series:.0f} /s. ")
         if target > together:
-            text += (f"Target above the measured floor: {target:.0f} /s > {together:.0f} /s, the broker steps and a "
-                     "fresh process per job together with nothing else around them, stop it")
+            text += (f"Target above the measured floor that stops it ({target:.0f} /s > {together:.0f} /s): the "
+                     "broker steps and a fresh process per job together, with nothing else around them, go no faster.")
         else:
             text += (f"Target below the measured floor ({target:.0f} /s <= {together:.0f} /s together): "
-                     "the promises leave room for it")
+                     "the promises leave room for it.")
         lines.append(text)
     return lines
 
