@@ -27,7 +27,8 @@ as the systemd unit starts it (the ``rbit`` console script beside this Python,
    consume again) on a vhost of their own, no process; and a fresh process per
    job from rbit's fork server alone (``rbit.jobs.JobProcess``), no broker,
    sequential and overlapped, for a no-op ``python!`` and a ``shell!/bin/true``
-   job;
+   job; and the two together in one bare loop (no rbit loop), measured, on a
+   vhost of its own;
 5. throughput of a no-op python runner: N requests pre-loaded, rate from the
    first job's start to the last job's end (both stamped by the runner);
 6. throughput of ``shell!/bin/true``: N requests pre-loaded between two
@@ -68,7 +69,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import amqp
-from floors import broker_floor
+from floors import PROCESS_RUNNERS, broker_floor
 from kombu import Connection, Consumer, Queue
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +109,9 @@ FIGURES = {
 #: What the floor phases record beside their rates, carried to a later column with them.
 FLOOR_FACTS = ("broker_floor_queues", "broker_floor_n", "process_floor_n", "process_floor_rounds",
                "process_python_sequential_all_rate", "process_python_overlapped_all_rate",
-               "process_shell_sequential_all_rate", "process_shell_overlapped_all_rate")
+               "process_shell_sequential_all_rate", "process_shell_overlapped_all_rate",
+               "combined_floor_n", "combined_floor_rounds", "combined_floor_queues",
+               "combined_python_all_rate", "combined_shell_all_rate")
 
 #: Phase sizes: full run and --quick.
 SIZES = {
@@ -122,8 +125,11 @@ SIZES = {
                   "floor_n": 90},
 }
 
+#: The floor of the promises' broker steps and a fresh process per job measured in one loop, as its rows say.
+TOGETHER = "the promises' broker steps and a fresh process per job, together (no rbit loop)"
+
 #: The floors measured in the run, by result key: (label, what it is). bench/floors.py measures the
-#: promises' two; the bare loops are the older floors.
+#: promises' two, apart and together; the bare loops are the older floors.
 FLOORS = {
     "bare_kombu_rate": ("bare kombu consume+ack, prefetch 1", "msg/s"),
     "broker_floor_rate": ("the promises' broker steps, no process", "msg/s"),
@@ -131,6 +137,8 @@ FLOORS = {
     "process_python_overlapped_rate": ("a fresh process per job, no-op python!, overlapped", "proc/s"),
     "process_shell_sequential_rate": ("a fresh process per job, shell!/bin/true, sequential", "proc/s"),
     "process_shell_overlapped_rate": ("a fresh process per job, shell!/bin/true, overlapped", "proc/s"),
+    "combined_python_rate": (f"{TOGETHER}, no-op python!", "jobs/s"),
+    "combined_shell_rate": (f"{TOGETHER}, shell!/bin/true", "jobs/s"),
     "bare_subprocess_rate": ("bare subprocess.run(['/bin/true'])", "runs/s"),
 }
 
@@ -707,20 +715,25 @@ class Bench:
             subprocess.run(["/bin/true"], check=True)
         self.results["bare_subprocess_rate"] = count / (time.perf_counter() - t0)
 
+    @contextlib.contextmanager
+    def floor_vhost(self):
+        """The AMQP URL of a vhost of the floors' own (``VHOST-floor``), deleted after."""
+        vhost = f"{self.vhost}-floor"
+        rabbitmqctl("add_vhost", vhost)
+        try:
+            rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+            yield f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
+        finally:
+            rabbitmqctl("delete_vhost", vhost)
+
     def phase_broker_floor(self):
         """The promises' broker steps alone (bench/floors.py), on a vhost of their own, no process."""
         if self.baselines:
             self.results.update({key: value for key, value in self.baselines.items() if key.startswith("broker_floor")})
             return
-        vhost = f"{self.vhost}-floor"
-        rabbitmqctl("add_vhost", vhost)
-        try:
-            rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-            url = f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
+        with self.floor_vhost() as url:
             bodies = [self.body(i + 1) for i in range(self.sizes["batch_n"])]
             self.results.update(broker_floor(url, bodies, served=len(self.QUEUES)))
-        finally:
-            rabbitmqctl("delete_vhost", vhost)
 
     def phase_process_floor(self):
         """A fresh process per job from rbit's fork server alone (bench/floors.py), no broker.
@@ -745,6 +758,32 @@ class Bench:
         self.results["process_floor_n"] = figures["n"]
         self.results["process_floor_rounds"] = figures["rounds"]
         self.notes += [f"process floor: {text}" for text in figures["failed"]]
+
+    def phase_combined_floor(self):
+        """The promises' broker steps and a fresh process per job together, in one bare loop (bench/floors.py).
+
+        In a process of its own, as the process floor, on a vhost of its own,
+        consuming as many queues as the worker serves.
+        """
+        if self.baselines:
+            self.results.update({key: value for key, value in self.baselines.items() if key.startswith("combined_")})
+            return
+        with self.floor_vhost() as url:
+            done = subprocess.run(
+                [sys.executable, str(BENCH / "floors.py"), "combined", str(self.sizes["floor_n"]), "--url", url,
+                 "--served", str(len(self.QUEUES))],
+                capture_output=True, text=True, timeout=180, check=False, cwd=str(BENCH),
+            )
+        if done.returncode != 0:
+            raise RuntimeError(f"bench/floors.py combined failed: {done.stderr.strip()[-2000:]}")
+        figures = json.loads(done.stdout)
+        for kind in PROCESS_RUNNERS:
+            self.results[f"combined_{kind}_rate"] = figures[kind]["rate"]
+            self.results[f"combined_{kind}_all_rate"] = figures[kind]["all"]
+        self.results["combined_floor_n"] = figures["n"]
+        self.results["combined_floor_rounds"] = figures["rounds"]
+        self.results["combined_floor_queues"] = figures["queues"]
+        self.notes += [f"combined floor: {text}" for text in figures["failed"]]
 
     def phase_noop(self):
         count = self.sizes["batch_n"]
@@ -864,6 +903,8 @@ class Bench:
             ("bare subprocess baseline", self.phase_bare_subprocess),
             ("broker floor (the promises' broker steps, no process)", self.phase_broker_floor),
             ("process floor (a fresh process per job, no broker)", self.phase_process_floor),
+            ("combined floor (the broker steps and a fresh process per job, together, no rbit loop)",
+             self.phase_combined_floor),
             ("no-op python throughput", self.phase_noop),
             ("shell!/bin/true throughput", self.phase_shell),
             ("memory soak", self.phase_soak),
@@ -1024,10 +1065,12 @@ def round_trip_line(r):
 def bound_lines(r, floors):
     """A line per throughput figure of rbit's results *r*: the floors that bound it, and its target against them.
 
-    The process floor taken is the faster of the sequential and overlapped
-    loops (the promises allow either). "One after the other" adds the two
-    floors' times per job: what a job costs if nothing of the broker steps
-    overlaps its process (an estimate from the two measurements, not a third).
+    The floor that decides is the measured one of the broker steps and a fresh
+    process per job together (bench/floors.py ``combined_floor``: one bare loop,
+    no rbit loop): the target is above it or not. Beside it, each floor alone
+    (the process floor the faster of sequential and overlapped, named) and the
+    estimate of the two one after the other, 1 / (1/broker + 1/process), labelled
+    as an estimate.
     """
     broker = floors.get("broker_floor_rate")
     bare = floors.get("bare_subprocess_rate")
@@ -1041,41 +1084,49 @@ def bound_lines(r, floors):
     ):
         value = r.get(key)
         modes = {mode: floors.get(f"process_{kind}_{mode}_rate") for mode in ("overlapped", "sequential")}
-        if value is None or None in modes.values():
+        together = floors.get(f"combined_{kind}_rate")
+        if value is None or None in modes.values() or not together:
             continue
         how = max(modes, key=modes.get)
         other = "sequential" if how == "overlapped" else "overlapped"
         process = modes[how]
         series = 1 / (1 / broker + 1 / process)
-        binding, name = min((broker, "the broker steps"), (process, "a fresh process per job"))
         share = f" = {process / bare:.2g} of bare subprocess.run" if kind == "shell" else ""
-        text = (f"{label}: {value:.1f} /s (target {target_text}); broker steps alone {broker:.0f} /s, "
-                f"a fresh process per job alone {process:.0f} /s ({how}{share}; {other} {modes[other]:.0f} /s), "
-                f"the two one after the other {series:.0f} /s. The lower floor is {name} ({binding:.0f} /s): "
-                f"rbit reaches {value / binding:.2f} of it, {value / series:.2f} of the two one after the other; ")
-        if target > binding:
-            text += f"target above the measured floor ({target:.0f} /s > {name} alone, {binding:.0f} /s)"
-        elif target > series:
-            text += (f"target below each floor alone but above the two one after the other ({series:.0f} /s): "
-                     "met only if part of the broker steps overlaps the job's process (rbit does them between "
-                     "two jobs' processes)")
+        together_share = f" = {together / bare:.2g} of bare subprocess.run" if kind == "shell" else ""
+        text = (f"{label}: {value:.1f} /s (target {target_text}). Measured floor, the broker steps and a fresh "
+                f"process per job together (no rbit loop): {together:.0f} /s{together_share} (all rounds "
+                f"{floors[f'combined_{kind}_all_rate']:.0f} /s); rbit reaches {value / together:.2f} of it. "
+                f"Apart: broker steps alone {broker:.0f} /s, a fresh process per job alone {process:.0f} /s "
+                f"({how}{share}; {other} {modes[other]:.0f} /s); estimated one after the other, from the two "
+                f"apart: {series:.0f} /s. ")
+        if target > together:
+            text += (f"Target above the measured floor that stops it ({target:.0f} /s > {together:.0f} /s): the "
+                     "broker steps and a fresh process per job together, with nothing else around them, go no faster.")
         else:
-            text += "target below the measured floors"
+            text += (f"Target below the measured floor ({target:.0f} /s <= {together:.0f} /s together): "
+                     "the promises leave room for it.")
         lines.append(text)
     return lines
 
 
 def floor_details(floors):
-    """How the promises' floors were measured, in one line."""
+    """How the promises' floors were measured, in one line each."""
     if floors.get("broker_floor_rate") is None:
         return []
-    return [(f"floors: the promises' broker steps over {floors['broker_floor_n']} messages, "
-             f"{floors['broker_floor_queues']} served queues (confirmed copy, nowait cancel, ack, purge, consume); "
-             f"a fresh process per job: fastest of {floors['process_floor_rounds']} rounds, "
-             f"{floors['process_floor_n']} jobs each way; over all rounds python! "
-             f"{floors['process_python_sequential_all_rate']:.0f} /s sequential, "
-             f"{floors['process_python_overlapped_all_rate']:.0f} /s overlapped, shell!/bin/true "
-             f"{floors['process_shell_sequential_all_rate']:.0f} / {floors['process_shell_overlapped_all_rate']:.0f} /s")]
+    lines = [(f"floors: the promises' broker steps over {floors['broker_floor_n']} messages, "
+              f"{floors['broker_floor_queues']} served queues (confirmed copy, nowait cancel, ack, purge, consume); "
+              f"a fresh process per job: fastest of {floors['process_floor_rounds']} rounds, "
+              f"{floors['process_floor_n']} jobs each way; over all rounds python! "
+              f"{floors['process_python_sequential_all_rate']:.0f} /s sequential, "
+              f"{floors['process_python_overlapped_all_rate']:.0f} /s overlapped, shell!/bin/true "
+              f"{floors['process_shell_sequential_all_rate']:.0f} / {floors['process_shell_overlapped_all_rate']:.0f} /s")]
+    if floors.get("combined_floor_n") is not None:
+        lines.append(f"floors: {TOGETHER}: fastest of {floors['combined_floor_rounds']} rounds, "
+                     f"{floors['combined_floor_n']} jobs of each kind, {floors['combined_floor_queues']} served "
+                     "queues, the next process started while the job runs; over all rounds python! "
+                     f"{floors['combined_python_all_rate']:.0f} /s, shell!/bin/true "
+                     f"{floors['combined_shell_all_rate']:.0f} /s")
+    return lines
 
 
 # -- Markdown for the project README -------------------------------------------------

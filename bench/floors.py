@@ -13,11 +13,17 @@ Every job costs two things rbit has promised, whatever its code does around them
   process group, holding the lifeline and the lease, given its job down its pipe
   (:class:`rbit.jobs.JobProcess`), waited for until it exits, then closed;
   strictly one after the other, and with the next process started while the
-  current one runs, as ``rbit.running.Jobs.warm_up`` does.
+  current one runs, as ``rbit.running.Jobs.warm_up`` does;
+* **the two together** (:func:`combined_floor`): one bare loop doing both per
+  message, as a worker of concurrency 1 must (the job handed to its process
+  between the ack and the purge, the next process started while it runs), with
+  no rbit worker loop, job log, status report or PyBit. The measured floor a
+  target is judged against.
 
-``python bench/floors.py process COUNT`` prints the process floor as JSON; the
-benchmark runs it so, in a process of its own, so that the fork server it starts
-and the bench's own threads stay apart.
+``python bench/floors.py process COUNT`` prints the process floor as JSON, and
+``python bench/floors.py combined COUNT --url URL`` the combined one; the
+benchmark runs them so, each in a process of its own, so that the fork server it
+starts and the bench's own threads stay apart.
 """
 
 import argparse
@@ -65,19 +71,10 @@ def _cancel_nowait(consumer):
     getattr(consumer, "_active_queue_no_ack", {}).clear()  # kombu 5.5 and later
 
 
-def broker_floor(url, bodies, served=5, timeout=60.0):
-    """Messages/s of the promises' broker steps alone, over *bodies* pre-loaded in one of *served* queues.
+def _preload(url, bodies, served, timeout):
+    """Declare *served* queues and the in-progress queue, empty them, and load *bodies* into the first.
 
-    *url* names a vhost of its own. The consumer channel has a prefetch of 1
-    shared by its consumers (``basic.qos`` global), as rbit's; it consumes
-    *served* queues (the worker under test serves that many, and each
-    ``basic.cancel`` and ``basic.consume`` is per queue); the messages wait in
-    the first. For each message, in rbit's order: the copy published on a
-    second channel with a publisher confirm, ``basic.cancel`` of every consumer
-    (nowait), ``basic.ack``, ``queue.purge`` of the in-progress queue (waits for
-    ``purge_ok``), and ``basic.consume`` of every queue again (nowait but the
-    last). The rate is the messages over the time from the first delivery to the
-    last ``consume_ok``. Returns a dict of figures.
+    Returns the served queues' names and the in-progress queue's, once the first holds every body.
     """
     queues = [f"floor.served.{index}" for index in range(served)]
     in_progress = "floor.in-progress"
@@ -93,24 +90,55 @@ def broker_floor(url, bodies, served=5, timeout=60.0):
         deadline = time.monotonic() + timeout
         while channel.queue_declare(queues[0], passive=True).message_count < count:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"broker floor: {queues[0]} does not hold the {count} messages")
+                raise RuntimeError(f"floor: {queues[0]} does not hold the {count} messages")
             time.sleep(0.01)
+    return queues, in_progress
+
+
+def _consuming(conn, queues):
+    """The consumer channel (prefetch 1, ``basic.qos`` global, as rbit's), a publisher channel, and a
+    consumer of every queue in *queues*, consuming; its deliveries are appended to the list returned last."""
+    channel = conn.channel()
+    publisher = conn.channel()
+    channel.basic_qos(prefetch_size=0, prefetch_count=1, a_global=True)
+    pending = []
+    consumer = Consumer(channel, queues=[Queue(name, no_declare=True) for name in queues],
+                        on_message=pending.append, auto_declare=False, tag_prefix="floor.")
+    consumer.consume()
+    return channel, publisher, consumer, pending
+
+
+def _next_delivery(conn, pending, deadline, what):
+    """The next delivery, draining the connection's events until one comes or *deadline* passes."""
+    while not pending:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: time box reached")
+        conn.drain_events(timeout=max(0.1, deadline - time.monotonic()))
+    return pending.pop(0)
+
+
+def broker_floor(url, bodies, served=5, timeout=60.0):
+    """Messages/s of the promises' broker steps alone, over *bodies* pre-loaded in one of *served* queues.
+
+    *url* names a vhost of its own. The consumer channel has a prefetch of 1
+    shared by its consumers (``basic.qos`` global), as rbit's; it consumes
+    *served* queues (the worker under test serves that many, and each
+    ``basic.cancel`` and ``basic.consume`` is per queue); the messages wait in
+    the first. For each message, in rbit's order: the copy published on a
+    second channel with a publisher confirm, ``basic.cancel`` of every consumer
+    (nowait), ``basic.ack``, ``queue.purge`` of the in-progress queue (waits for
+    ``purge_ok``), and ``basic.consume`` of every queue again (nowait but the
+    last). The rate is the messages over the time from the first delivery to the
+    last ``consume_ok``. Returns a dict of figures.
+    """
+    queues, in_progress = _preload(url, bodies, served, timeout)
+    count = len(bodies)
     with Connection(url, transport_options={"confirm_publish": True}) as conn:
-        channel = conn.channel()
-        publisher = conn.channel()
-        channel.basic_qos(prefetch_size=0, prefetch_count=1, a_global=True)
-        pending = []
-        consumer = Consumer(channel, queues=[Queue(name, no_declare=True) for name in queues],
-                            on_message=pending.append, auto_declare=False, tag_prefix="floor.")
-        consumer.consume()
+        channel, publisher, consumer, pending = _consuming(conn, queues)
         first = last = None
         deadline = time.monotonic() + timeout
         for _ in range(count):
-            while not pending:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("broker floor: time box reached")
-                conn.drain_events(timeout=max(0.1, deadline - time.monotonic()))
-            message = pending.pop(0)
+            message = _next_delivery(conn, pending, deadline, "broker floor")
             if first is None:
                 first = time.perf_counter()
             copy = amqp.Message(message.body, delivery_mode=2, content_type="application/json",
@@ -208,13 +236,125 @@ def process_floor(count, rounds=3):
     return figures
 
 
+# -- The two together: the broker steps and a fresh process per job -------------------
+
+
+def _combined_loop(conn, loop, runner, count, deadline):
+    """Jobs/s of *count* messages, each taken with the broker steps and run in a fresh process.
+
+    *loop* holds the broker's side (see :func:`combined_floor`) and ``waiting``,
+    the process started for the next job, replaced in it. Returns the rate and
+    how many processes exited non-zero.
+    """
+    from rbit.message import Message
+    from rbit.pybit import decode_build_request
+
+    failed = 0
+    first = last = None
+    for _ in range(count):
+        delivery = _next_delivery(conn, loop.pending, deadline, "combined floor")
+        if first is None:
+            first = time.perf_counter()
+        copy = amqp.Message(delivery.body, delivery_mode=2, content_type="application/json",
+                            application_headers={COPY_HEADER: loop.queues[0]})
+        loop.publisher.basic_publish(copy, exchange="", routing_key=loop.in_progress)  # waits for the confirm
+        _cancel_nowait(loop.consumer)
+        delivery.ack()
+        body = delivery.body.decode() if isinstance(delivery.body, bytes) else delivery.body
+        message = Message(body=body, request=decode_build_request(body), queue=loop.queues[0])
+        current, loop.waiting = loop.waiting, None
+        current.begin(runner, message)
+        loop.waiting = loop.started()  # as Jobs.start calls warm_up right after begin
+        failed += _run_to_exit(current) != 0
+        loop.channel.queue_purge(loop.in_progress)  # waits for purge_ok
+        loop.consumer.consume()  # nowait but the last queue's
+        last = time.perf_counter()
+    return count / (last - first), failed
+
+
+def combined_floor(url, count, served=5, rounds=3, timeout=120.0):
+    """Jobs/s of the promises' broker steps and a fresh process per job together, with no rbit loop.
+
+    One bare loop does, per message, what rbit's promises ask of a worker of
+    concurrency 1: on a channel of prefetch 1 (``basic.qos`` global) consuming
+    *served* queues (the messages wait in the first), the copy published to the
+    in-progress queue with a publisher confirm, ``basic.cancel`` of every
+    consumer (nowait), the original's ``basic.ack``; the job (the delivered
+    request, decoded into a rbit Message) handed with ``JobProcess.begin`` to
+    the process started beforehand from rbit's fork server, the next process
+    started right after (as ``Jobs.start`` calls ``warm_up``); the job's
+    process waited for on its sentinel and closed; ``queue.purge`` of the
+    in-progress queue (waits for ``purge_ok``) and ``basic.consume`` of every
+    queue again (nowait but the last). No job log, no status report, no PyBit.
+
+    For a no-op python! and a shell!/bin/true job, in *rounds* rounds of
+    ``count // rounds`` messages each, the two kinds taking turns, after
+    :data:`WARM_UP` untimed messages of each; a round's rate is its messages
+    over the time from its first delivery to its last ``consume_ok``. The
+    floor is the fastest round; the rate over all rounds is given too.
+    Returns ``{kind: {"rate": rate, "all": rate}}`` and the counts.
+    """
+    sys.path[:0] = [str(ROOT), str(BENCH)]
+    from rbit import jobs
+    from rbit.lease import clock
+    from rbit.pybit import encode, make_request
+    from rbit.runners import load
+
+    runners = {kind: load(line, {}) for kind, line in PROCESS_RUNNERS.items()}
+    sections = [types.SimpleNamespace(runner=runner) for runner in runners.values()]
+    context = jobs.fork_context(preload=jobs.runner_modules(sections))  # as the worker preloads its runners
+    lease = clock() + 3600.0
+    per_round = max(1, count // rounds)
+    total = len(runners) * (WARM_UP + per_round * rounds)
+    bodies = [encode(make_request(job_id, "hello", "1.0", "bench", "any", "x", "x")) for job_id in range(1, total + 1)]
+    queues, in_progress = _preload(url, bodies, served, timeout)
+
+    def started():
+        process = jobs.JobProcess(context)
+        process.start(lease=lease)
+        return process
+
+    figures = {"n": per_round * rounds, "rounds": rounds, "queues": served, "failed": []}
+    rates = {kind: [] for kind in runners}
+    with Connection(url, transport_options={"confirm_publish": True}) as conn:
+        channel, publisher, consumer, pending = _consuming(conn, queues)
+        loop = types.SimpleNamespace(channel=channel, publisher=publisher, consumer=consumer, pending=pending,
+                                     queues=queues, in_progress=in_progress, started=started, waiting=started())
+        deadline = time.monotonic() + timeout
+        try:
+            for kind, runner in runners.items():
+                _combined_loop(conn, loop, runner, WARM_UP, deadline)
+            for _ in range(rounds):
+                for kind, runner in runners.items():
+                    rate, failed = _combined_loop(conn, loop, runner, per_round, deadline)
+                    rates[kind].append(rate)
+                    if failed:
+                        figures["failed"].append(f"{kind}: {failed} of {per_round} exited non-zero")
+        finally:
+            _cancel_nowait(consumer)
+            if loop.waiting is not None:  # the one started for a next job that does not come
+                loop.waiting.kill()
+                _run_to_exit(loop.waiting)
+    for kind, found in rates.items():
+        figures[kind] = {"rate": max(found), "all": len(found) / sum(1 / rate for rate in found)}
+    return figures
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["process"])
-    parser.add_argument("count", type=int)
+    parser.add_argument("what", choices=["process", "combined"])
+    parser.add_argument("count", type=int, help="jobs of each kind (and each way, for process), in 3 rounds")
+    parser.add_argument("--url", help="combined: the AMQP URL of a vhost of its own, e.g. "
+                                      "amqp://guest:guest@127.0.0.1:5672/NAME")
+    parser.add_argument("--served", type=int, default=5, help="combined: how many queues to consume (default 5)")
     args = parser.parse_args(argv)
+    if args.what == "combined" and not args.url:
+        parser.error("combined needs --url")
     with contextlib.redirect_stdout(sys.stderr):
-        figures = process_floor(args.count)
+        if args.what == "process":
+            figures = process_floor(args.count)
+        else:
+            figures = combined_floor(args.url, args.count, served=args.served)
     print(json.dumps(figures))
     return 0
 
