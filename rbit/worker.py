@@ -41,7 +41,7 @@ from typing import Callable
 
 from . import jobs, queues, systemd
 from .broker import StopWaiting
-from .errors import BadMessage, BrokerError, ConnectionLost, NameInUse, QueueLocked
+from .errors import BadMessage, BrokerError, ConnectionLost, NameInUse, QueueLocked, QueueMissing
 from .liveness import Liveness
 from .message import Message
 from .metrics import HealthServer, Metrics
@@ -177,7 +177,12 @@ class Worker:
         except QueueLocked as exc:
             raise NameInUse(f"another worker named {self.settings.name!r} is connected to this broker") from exc
         self.broker.qos(1)
-        self.broker.consume(CANCELS, [queues.cancel_queue(self.settings.name)], self._on_cancel, no_ack=True)
+        try:
+            self.broker.consume(CANCELS, [queues.cancel_queue(self.settings.name)], self._on_cancel, no_ack=True)
+        except QueueMissing as exc:
+            # Declared a moment ago, gone now: a cluster whose node just died was still removing the
+            # old one, which lived there. Connecting again declares it anew.
+            raise ConnectionLost(f"the cancel queue went as it was declared ({exc})") from exc
         self.wakeup.watch(self.broker.fileno(), "broker")
         self.board.broker_address = self.broker.address
         self.jobs.finish(self.broker)

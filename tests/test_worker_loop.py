@@ -19,9 +19,9 @@ import rbit
 from rbit import config as rbit_config
 from rbit import jobs, queues
 from rbit.delivery import Outgoing
-from rbit.errors import ConnectionLost, JobOutcome, NameInUse, QueueLocked
+from rbit.errors import ConnectionLost, JobOutcome, NameInUse, QueueLocked, QueueMissing
 from rbit.queues import HEADER_QUEUE, HEADER_REASON, HEADER_RECOVERED, PYBIT_EXCHANGE, QueueSpec
-from rbit.worker import JOBS, Worker
+from rbit.worker import CANCELS, JOBS, Worker
 
 from .harness import ROOT, alive, wait_until, write_config
 from .memory_broker import MemoryBroker, MemoryServer
@@ -559,6 +559,27 @@ def test_two_workers_with_the_same_name_cannot_run_at_once(harness):
 
 
 # -- The in-memory broker behaves as RabbitMQ does where the worker relies on it ---------
+
+
+def test_a_cancel_queue_gone_as_it_was_declared_is_declared_again_on_a_new_connection(harness, server,
+                                                                                        monkeypatch):
+    """Just after a cluster node dies, the worker's cancel queue can be declared and then found
+    missing (the cluster was still removing the one that lived on the dead node): the worker
+    connects again, declares it anew and serves, instead of stopping."""
+    worker = harness.worker(connect=False)
+    consume, refused = worker.broker.consume, []
+
+    def consume_once_missing(key, specs, callback, no_ack=False):
+        if key == CANCELS and not refused:
+            refused.append(key)
+            raise QueueMissing(f"NOT_FOUND - no queue '{specs[0].name}' in vhost 'memory'")
+        return consume(key, specs, callback, no_ack)
+
+    monkeypatch.setattr(worker.broker, "consume", consume_once_missing)
+    worker._reconnect(None)
+    assert refused == [CANCELS] and worker.broker.connected and worker.broker.consuming(CANCELS)
+    harness.publish(80)
+    turn_until(worker, lambda: reports(worker).statuses(80) == ["Building", "Done"] and not worker.slots)
 
 
 def test_memory_broker_prefetch_counts_unacknowledged_deliveries_across_consumers(server):
