@@ -30,10 +30,10 @@ GUARD_TICK = 0.2
 class Guard:
     """The worker's side of the guard; it is started again if it dies."""
 
-    def __init__(self, context):
+    def __init__(self, context, lease: float | None = None):
         self.context = context
         self.groups: set[int] = set()
-        self.lease: float | None = None
+        self.lease = lease
         self.process = None
         self.conn = None
 

@@ -4,8 +4,8 @@ Job processes are forked by a fork server (``multiprocessing``'s
 ``forkserver``): a small single-threaded process started once, so that a job
 never inherits the worker's threads, sockets or broker connection. Each is
 started *warm*, one for each slot's next job, before a message arrives:
-picking a job up then costs a message down a pipe, not a fork. Every job still has a
-fresh process, used once.
+picking a job up then costs a message down a pipe, not a fork. Every job
+still has a fresh process, used once.
 
 A job process makes itself a session and process-group leader, so the worker
 can stop everything it started with one ``killpg``. It watches its pipe to the
@@ -165,7 +165,7 @@ class JobProcess:
             pass
 
     def ready(self) -> bool:
-        """True while the started process waits for its job (a lease that ran out kills it)."""
+        """True while the started process waits for its job (it has not died meanwhile)."""
         return self.job_id is None and not self.eof and self.process.exitcode is None
 
     def begin(self, runner, message, pybit=None, worker_name: str | None = None) -> None:

@@ -34,9 +34,8 @@ class Ready:
     def fill(self, context) -> None:
         """Start processes until one waits for each slot; a process that died waiting is replaced."""
         if self.guard is None:
-            self.guard = Guard(context)
+            self.guard = Guard(context, self.lease)
             self.guard.start()
-            self.guard.renew(self.lease)
             if not self._exit_hook:
                 # Before multiprocessing's own exit handler (atexit runs the last registered first),
                 # which would wait for ever for these processes: they end when their pipes close.
