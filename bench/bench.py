@@ -146,16 +146,22 @@ FLOORS = {
 # -- /proc -------------------------------------------------------------------
 
 
-def rss_mb(pid):
-    """VmRSS of *pid* in MB (1 MB = 1024 kB), or None if it is gone."""
+def _proc_mb(path, key):
+    """The ``KEY: N kB`` line *key* of the /proc file *path*, in MB (1 MB = 1024 kB); None if
+    the file cannot be read (the process is gone) or has no such line."""
     try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(key):
                     return int(line.split()[1]) / 1024
     except OSError:
-        return None
+        pass
     return None
+
+
+def rss_mb(pid):
+    """VmRSS of *pid* in MB, or None if it is gone."""
+    return _proc_mb(f"/proc/{pid}/status", "VmRSS:")
 
 
 def cpu_ticks(pid):
@@ -184,14 +190,8 @@ def children(pid):
 
 def pss_mb(pid):
     """Proportional set size of *pid* in MB, from /proc/PID/smaps_rollup (VmRSS if unreadable), or None."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            for line in rollup:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return rss_mb(pid)
+    pss = _proc_mb(f"/proc/{pid}/smaps_rollup", "Pss:")
+    return pss if pss is not None else rss_mb(pid)
 
 
 def descendants(pid):
@@ -454,14 +454,19 @@ class WorkerUnderTest:
     def stop(self):
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, 15)
         self._log.close()
+
+
+def stop_process(process, grace):
+    """SIGTERM *process* if it still runs, and SIGKILL it if it has not ended *grace* seconds later."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
 
 
 # -- The benchmark ---------------------------------------------------------------

@@ -29,7 +29,6 @@ import contextlib
 import itertools
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from bench import (
     BENCH,
     percentile,
     rabbitmqctl,
+    stop_process,
     summarise_latency,
     tree_memory,
 )
@@ -258,14 +258,8 @@ class CeleryRun:
         self.results["loadavg_end"] = os.getloadavg()[0]
 
     def cleanup(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
         if self.process is not None:
+            stop_process(self.process, 20)
             self._log.close()
         with contextlib.suppress(Exception):  # the publisher's connections; the vhost goes next anyway
             self.app.pool.force_close_all()
