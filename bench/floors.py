@@ -9,7 +9,7 @@ Every job costs two things rbit has promised, whatever its code does around them
   again (one wait, for the last queue). Written with kombu and py-amqp only, not
   rbit's broker code, so that it is a floor independent of rbit's code;
 * **a fresh process per job** (:func:`process_floor`): a process forked from
-  rbit's fork server (:func:`rbit.jobs.fork_context`), in its own session and
+  rbit's fork server (:func:`rbit.jobs.fork_server`), in its own session and
   process group, holding the lifeline and the lease, given its job down its pipe
   (:class:`rbit.jobs.JobProcess`), waited for until it exits, then closed;
   strictly one after the other, and with the next process started while the
@@ -32,7 +32,6 @@ import json
 import sys
 import time
 import types
-from multiprocessing.connection import wait as wait_ready
 from pathlib import Path
 
 import amqp
@@ -166,20 +165,20 @@ def _job_message():
 
 
 def _run_to_exit(process):
-    """Wait for the job's process to exit, as the worker does on its sentinel; then release it."""
+    """Wait for the job's process to exit, as the worker hears of it from the fork server; then release it."""
     while not process.exited():  # exited() also kills what is left of the job's group, as the worker's
-        wait_ready([process.process.sentinel])
+        process.process.join(None)
     process.close()
     return process.exitcode
 
 
-def process_loop(context, runner, message, count, overlapped, lease):
+def process_loop(forks, runner, message, count, overlapped, lease):
     """Processes/s of *count* jobs: start, begin, wait for the exit, close; the next started
     after the exit (sequential) or right after the current one's begin (*overlapped*)."""
     from rbit.jobs import JobProcess
 
     def started():
-        process = JobProcess(context)
+        process = JobProcess(forks)
         process.start(lease=lease)
         return process
 
@@ -214,7 +213,7 @@ def process_floor(count, rounds=3):
 
     runners = {kind: load(line, {}) for kind, line in PROCESS_RUNNERS.items()}
     sections = [types.SimpleNamespace(runner=runner) for runner in runners.values()]
-    context = jobs.fork_context(preload=jobs.runner_modules(sections))  # as the worker preloads its runners
+    forks = jobs.fork_server(jobs.runner_modules(sections))  # as the worker preloads its runners
     message = _job_message()
     lease = clock() + 3600.0  # held by each process as the worker's is; never runs out here
     per_round = max(1, count // rounds)
@@ -222,10 +221,10 @@ def process_floor(count, rounds=3):
     for kind, runner in runners.items():
         rates = {"sequential": [], "overlapped": []}
         for mode in rates:
-            process_loop(context, runner, message, WARM_UP, mode == "overlapped", lease)
+            process_loop(forks, runner, message, WARM_UP, mode == "overlapped", lease)
         for _ in range(rounds):
             for mode, found in rates.items():
-                rate, failed = process_loop(context, runner, message, per_round, mode == "overlapped", lease)
+                rate, failed = process_loop(forks, runner, message, per_round, mode == "overlapped", lease)
                 found.append(rate)
                 if failed:
                     figures["failed"].append(f"{kind} {mode}: {failed} of {per_round} exited non-zero")
@@ -283,7 +282,7 @@ def combined_floor(url, count, served=5, rounds=3, timeout=120.0):
     request, decoded into a rbit Message) handed with ``JobProcess.begin`` to
     the process started beforehand from rbit's fork server, the next process
     started right after (as ``Jobs.start`` calls ``warm_up``); the job's
-    process waited for on its sentinel and closed; ``queue.purge`` of the
+    process waited for (the fork server reports its exit) and closed; ``queue.purge`` of the
     in-progress queue (waits for ``purge_ok``) and ``basic.consume`` of every
     queue again (nowait but the last). No job log, no status report, no PyBit.
 
@@ -302,7 +301,7 @@ def combined_floor(url, count, served=5, rounds=3, timeout=120.0):
 
     runners = {kind: load(line, {}) for kind, line in PROCESS_RUNNERS.items()}
     sections = [types.SimpleNamespace(runner=runner) for runner in runners.values()]
-    context = jobs.fork_context(preload=jobs.runner_modules(sections))  # as the worker preloads its runners
+    forks = jobs.fork_server(jobs.runner_modules(sections))  # as the worker preloads its runners
     lease = clock() + 3600.0
     per_round = max(1, count // rounds)
     total = len(runners) * (WARM_UP + per_round * rounds)
@@ -310,7 +309,7 @@ def combined_floor(url, count, served=5, rounds=3, timeout=120.0):
     queues, in_progress = _preload(url, bodies, served, timeout)
 
     def started():
-        process = jobs.JobProcess(context)
+        process = jobs.JobProcess(forks)
         process.start(lease=lease)
         return process
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from multiprocessing.connection import Pipe
 
+from .forkserver import GUARD, ForkServer
 from .lease import clock as lease_clock
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,8 @@ GUARD_TICK = 0.2
 class Guard:
     """The worker's side of the guard; it is started again if it dies."""
 
-    def __init__(self, context, lease: float | None = None):
-        self.context = context
+    def __init__(self, server: ForkServer, lease: float | None = None):
+        self.server = server
         self.groups: set[int] = set()
         self.lease = lease
         self.process = None
@@ -39,10 +41,9 @@ class Guard:
 
     def start(self) -> None:
         """Start the guard process, telling it what the last one knew."""
-        child_end, self.conn = self.context.Pipe(duplex=False)  # (read end, write end)
-        self.process = self.context.Process(target=main, args=(child_end,), name="rbit guard", daemon=False)
+        child_end, self.conn = Pipe(duplex=False)  # (read end, write end)
         try:
-            self.process.start()
+            self.process = self.server.fork(GUARD, [child_end.fileno()])
         finally:
             child_end.close()
         self._send(("lease", self.lease))

@@ -14,8 +14,6 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import requests
-
 from . import statuses
 from .pybit_http import auth, job_url, redact, safe_url
 
@@ -50,6 +48,8 @@ class Answer(enum.Enum):
 
 def fetch(pybit: PybitSettings, web_host: str | None, job_id) -> list[Entry] | Answer:
     """The job's history in PyBit, oldest first, or why there is none."""
+    import requests  # here: a worker without [pybit] never needs it; the fork server preloads it for one with
+
     url = job_url(pybit, web_host, job_id) + "/status"
     shown = safe_url(url)
     try:

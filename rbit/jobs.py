@@ -1,11 +1,11 @@
 """Each job in its own process and process group, started before its job is known.
 
-Job processes are forked by a fork server (``multiprocessing``'s
-``forkserver``): a small single-threaded process started once, so that a job
-never inherits the worker's threads, sockets or broker connection. Each is
-started *warm*, one for each slot's next job, before a message arrives:
-picking a job up then costs a message down a pipe, not a fork. Every job
-still has a fresh process, used once.
+Job processes are forked by rbit's fork server (:mod:`rbit.forkserver`): a small
+single-threaded process started once, with the runners imported, so that a job
+never inherits the worker's threads, sockets or broker connection, nor imports
+anything the fork server has imported. Each is started *warm*, one for each
+slot's next job, before a message arrives: picking a job up then costs a
+message down a pipe, not a fork. Every job still has a fresh process, used once.
 
 A job process makes itself a session and process-group leader, so the worker
 can stop everything it started with one ``killpg``. It watches its pipe to the
@@ -43,16 +43,13 @@ Messages from the job process to the worker, on the first pipe, each a tuple:
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import logging
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import select
 import signal
-import sys
+from multiprocessing.connection import Pipe
 
-from . import child
+from .forkserver import JOB, ForkServer
 
 #: Seconds between SIGTERM and SIGKILL when a job's process group is stopped.
 KILL_GRACE = 5.0
@@ -70,40 +67,26 @@ _F_SETPIPE_SZ = 1031
 #: Modules every job needs; the fork server imports them once, so that no job
 #: pays for them (unpickling a job's Message needs rbit.pybit, hence jsonpickle).
 PRELOAD = ["rbit.jobs", "rbit.child", "rbit.guard", "rbit.message", "rbit.pybit", "rbit.runners.python",
-           "rbit.runners.shell",
-           # Unpickling a job process's pipes needs it: without, each process imports it (1.5 ms CPU).
-           "multiprocessing.popen_forkserver"]
+           "rbit.runners.shell"]
 
 log = logging.getLogger(__name__)
 
 
-def fork_context(preload=()) -> multiprocessing.context.ForkServerContext:
-    """The context that starts job processes; its fork server starts now, with *preload* imported.
+def fork_server(preload=()) -> ForkServer:
+    """The server that starts job processes; it starts now, with *preload* imported.
 
     Starting it here, not at the first job, keeps its start-up (a fresh
     interpreter importing the runners) out of the first job's pickup time.
     """
-    _main_as_package_main()
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(dict.fromkeys([*PRELOAD, *preload])))
-    multiprocessing.forkserver.ensure_running()
-    return context
+    server = ForkServer([*PRELOAD, *preload])
+    server.start()
+    return server
 
 
-def _main_as_package_main() -> None:
-    """Keep job processes from running the ``rbit`` console script again.
-
-    multiprocessing prepares each new process by running the parent's
-    ``__main__`` again: from its file when it has no module spec, which for the
-    console script means importing the CLI and click in every job; but not at
-    all when ``__main__`` is a package's ``__main__`` module, as under
-    ``python -m rbit``. Nothing a job needs lives in ``__main__``, so a main
-    without a spec is described as ``rbit.__main__``: both ways of starting
-    the worker then cost a job the same.
-    """
-    main = sys.modules.get("__main__")
-    if main is not None and getattr(main, "__spec__", None) is None:
-        main.__spec__ = importlib.util.find_spec("rbit.__main__")
+def preload(config) -> list[str]:
+    """What the fork server imports for *config*'s jobs: the runners' modules, and the HTTP client
+    that asks PyBit for a job's history where a ``[pybit]`` section says to (:mod:`rbit.history`)."""
+    return runner_modules(config.runners) + (["requests"] if config.pybit is not None else [])
 
 
 def runner_modules(sections) -> list[str]:
@@ -120,8 +103,8 @@ def runner_modules(sections) -> list[str]:
 class JobProcess:
     """The worker's handle on one job's process: started warm, given its job once."""
 
-    def __init__(self, context, log_level=logging.INFO):
-        self.context = context
+    def __init__(self, server: ForkServer, log_level=logging.INFO):
+        self.server = server
         self.log_level = log_level
         self.job_id = None
         self.process = None
@@ -141,16 +124,15 @@ class JobProcess:
 
     def start(self, lease: float | None = None) -> None:
         """Start the process, holding *lease*; it waits for :meth:`begin`."""
-        parent_end, child_end = self.context.Pipe(duplex=True)
-        output, output_child = self.context.Pipe(duplex=False)
-        status_pipe, status_child = self.context.Pipe(duplex=False)
+        parent_end, child_end = Pipe(duplex=True)
+        output, output_child = Pipe(duplex=False)
+        status_pipe, status_child = Pipe(duplex=False)
         if lease is not None:
             parent_end.send(("lease", lease))  # waiting in the pipe before the job's first instruction
-        self.process = self.context.Process(
-            target=child.main, args=(child_end, output_child, status_child, self.log_level), name="rbit job",
-        )
         try:
-            self.process.start()
+            # Asked for, not waited for: the pid comes back while the worker goes on (rbit.forkserver).
+            self.process = self.server.fork(JOB, [child_end.fileno(), output_child.fileno(), status_child.fileno()],
+                                            self.log_level)
         finally:
             for end in (child_end, output_child, status_child):
                 end.close()
@@ -266,7 +248,7 @@ class JobProcess:
             pass
 
     def close(self) -> None:
-        """Release the pipe and reap the process."""
+        """Release the pipes, and wait (a little) for the fork server to report the exit."""
         if not self.closed and self.conn is not None:
             self.closed = True
             self.receive()

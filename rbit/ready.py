@@ -11,7 +11,6 @@ no program a job's process becomes escapes it, and is told to forget it once its
 
 from __future__ import annotations
 
-import atexit
 import logging
 
 from . import jobs
@@ -29,18 +28,12 @@ class Ready:
         self.guard: Guard | None = None
         #: The worker's lease, which each process holds from its start (None: no lease).
         self.lease: float | None = None
-        self._exit_hook = False
 
-    def fill(self, context) -> None:
+    def fill(self, server) -> None:
         """Start processes until one waits for each slot; a process that died waiting is replaced."""
         if self.guard is None:
-            self.guard = Guard(context, self.lease)
+            self.guard = Guard(server, self.lease)
             self.guard.start()
-            if not self._exit_hook:
-                # Before multiprocessing's own exit handler (atexit runs the last registered first),
-                # which would wait for ever for these processes: they end when their pipes close.
-                atexit.register(self.close)
-                self._exit_hook = True
         alive = []
         for process in self.waiting:
             if process.ready():
@@ -50,19 +43,19 @@ class Ready:
         self.waiting = alive
         while len(self.waiting) < self.size:
             try:
-                self.waiting.append(self._start(context))
+                self.waiting.append(self._start(server))
             except OSError as exc:
                 log.error("cannot start a job process: %s", exc)
                 return
 
-    def take(self, context) -> jobs.JobProcess:
+    def take(self, server) -> jobs.JobProcess:
         """A waiting process for a job (one started now if none waits); OSError if none can start."""
         if not self.waiting:
-            self.fill(context)
-        return self.waiting.pop(0) if self.waiting else self._start(context)
+            self.fill(server)
+        return self.waiting.pop(0) if self.waiting else self._start(server)
 
-    def _start(self, context) -> jobs.JobProcess:
-        process = jobs.JobProcess(context, log_level=logging.getLogger().getEffectiveLevel())
+    def _start(self, server) -> jobs.JobProcess:
+        process = jobs.JobProcess(server, log_level=logging.getLogger().getEffectiveLevel())
         process.start(lease=self.lease)
         return process
 

@@ -80,7 +80,9 @@ class Jobs:
         self.board = board
         self.log_dir = self.settings.log_dir or default_log_dir(os.environ)
         self.next_sweep = clock() + SWEEP_PERIOD
-        self.context = None
+        #: The fork server that starts the job processes (rbit.forkserver), once there is one.
+        self.forks = None
+        self._watched_forks = None
         self.ready = Ready(self.settings.concurrency)
         self.slots: dict[int, RunningJob] = {}
         #: Jobs that ended, in order, whose messages wait for their end on the broker.
@@ -98,8 +100,15 @@ class Jobs:
     def warm_up(self) -> None:
         """Have a job process started and waiting for each slot's next job (see :mod:`rbit.ready`),
         once there is a fork server to start them."""
-        if self.context is not None:
-            self.ready.fill(self.context)
+        if self.forks is not None:
+            self.ready.fill(self.forks)
+            self._watch_forks()
+
+    def _watch_forks(self) -> None:
+        """Wake for the fork server's news (a process's exit among them); a new server's socket too."""
+        if self.forks.sock is not None and self.forks.sock is not self._watched_forks:
+            self.wakeup.watch(self.forks.fileno(), "forks")
+            self._watched_forks = self.forks.sock
 
     def cool_down(self) -> None:
         """Let the waiting job processes and the guard go: the worker stops."""
@@ -108,7 +117,7 @@ class Jobs:
     def _begin(self, job: RunningJob, runner) -> None:
         """Hand *job* to a waiting process; OSError if none takes it."""
         for _ in range(2):
-            process = self.ready.take(self.context)
+            process = self.ready.take(self.forks)
             self.ready.watch(process)
             try:
                 process.begin(runner, job.message, self.config.pybit, self.settings.name)
@@ -133,8 +142,7 @@ class Jobs:
             self._end(job, f"cannot start the job's process: {exc}")
             return
         process = job.process
-        self.wakeup.watch(process.conn.fileno(), ("pipe", slot))
-        self.wakeup.watch(process.process.sentinel, ("exit", slot))
+        self.wakeup.watch(process.conn.fileno(), ("pipe", slot))  # its exit comes from the fork server
         job.output = Output(process, job.log, self.wakeup, ("output", slot), job.started)
         job.output.read(self.clock())
         self.warm_up()  # the slot's next process forks while this job runs, not between two jobs
@@ -173,6 +181,8 @@ class Jobs:
 
     def service(self) -> None:
         """Read every job's news, stop jobs past their time, and end the jobs that exited."""
+        if self.forks is not None:
+            self.forks.read()  # pids and exits: the socket is emptied at each wake-up
         now = self.clock()
         if now >= self.next_sweep:
             self.sweep_logs(now)
@@ -293,7 +303,6 @@ class Jobs:
     def _end(self, job: RunningJob, exit_text: str) -> None:
         """Decide how the job ended and report it; the message's end follows in :meth:`finish`."""
         self.wakeup.unwatch(("pipe", job.slot))
-        self.wakeup.unwatch(("exit", job.slot))
         self.wakeup.unwatch(("status", job.slot))
         if job.output is not None:
             job.output.close()

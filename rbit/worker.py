@@ -69,7 +69,7 @@ RECONNECT_PAUSE = 1.0
 class Worker:
     """Serves the queues of a configuration through *broker* until told to stop."""
 
-    def __init__(self, config, broker, reporter=None, context=None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, config, broker, reporter=None, forks=None, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.settings = config.worker
         self.broker = broker
@@ -82,7 +82,7 @@ class Worker:
         self.jobs = Jobs(config, self.reporter, self.metrics, self.wakeup, clock)
         self.jobs.board = self.board = Board(self.settings.name, self.jobs.log_dir)
         self.http = HealthServer(self.settings.http, self.metrics, self.health, self.board) if self.settings.http else None
-        self.jobs.context = context
+        self.jobs.forks = forks
         self.liveness = Liveness(self.settings, self.jobs, idle=self._idle, should_stop=self._give_up_broker,
                                  queue_type=config.amqp.queue_type)
         #: True while a message is being taken or consumers started: a delivery that
@@ -116,8 +116,9 @@ class Worker:
         self.jobs.prepare_logs()
         if self.http is not None:
             self.http.start()
+        own_forks = self.jobs.forks is None
         try:
-            self.jobs.context = self.jobs.context or jobs.fork_context(jobs.runner_modules(self.config.runners))
+            self.jobs.forks = self.jobs.forks or jobs.fork_server(jobs.preload(self.config))
             self.jobs.warm_up()
             try:
                 connected = self._connect()
@@ -133,6 +134,8 @@ class Worker:
         finally:
             restore()
             self._shutdown()
+            if own_forks and self.jobs.forks is not None:
+                self.jobs.forks.close()
 
     def request_stop(self, hurry: bool = False) -> None:
         """Stop taking jobs (from any thread or a signal handler); *hurry* stops jobs now."""

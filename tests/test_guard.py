@@ -14,8 +14,10 @@ from .harness import alive, wait_until
 
 
 @pytest.fixture(scope="module")
-def context():
-    return jobs.fork_context()
+def forks():
+    server = jobs.fork_server()
+    yield server
+    server.close()
 
 
 @pytest.fixture
@@ -37,9 +39,9 @@ def gone(leader, child):
 
 
 @pytest.fixture
-def guard(context, group):
+def guard(forks, group):
     """A guard watching *group*."""
-    started = Guard(context)
+    started = Guard(forks)
     started.start()
     started.watch(group[0].pid)
     yield started

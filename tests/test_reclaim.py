@@ -37,7 +37,7 @@ from .reliability_runners import events
 from .test_metrics import free_port, http_get
 from .memory_broker import MemoryBroker
 from .test_reliability import Rig, assert_gone, module_node, node  # noqa: F401  (fixtures)
-from .test_worker_loop import KEY, QUEUE, context, harness, server, turn_until  # noqa: F401  (fixtures)
+from .test_worker_loop import KEY, QUEUE, forks, harness, server, turn_until  # noqa: F401  (fixtures)
 
 #: ``[rbit]`` and ``[amqp]`` keys of every worker here: short times.
 RECLAIM_AFTER = 10
@@ -170,13 +170,13 @@ def test_a_job_process_stops_its_own_group_when_the_lease_runs_out(tmp_path):
     record = tmp_path / "runs.log"
     runner = runners.load("python!tests.reliability_runners:slow",
                           {"seconds": "60", "child": "yes", "record": str(record)})
-    forks = jobs.fork_context()
+    launcher = jobs.fork_server()
     processes = {}
     try:
         for job_id in (1, 2):
             body = request_body(job_id, f"p{job_id}", "1.0", "d", "any", "s", "pdf")
             message = Message(body=body, request=decode_build_request(body), queue="d_any_s_pdf")
-            processes[job_id] = (jobs.JobProcess(forks), message)
+            processes[job_id] = (jobs.JobProcess(launcher), message)
         started = lease_clock()
         for process, message in processes.values():
             process.start(lease=started + 3.0)
@@ -201,6 +201,7 @@ def test_a_job_process_stops_its_own_group_when_the_lease_runs_out(tmp_path):
             if process.process is not None:
                 process.kill()
                 process.close()
+        launcher.close()
 
 
 def test_a_waiting_job_process_holds_no_job_to_stop_until_it_is_handed_one(tmp_path):
@@ -211,7 +212,8 @@ def test_a_waiting_job_process_holds_no_job_to_stop_until_it_is_handed_one(tmp_p
     runner = runners.load("python!tests.reliability_runners:slow", {"seconds": "60", "record": str(record)})
     body = request_body(3, "p3", "1.0", "d", "any", "s", "pdf")
     message = Message(body=body, request=decode_build_request(body), queue="d_any_s_pdf")
-    process = jobs.JobProcess(jobs.fork_context())
+    launcher = jobs.fork_server()
+    process = jobs.JobProcess(launcher)
     process.start(lease=lease_clock() + 0.5)
     try:
         time.sleep(1.5)
@@ -223,6 +225,7 @@ def test_a_waiting_job_process_holds_no_job_to_stop_until_it_is_handed_one(tmp_p
     finally:
         process.kill()
         process.close()
+        launcher.close()
 
 
 # -- The loop and the protocol on the in-memory broker ------------------------------------------

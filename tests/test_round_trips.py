@@ -20,7 +20,7 @@ from .broker import rabbitmqctl
 from .harness import write_config
 from .pybit_models import queue_name, request_body, routing_key
 from .test_quorum import make_vhost as make_quorum_vhost
-from .test_worker_loop import RUNNERS, RecordingReporter, context, turn_until  # noqa: F401  (a fixture)
+from .test_worker_loop import RUNNERS, RecordingReporter, forks, turn_until  # noqa: F401  (a fixture)
 
 #: Served queues, as in bench/bench.py: the case where one wait per queue cost the most.
 SUITES = ("a", "b", "c", "d", "e")
@@ -60,14 +60,14 @@ class Waits:
         return self.counts.get(tuple(method), 0)
 
 
-def make_worker(tmp_path, unique, vhost, queue_type, context):  # noqa: F811  (the fixture's value)
+def make_worker(tmp_path, unique, vhost, queue_type, forks):  # noqa: F811  (the fixture's value)
     record = tmp_path / "record"
     runner = {"runner": f"python!{RUNNERS}:behave", "record": record, "release": tmp_path / "release"}
     runners = {queue_name(f"t{unique}", "any", suite, "pdf"): runner for suite in SUITES}
     path = write_config(tmp_path / "w.ini", name=f"w{unique}", vhost=vhost, runners=runners,
                         rbit={"polling_time": "1"}, amqp={"queue_type": queue_type})
     config = rbit_config.load(path)
-    worker = Worker(config, Broker(config.amqp), reporter=RecordingReporter(), context=context)
+    worker = Worker(config, Broker(config.amqp), reporter=RecordingReporter(), forks=forks)
     assert worker._connect()
     return worker
 
@@ -88,7 +88,7 @@ def consumer_tags(worker):
 
 
 def test_job_after_job_the_channel_keeps_a_callback_only_for_each_live_consumer(
-        tmp_path, unique, prefetch, context, monkeypatch):  # noqa: F811
+        tmp_path, unique, prefetch, forks, monkeypatch):  # noqa: F811
     """One slot, five served queues, jobs one after the other: each job cancels the five
     consumers and starts them again, and after every job the channel keeps a callback for the
     worker's live consumers only (its cancel queue's and the five of the build queues), none for
@@ -96,7 +96,7 @@ def test_job_after_job_the_channel_keeps_a_callback_only_for_each_live_consumer(
     no cancel_ok with the shared prefetch (five, one per queue, with a prefetch per consumer).
     Every job runs once and leaves no in-progress copy behind."""
     vhost, queue_type = prefetch
-    worker = make_worker(tmp_path, unique, vhost, queue_type, context)
+    worker = make_worker(tmp_path, unique, vhost, queue_type, forks)
     waits = Waits(monkeypatch)
     try:
         for job_id in range(1, JOBS_RUN + 1):

@@ -23,7 +23,7 @@ from rbit.errors import ConnectionLost, JobOutcome, NameInUse, QueueLocked, Queu
 from rbit.queues import HEADER_QUEUE, HEADER_REASON, HEADER_RECOVERED, PYBIT_EXCHANGE, QueueSpec
 from rbit.worker import CANCELS, JOBS, Worker
 
-from .harness import ROOT, alive, wait_until, write_config
+from .harness import alive, wait_until, write_config
 from .memory_broker import MemoryBroker, MemoryServer
 from .pybit_models import cancel_body, request_body
 
@@ -110,16 +110,11 @@ class RecordingReporter:
 
 
 @pytest.fixture(scope="session")
-def context():
-    """The fork server that starts every job process, started once, with the runners imported.
-
-    It imports them with its own sys.path (Python before 3.12 ignores the
-    test's), so it is told where the ``tests`` package is; otherwise every job
-    would import this module again, whatever directory pytest was run from.
-    """
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        return jobs.fork_context([RUNNERS])
+def forks():
+    """The fork server that starts every job process, started once, with the runners imported."""
+    server = jobs.fork_server([RUNNERS])
+    yield server
+    server.close()
 
 
 @pytest.fixture
@@ -132,10 +127,10 @@ def server():
 class Harness:
     """Makes workers on one MemoryServer, publishes as PyBit does, and releases waiting jobs."""
 
-    def __init__(self, tmp_path, server, context):
+    def __init__(self, tmp_path, server, forks):
         self.tmp_path = tmp_path
         self.server = server
-        self.context = context
+        self.forks = forks
         self.record = tmp_path / "record"
         self.workers = []
 
@@ -148,7 +143,7 @@ class Harness:
         path = write_config(self.tmp_path / f"{name}.ini", name=name, vhost=None, runners={QUEUE: runner},
                             rbit=keys, amqp={"heartbeat": "0"})
         worker = Worker(rbit_config.load(path), MemoryBroker(self.server, name), reporter=RecordingReporter(),
-                        context=self.context)
+                        forks=self.forks)
         self.workers.append(worker)
         if connect:
             assert worker._connect()
@@ -185,8 +180,8 @@ class Harness:
 
 
 @pytest.fixture
-def harness(tmp_path, server, context):
-    made = Harness(tmp_path, server, context)
+def harness(tmp_path, server, forks):
+    made = Harness(tmp_path, server, forks)
     yield made
     made.close()
 

@@ -13,7 +13,6 @@ Processors are imported only when a configuration names them.
 
 import abc
 import importlib
-from importlib.metadata import entry_points
 
 from ..errors import ConfigError
 from ..settings import did_you_mean
@@ -66,6 +65,8 @@ class Runner(abc.ABC):
 
 def processors() -> dict:
     """All processors available here, by name: ``{name: import string or EntryPoint}``."""
+    from importlib.metadata import entry_points  # here: a job's process never needs it
+
     found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     found.update(BUILTIN)
     return found
