@@ -13,8 +13,8 @@ as the systemd unit starts it (the ``rbit`` console script beside this Python,
 1. warm-up: one job, so that first-job costs (imports, the fork server's first
    fork) are not counted as idle or latency;
 2. idle: PSS (``/proc/PID/smaps_rollup``) of the worker and of every process
-   below it (fork server, resource tracker, guard, a waiting job process per
-   slot), added up, then CPU time
+   below it (rbit's fork server, and the guard and a waiting job process per
+   slot that it forked), added up, then CPU time
    (utime+stime from ``/proc/PID/stat``) over 10 s of idleness;
 3. pickup latency: one request at a time, the publisher's ``time.time()`` just
    before ``basic_publish`` against the runner's ``time.time()`` at its start
@@ -214,18 +214,26 @@ def session_leader(pid):
         return None
 
 
+#: What the command line of rbit's fork server (rbit/forkserver.py), and so of every process it
+#: forks, contains: it is started as ``python -c "...; from rbit.forkserver import main; main(...)"``.
+FORK_SERVER_MARK = "rbit.forkserver"
+
+
+#: The order of rbit's processes in a memory breakdown (any other process comes after them).
+ROLE_ORDER = {"fork server": 0, "guard": 1, "waiting job process": 2}
+
+
 def role(pid, parent, cmdline, worker_pid, forkserver_pid):
     """A short name for a process the worker keeps, from where it sits in the tree.
 
-    The fork server's children have its command line (they are forked from
-    it): a job process makes itself a session leader first thing, the guard
-    (``rbit guard``, rbit/guard.py) does not. With no job running, each job
-    process is one waiting for its slot's next job.
+    The fork server is the worker's child whose command line has
+    :data:`FORK_SERVER_MARK`. Its children have its command line too (they are
+    forked from it): a job process makes itself a session leader first thing,
+    the guard (rbit/guard.py) does not. With no job running, each job process
+    is one waiting for its slot's next job.
     """
-    if parent == worker_pid and "multiprocessing.forkserver" in cmdline:
+    if parent == worker_pid and FORK_SERVER_MARK in cmdline:
         return "fork server"
-    if "multiprocessing.resource_tracker" in cmdline:
-        return "resource tracker"
     if parent == forkserver_pid:
         return "waiting job process" if session_leader(pid) else "guard"
     return cmdline.split(" ")[0].rsplit("/", 1)[-1][:20]
@@ -236,9 +244,10 @@ def tree_memory(pid):
     parts = {pid: ("main", pss_mb(pid))}
     below = descendants(pid)
     forkserver = next((child for child, (parent, cmdline) in below.items()
-                       if parent == pid and "multiprocessing.forkserver" in cmdline), None)
-    for child, (parent, cmdline) in below.items():
-        parts[child] = (role(child, parent, cmdline, pid, forkserver), pss_mb(child))
+                       if parent == pid and FORK_SERVER_MARK in cmdline), None)
+    roles = {child: role(child, parent, cmdline, pid, forkserver) for child, (parent, cmdline) in below.items()}
+    for child in sorted(roles, key=lambda child: ROLE_ORDER.get(roles[child], len(ROLE_ORDER))):
+        parts[child] = (roles[child], pss_mb(child))
     return sum(mb for _, mb in parts.values() if mb is not None), parts
 
 
@@ -247,15 +256,9 @@ def memory_parts_text(parts):
     return ", ".join(f"{label} {mb:.1f}" for label, mb in parts.values() if mb is not None)
 
 
-def helper_pids(worker_pid):
-    """The worker's fork server and resource tracker pids (None when not started)."""
-    forkserver = tracker = None
-    for pid, cmdline in children(worker_pid).items():
-        if "multiprocessing.forkserver" in cmdline:
-            forkserver = pid
-        elif "multiprocessing.resource_tracker" in cmdline:
-            tracker = pid
-    return forkserver, tracker
+def fork_server_pid(worker_pid):
+    """The pid of the worker's fork server (rbit/forkserver.py), or None when it has none."""
+    return next((pid for pid, cmdline in children(worker_pid).items() if FORK_SERVER_MARK in cmdline), None)
 
 
 # -- The broker side -----------------------------------------------------------
@@ -636,20 +639,19 @@ class Bench:
         """One job (first-job costs are not the idle state), then find the fork server."""
         self.run_one()
         time.sleep(1.0)
-        forkserver, tracker = helper_pids(self.worker.pid)
-        if forkserver is None:
+        self.forkserver = fork_server_pid(self.worker.pid)
+        if self.forkserver is None:
             raise RuntimeError("no fork server found among the worker's children")
-        self.forkserver, self.tracker = forkserver, tracker
 
     def memory(self):
-        """PSS (MB) of the worker, its fork server, its resource tracker, and all it keeps added up."""
+        """PSS (MB) of the worker, of its fork server, and of all it keeps added up (the fork server,
+        the guard and the waiting job processes)."""
         total, parts = tree_memory(self.worker.pid)
         return {
             "total": total,
             "parts": parts,
             "worker": pss_mb(self.worker.pid),
             "forkserver": pss_mb(self.forkserver),
-            "tracker": pss_mb(self.tracker) if self.tracker else None,
             "worker_rss": rss_mb(self.worker.pid),
         }
 
@@ -662,7 +664,6 @@ class Bench:
             "pss_idle_mb": memory["worker"],
             "rss_idle_mb": memory["worker_rss"],
             "forkserver_pss_idle_mb": memory["forkserver"],
-            "tracker_pss_idle_mb": memory["tracker"],
         })
         pids = {"worker": self.worker.pid, "forkserver": self.forkserver}
         before = {who: cpu_ticks(pid) for who, pid in pids.items()}

@@ -18,20 +18,30 @@ imported by the fork server (and so present in every job process).
   ``select``.
   Each span is ``(name, start, end, info)``, *info* a job id, a pid or a dict
   saying which job, process or outcome the call was about. They are kept in
-  memory and written by :func:`dump` as JSON lines.
+  memory and written by :func:`dump` as JSON lines. A process's pid is never
+  read where the worker would wait for it (``JobProcess.start`` asks the fork
+  server for a process and does not wait for its pid; reading
+  ``JobProcess.pid`` then would): such spans name the process by its fork
+  server request and its pid as the fork server's answer gives it, filled in
+  by :func:`dump` (``JobProcess.begin`` knows the pid: ``Ready.watch`` read it
+  just before).
 * In the fork server and the job processes: the worker's hooks add this
   module to the fork server's preloaded modules (it is also the runner module
   of the profiling configuration, ``python!profile_hooks:stamp``, but a
   ``shell!``-only configuration names none), so the fork server imports it at
   start-up. When ``RBIT_BENCH_REPORT_TO`` is set, the import
   wraps ``rbit.child.main``, ``_lifeline``, ``_run`` and ``_become`` and
-  ``rbit.guard.main``; each process then sends UDP datagrams ``KIND ID TIME``
+  ``rbit.guard.main``, which the fork server's child looks up in their modules
+  when it is forked (rbit/forkserver.py ``_child``); each process then sends
+  UDP datagrams ``KIND ID TIME``
   (the format of bench/runners.py) to that address: ``w_main`` (the process
   started, waiting for no job yet), ``w_ready`` (its lifeline runs: it waits for
   its job) and ``w_guard`` with the process's pid as ID; ``c_handed`` (the
   lifeline has the job), ``c_run`` and ``c_ran`` (``_run`` entered and
   returned), ``c_become`` (``_become`` entered: the process is about to become
-  its program) and ``c_exit`` (``main`` returns) with the job id.
+  its program) and ``c_exit`` (``main`` returns) with the job id. Each datagram
+  is sent as it happens, nothing is buffered: the fork server's child ends with
+  ``os._exit`` once its entry point returns, which runs no exit handler.
 """
 
 import functools
@@ -138,13 +148,13 @@ def install_worker_hooks():
 
     # The fork server imports this module whatever the runners (a shell!-only configuration names
     # none of ours), so that every job process and the guard send their stamps.
-    fork_context = jobs.fork_context
+    fork_server = jobs.fork_server
 
-    @functools.wraps(fork_context)
-    def fork_context_hooked(preload=()):
-        return fork_context([*preload, __name__])
+    @functools.wraps(fork_server)
+    def fork_server_hooked(preload=()):
+        return fork_server([*preload, __name__])
 
-    jobs.fork_context = fork_context_hooked
+    jobs.fork_server = fork_server_hooked
 
     # The broker: each call is one round trip (drain and heartbeat_check none, unless frames wait).
     _timed(broker.Broker, "cancel", "broker.cancel")
@@ -163,7 +173,7 @@ def install_worker_hooks():
     _timed(running.Jobs, "_begin", "jobs._begin", info=lambda _, self, job, runner: job.job_id)
     _timed(ready.Ready, "take", "ready.take")
     _timed(jobs.JobProcess, "begin", "jobprocess.begin",
-           info=lambda _, self, runner, message, *args, **kwargs: {"job": message.job_id, "pid": self.pid})
+           info=lambda _, self, runner, message, *args, **kwargs: {"job": message.job_id, **_forked(self)})
     # The job's news and its end.
     _timed(running.Jobs, "service", "jobs.service")
     _timed(running.Jobs, "_on_event", "jobs._on_event",
@@ -178,16 +188,17 @@ def install_worker_hooks():
     _timed(jobs.JobProcess, "close", "jobprocess.close", info=lambda _, self: self.job_id)
     _timed(joblog.JobLog, "close", "joblog.close")
     _timed(reporting.StatusReporter, "report", "reporter.report")
-    _timed(ready.Ready, "done", "ready.done", info=lambda _, self, process: process.pid)
-    _timed(ready.Ready, "discard", "ready.discard", info=lambda _, self, process: process.pid)
+    _timed(ready.Ready, "done", "ready.done", info=lambda _, self, process: _forked(process))
+    _timed(ready.Ready, "discard", "ready.discard", info=lambda _, self, process: _forked(process))
     _timed(guard.Guard, "forget", "guard.forget")
     # The slot's next waiting process: Jobs.start calls Jobs.warm_up once its job is handed over,
     # so it forks while the job runs (Ready.fill -> Ready._start -> JobProcess.start, Guard.watch);
     # Worker._resume_consuming calls Jobs.warm_up too, which then normally starts nothing.
     _timed(running.Jobs, "warm_up", "jobs.warm_up")
     _timed(ready.Ready, "fill", "ready.fill")
-    _timed(ready.Ready, "_start", "ready._start", info=lambda result, self, context: result.pid if result else None)
-    _timed(jobs.JobProcess, "start", "jobprocess.start", info=lambda _, self, *args, **kwargs: self.pid)
+    # Not JobProcess.pid: it would wait for the fork server's answer, which the worker does not.
+    _timed(ready.Ready, "_start", "ready._start", info=lambda result, self, server: _forked(result) if result else None)
+    _timed(jobs.JobProcess, "start", "jobprocess.start", info=lambda _, self, *args, **kwargs: _forked(self))
     _timed(guard.Guard, "watch", "guard.watch")
     # Between two jobs: the message's end, consuming again.
     _timed(running.Jobs, "finish", "jobs.finish")
@@ -196,10 +207,30 @@ def install_worker_hooks():
     _timed(wakeup.Wakeup, "wait", "select")
 
 
+class _Pid:
+    """The pid of a fork server's child, as the server's answer gives it: read when the spans are
+    written (None if the answer never came), never while the worker runs."""
+
+    def __init__(self, forked):
+        self.forked = forked
+
+
+def _forked(process):
+    """Which process a ``JobProcess`` is, without waiting for it: its fork server request, and its pid."""
+    forked = process.process
+    return {"request": forked.request, "pid": _Pid(forked)} if forked is not None else {}
+
+
+def _json_default(value):
+    if isinstance(value, _Pid):
+        return value.forked._pid
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
 def dump(path):
     """Write the spans recorded so far as JSON lines."""
     with open(path, "w") as out:
-        out.writelines(json.dumps(span) + "\n" for span in SPANS)
+        out.writelines(json.dumps(span, default=_json_default) + "\n" for span in SPANS)
 
 
 # -- The job's side (fork server and job processes) -----------------------------------------------
@@ -227,7 +258,7 @@ def _install_child_hooks():
     main, lifeline, run, become = child.main, child._lifeline, child._run, child._become
     guard_main = guard.main
 
-    # main and guard.main are pickled by name to the new process; functools.wraps keeps their names.
+    # The fork server's child calls child.main or guard.main as found in their modules then.
     @functools.wraps(main)
     def main_hooked(*args):
         _send("w_main", os.getpid())

@@ -15,7 +15,8 @@ then one), the median and 90th percentile of each step of a job's life: the
 worker taking the message, the job handed to its waiting process, then, still
 in ``Jobs.start`` and while the job runs, ``Jobs.warm_up`` forking the slot's
 next process (rbit/ready.py); the job's side up to its result or its exec, the
-worker noticing the exit, and the worker's tail (``_end``, the purge,
+worker noticing the exit (rbit's fork server reaps the process and reports it on
+its socket), and the worker's tail (``_end``, the purge,
 ``_resume_consuming`` with its ``Jobs.warm_up``, which finds the next process
 waiting, and the consume). In brackets, what overlaps: the next process's
 start-up and its slack before the next job's ``JobProcess.begin``, and whether
@@ -39,7 +40,7 @@ from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import Bench, WorkerUnderTest, cpu_ticks, helper_pids, percentile
+from bench import Bench, WorkerUnderTest, cpu_ticks, fork_server_pid, percentile
 
 
 def serve(config_path, trace_path):
@@ -189,8 +190,8 @@ class ProfileBench(Bench):
         self.trace = self.tmp / "spans.jsonl"
         return WorkerUnderTest(
             config, self.tmp / "worker.log",
-            # -c, not this script's path: job processes must not import this
-            # script again (rbit.jobs now keeps any main from being re-run too).
+            # -c, not this script's path: the worker's __main__ is then no script (rbit's fork
+            # server never runs the worker's __main__ again in any case).
             command=[sys.executable, "-c", "import sys, profile_worker; sys.exit(profile_worker.serve(*sys.argv[1:]))",
                      str(config), str(self.trace)],
             env={"RBIT_BENCH_REPORT_TO": self.stamps.address, "RBIT_BENCH_FIX": self.fixes},
@@ -207,7 +208,8 @@ class ProfileBench(Bench):
                 "broker": beam_pid()}
         ticks = {who: cpu_ticks(pid) for who, pid in pids.items() if pid}
         if self.forkserver:
-            # The job processes are the fork server's children, reaped by it: their CPU is its children's.
+            # The job processes are the fork server's children, reaped by it (os.waitpid on SIGCHLD):
+            # their CPU is in its cutime and cstime. The guard is its child too, but runs on, unreaped.
             ticks["job processes"] = reaped_ticks(self.forkserver)
         return ticks
 
@@ -253,17 +255,28 @@ class SingleQueueProfile(ProfileBench):
         self.broker.publish_bulk(bodies, self.routing_key(self.kind), self.queue(self.kind))
         self.start_worker(wait=False)
         t_begin = self.broker.wait_marker(begin, 60)
-        self.forkserver, _ = helper_pids(self.worker.pid)
+        self.forkserver = fork_server_pid(self.worker.pid)
         before, t0 = self.cpu_snapshot(), time.monotonic()
         t_end = self.broker.wait_marker(end, 180)
+        run = count
+        if t_end is None:
+            # As Bench.batch: the rest of the queue is dropped, and the jobs that ran are counted.
+            purged = self.broker.purge(self.queue(self.kind))
+            stop = f"marker stop {ids[0]}"
+            self.broker.publish_confirmed(stop, self.routing_key(self.kind))
+            t_end = self.broker.wait_marker(stop, 60)
+            run = count - purged + (0 if end in self.broker.markers else 1)
+            self.log(f"1 queue, {self.kind}: the end marker did not come within 180 s; {run} of {count} jobs ran")
+            if t_end is None:
+                raise RuntimeError(f"1 queue, {self.kind}: the worker took no job for 60 s after the purge")
         after, wall = self.cpu_snapshot(), time.monotonic() - t0
         hz = os.sysconf("SC_CLK_TCK")
         label = f"1 queue, batch, {self.QUEUES[self.kind][1].replace('profile_hooks:', '')}"
-        self.cpu = {label: {who: (after[who] - before[who]) / hz * 1000 / count for who in after}}
-        self.cpu[label]["wall"] = wall * 1000 / count
-        self.groups = {label: ids}
+        self.cpu = {label: {who: (after[who] - before[who]) / hz * 1000 / run for who in after}}
+        self.cpu[label]["wall"] = wall * 1000 / run
+        self.groups = {label: ids[:run]}
         self.published = {}
-        return count / (t_end - t_begin)
+        return run / (t_end - t_begin)
 
 
 # -- Analysis --------------------------------------------------------------------
@@ -295,9 +308,11 @@ def job_timelines(spans, stamps, published):
     def stamp(kind, key):
         return None if key is None else stamps.get((kind, key))
 
+    # A process is named by its fork server request (bench/profile_hooks.py: JobProcess.start does
+    # not wait for the pid), and its pid, which the processes' stamps give.
     firsts = {}  # (what, job id): the first such span
-    starts = {}  # pid: the JobProcess.start spans that gave it
-    handed = {}  # pid: the JobProcess.begin spans that gave it a job
+    starts = {}  # request: the JobProcess.start span that asked for the process
+    handed = {}  # request: the JobProcess.begin span that gave the process its job
     on_messages = []
     for span in spans:
         name, info = span[0], span[3]
@@ -305,7 +320,7 @@ def job_timelines(spans, stamps, published):
             firsts.setdefault((name, info), span)
         elif name == "jobprocess.begin" and info:
             firsts.setdefault((name, info["job"]), span)
-            handed.setdefault(info["pid"], []).append(span)
+            handed.setdefault(info.get("request"), span)
         elif name == "jobs._on_event" and info:
             firsts.setdefault((f"event:{info['event']}:{info['status'] or ''}", info["job"]), span)
         elif name == "jobprocess.exited" and info and info["exited"]:
@@ -313,15 +328,18 @@ def job_timelines(spans, stamps, published):
         elif name == "output.drained" and info and info["drained"]:
             firsts.setdefault(("drained", info["job"]), span)
         elif name == "jobprocess.start" and info:
-            starts.setdefault(info, []).append(span)
+            starts.setdefault(info["request"], span)
         elif name == "worker._on_message":
             on_messages.append(span)
     on_message_begins = [span[1] for span in on_messages]
 
-    def process(pid, before):
-        """(JobProcess.start span, its main entered, its lifeline running) of *pid*, started before *before*."""
-        start = next((s for s in reversed(starts.get(pid, [])) if s[1] <= before), None)
-        main, ready = stamp("w_main", pid), stamp("w_ready", pid)
+    def process(info, before):
+        """(JobProcess.start span, its main entered, its lifeline running) of the process *info*
+        names (its request and pid), started before *before*."""
+        start = starts.get(info.get("request"))
+        if start is not None and start[1] > before:
+            start = None
+        main, ready = stamp("w_main", info.get("pid")), stamp("w_ready", info.get("pid"))
         if start is None or main is None or not start[1] <= main <= before:
             return start, None, None  # a pid used again since: its stamps are another process's
         return start, main, ready
@@ -333,15 +351,16 @@ def job_timelines(spans, stamps, published):
         on_message = on_messages[bisect.bisect_right(on_message_begins, start_span[1]) - 1]
         taking, starting = window(on_message), window(start_span)
         begin = firsts[("jobprocess.begin", job_id)]
-        own_start, own_main, own_ready = process(begin[3]["pid"], begin[1])
+        own_start, own_main, own_ready = process(begin[3], begin[1])
         # Jobs.start: _begin hands the job to a waiting process (starting one first only if none
         # waits), then Jobs.warm_up forks the slot's next process while the job runs.
         handing = next((s for s in starting if s[0] == "jobs._begin"), None)
         cold = [s for s in window(handing) if s[0] == "jobprocess.start"] if handing else []
         warm = next((s for s in starting if s[0] == "jobs.warm_up" and handing and s[1] >= handing[2]), None)
         next_start = next((s for s in window(warm) if s[0] == "jobprocess.start"), None) if warm else None
-        next_begin = next((s for s in handed.get(next_start[3], []) if s[1] >= next_start[2]), None) \
-            if next_start else None
+        next_begin = handed.get(next_start[3]["request"]) if next_start else None
+        if next_begin is not None and next_begin[1] < next_start[2]:
+            next_begin = None
         _, next_main, next_ready = process(next_start[3], next_begin[1] if next_begin else float("inf")) \
             if next_start else (None, None, None)
         end_span = firsts[("jobs._end", job_id)]
@@ -444,11 +463,12 @@ STEPS = [
     ("  Jobs.start: pipes watched, first output read",
      lambda t: _less(t["jobs.start"], t["open_log"], t["_begin"], t["warm_up"])),
     ("  Jobs.start: warm_up, the slot's next process (the job runs meanwhile)", lambda t: t["warm_up"]),
-    ("    of which JobProcess.start (pipes, fork-server request, pid back)", lambda t: t["next_start"]),
+    ("    of which JobProcess.start (pipes, the fork server asked; its pid not waited for)",
+     lambda t: t["next_start"]),
     ("    of which guard.watch", lambda t: t["watch"]),
     ("[its process waiting (lifeline running) -> JobProcess.begin; < 0: the job waited]",
      lambda t: _gap(t["own_ready"], t["begin_at"])),
-    ("[next process: JobProcess.start called -> its main entered (fork, unpickle)]",
+    ("[next process: JobProcess.start called -> its main entered (the fork server's fork)]",
      lambda t: _gap(t["next_start_at"], t["next_main"])),
     ("[next process: main entered -> lifeline running (setsid, output pipe, thread)]",
      lambda t: _gap(t["next_main"], t["next_ready"])),
@@ -462,9 +482,9 @@ STEPS = [
     ("job: _run entered -> _run returned (whole run)", lambda t: _gap(t["c_run"], t["c_ran"])),
     ("job: flush, result sent, main returns", lambda t: _gap(t["c_ran"], t["c_exit"])),
     ("job: _run entered -> _become entered (Building sent, about to exec)", lambda t: _gap(t["c_run"], t["c_become"])),
-    ("main returned -> worker notices the exit (interpreter teardown, reaping, sentinel, select)",
+    ("main returned -> worker notices the exit (os._exit, the fork server's reap and report, select)",
      lambda t: _gap(t["c_exit"], t["exit_seen"])),
-    ("_become entered -> worker notices the exit (exec, the program, exit, sentinel, select)",
+    ("_become entered -> worker notices the exit (exec, the program, exit, the fork server's reap and report)",
      lambda t: _gap(t["c_become"], t["exit_seen"])),
     ("  [main returned / _become entered -> the worker's Jobs.start returned; > 0: still in it]",
      lambda t: _gap(t["c_exit"] or t["c_become"], t["start_end"])),
@@ -474,7 +494,8 @@ STEPS = [
     ("exit noticed -> output drained", lambda t: _gap(t["exit_seen"], t["drained_at"])),
     ("output drained -> consuming again (whole tail inside the worker)", lambda t: _gap(t["drained_at"], t["idle"])),
     ("  Jobs._end", lambda t: t["_end"]),
-    ("    of which JobProcess.close (receive, close pipes, join)", lambda t: t["close"]),
+    ("    of which JobProcess.close (receive, close the pipes, any wait for the exit's report)",
+     lambda t: t["close"]),
     ("    of which guard.forget (Ready.done)", lambda t: t["forget"]),
     ("    of which status reports (logging only, no [pybit])", lambda t: t["report"]),
     ("    of which JobLog.close (last line, metadata)", lambda t: t["log_close"]),
