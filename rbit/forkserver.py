@@ -103,6 +103,9 @@ class ForkServer:
         #: Children whose pid has not come yet, by request; children still running, by pid.
         self._starting: dict[int, Forked] = {}
         self._running: dict[int, Forked] = {}
+        #: Called when an exit is taken in, wherever it is read: whoever waits for exits on
+        #: :meth:`fileno` would otherwise find the socket emptied (the worker's wake-up).
+        self.on_exit = lambda: None
 
     def start(self) -> None:
         """Start the server; it has imported :attr:`preload` when this returns."""
@@ -170,6 +173,7 @@ class ForkServer:
             child = self._running.pop(first, None)
             if child is not None:
                 child._exitcode = second
+                self.on_exit()
 
     def _lost(self) -> None:
         """The server is gone: its children's exits will not be reported. A child that is gone
@@ -180,6 +184,7 @@ class ForkServer:
             if child._pid is None:
                 child._pid = -1
             child._exitcode = LOST
+        self.on_exit()
         self._starting.clear()
         self._running.clear()
         self.close()

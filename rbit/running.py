@@ -108,6 +108,7 @@ class Jobs:
         """Wake for the fork server's news (a process's exit among them); a new server's socket too."""
         if self.forks.sock is not None and self.forks.sock is not self._watched_forks:
             self.wakeup.watch(self.forks.fileno(), "forks")
+            self.forks.on_exit = self.wakeup.wake  # an exit read elsewhere (a pid's wait, say) still wakes the loop
             self._watched_forks = self.forks.sock
 
     def cool_down(self) -> None:
