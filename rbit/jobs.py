@@ -113,6 +113,8 @@ class JobProcess:
         self.closed = False
         #: True once the job's end of the pipe is closed: nothing more will come.
         self.eof = False
+        #: True once the process has sent its result.
+        self.finished = False
         #: The read end of the job's output pipe, and whether every writer has closed it.
         self.output = None
         self.output_eof = False
@@ -204,13 +206,18 @@ class JobProcess:
         try:
             while not self.closed and not self.eof and self.conn.poll():
                 events.append(self.conn.recv())
+                self.finished = self.finished or events[-1][0] == "result"
         except (EOFError, OSError):
             self.eof = True
         return events
 
     def exited(self) -> bool:
-        """True once the job's process has ended (the rest of its group is killed then)."""
-        if self.process.exitcode is None:
+        """True once the job's process has ended (the rest of its group is killed then).
+
+        The fork server reports every exit; a process that sent its result and then closed both
+        its pipes is ending anyway, and is not waited for (its exit status says nothing more).
+        """
+        if self.process.exitcode is None and not (self.finished and self.eof and self.output_eof):
             return False
         self.signal_group(signal.SIGKILL)
         return True
@@ -248,7 +255,7 @@ class JobProcess:
             pass
 
     def close(self) -> None:
-        """Release the pipes, and wait (a little) for the fork server to report the exit."""
+        """Release the pipes (the fork server reaps the process)."""
         if not self.closed and self.conn is not None:
             self.closed = True
             self.receive()
@@ -256,7 +263,6 @@ class JobProcess:
             for pipe in (self.output, self.status_pipe):
                 if pipe is not None:
                     pipe.close()
-            self.process.join(timeout=1)
 
     def describe_exit(self) -> str:
         code = self.process.exitcode
