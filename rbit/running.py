@@ -133,15 +133,17 @@ class Jobs:
     def start(self, slot: int, queue: str, message: Message, delivery) -> None:
         section = self.config.runner_for(queue)
         job = RunningJob(slot, queue, message, delivery, None, self.clock(), section.timeout)
-        job.log = self._open_log(job)
         self.slots[slot] = job
-        log.info(LOG_JOB_START, *job.describe(), slot)
         try:
             self._begin(job, section.runner)
         except OSError as exc:
+            job.log = self._open_log(job)
             log.error("job %s (%s): cannot start its process: %s", job.job_id, queue, exc)
             self._end(job, f"cannot start the job's process: {exc}")
             return
+        # The job runs meanwhile: what it writes waits in its pipe, read below, after the log's first line.
+        job.log = self._open_log(job)
+        log.info(LOG_JOB_START, *job.describe(), slot)
         process = job.process
         self.wakeup.watch(process.conn.fileno(), ("pipe", slot))  # its exit comes from the fork server
         job.output = Output(process, job.log, self.wakeup, ("output", slot), job.started)
