@@ -86,6 +86,21 @@ def main(conn, output, status_pipe, log_level: int) -> None:
     finally:
         _flush()
     channel.send("result", result)
+    _let_go_of_output()
+
+
+def _let_go_of_output() -> None:
+    """The job is over: once the runner's threads have ended (as at a Python program's end), let go
+    of the output pipe, so that the worker sees the job's end now, not once this process's memory
+    has been torn down (about a millisecond later)."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    _flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def _run(runner, message, pybit, worker_name, set_status, channel, status_pipe) -> Result:

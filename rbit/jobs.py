@@ -214,10 +214,11 @@ class JobProcess:
     def exited(self) -> bool:
         """True once the job's process has ended (the rest of its group is killed then).
 
-        The fork server reports every exit; a process that sent its result and then closed both
-        its pipes is ending anyway, and is not waited for (its exit status says nothing more).
+        The fork server reports every exit; a process that sent its result and then let go of its
+        output pipe is ending anyway (:func:`rbit.child.main`), and is not waited for: its exit
+        status says nothing more.
         """
-        if self.process.exitcode is None and not (self.finished and self.eof and self.output_eof):
+        if self.process.exitcode is None and not (self.finished and self.output_eof):
             return False
         self.signal_group(signal.SIGKILL)
         return True
