@@ -30,14 +30,14 @@ imported by the fork server (and so present in every job process).
   of the profiling configuration, ``python!profile_hooks:stamp``, but a
   ``shell!``-only configuration names none), so the fork server imports it at
   start-up. When ``RBIT_BENCH_REPORT_TO`` is set, the import
-  wraps ``rbit.child.main``, ``_lifeline``, ``_run`` and ``_become`` and
+  wraps ``rbit.child.main``, ``_wait_for_job``, ``_run`` and ``_become`` and
   ``rbit.guard.main``, which the fork server's child looks up in their modules
   when it is forked (rbit/forkserver.py ``_child``); each process then sends
   UDP datagrams ``KIND ID TIME``
   (the format of bench/runners.py) to that address: ``w_main`` (the process
-  started, waiting for no job yet), ``w_ready`` (its lifeline runs: it waits for
+  started, waiting for no job yet), ``w_ready`` (set up: it waits for
   its job) and ``w_guard`` with the process's pid as ID; ``c_handed`` (the
-  lifeline has the job), ``c_run`` and ``c_ran`` (``_run`` entered and
+  process has read its job), ``c_run`` and ``c_ran`` (``_run`` entered and
   returned), ``c_become`` (``_become`` entered: the process is about to become
   its program) and ``c_exit`` (``main`` returns) with the job id. Each datagram
   is sent as it happens, nothing is buffered: the fork server's child ends with
@@ -255,7 +255,7 @@ _current = [None]
 def _install_child_hooks():
     from rbit import child, guard
 
-    main, lifeline, run, become = child.main, child._lifeline, child._run, child._become
+    main, wait_for_job, run, become = child.main, child._wait_for_job, child._run, child._become
     guard_main = guard.main
 
     # The fork server's child calls child.main or guard.main as found in their modules then.
@@ -268,16 +268,14 @@ def _install_child_hooks():
             if _current[0] is not None:
                 _send("c_exit", _current[0])
 
-    @functools.wraps(lifeline)
-    def lifeline_hooked(conn, hand_over):
-        def hand_over_hooked(job):
-            if isinstance(job, tuple):  # (runner, message, pybit, worker_name); else the error unpickling it
-                _current[0] = job[1].job_id
-                _send("c_handed", job[1].job_id)
-            hand_over(job)
-
+    @functools.wraps(wait_for_job)
+    def wait_for_job_hooked(conn):
         _send("w_ready", os.getpid())
-        return lifeline(conn, hand_over_hooked)
+        job, deadline = wait_for_job(conn)
+        if isinstance(job, tuple):  # (runner, message, pybit, worker_name); else the error unpickling it
+            _current[0] = job[1].job_id
+            _send("c_handed", job[1].job_id)
+        return job, deadline
 
     @functools.wraps(run)
     def run_hooked(runner, message, *args):
@@ -298,7 +296,7 @@ def _install_child_hooks():
         return guard_main(*args)
 
     child.main = main_hooked
-    child._lifeline = lifeline_hooked
+    child._wait_for_job = wait_for_job_hooked
     child._run = run_hooked
     child._become = become_hooked
     guard.main = guard_main_hooked

@@ -334,7 +334,7 @@ def job_timelines(spans, stamps, published):
     on_message_begins = [span[1] for span in on_messages]
 
     def process(info, before):
-        """(JobProcess.start span, its main entered, its lifeline running) of the process *info*
+        """(JobProcess.start span, its main entered, its waiting for its job) of the process *info*
         names (its request and pid), started before *before*."""
         start = starts.get(info.get("request"))
         if start is not None and start[1] > before:
@@ -466,17 +466,17 @@ STEPS = [
     ("    of which JobProcess.start (pipes, the fork server asked; its pid not waited for)",
      lambda t: t["next_start"]),
     ("    of which guard.watch", lambda t: t["watch"]),
-    ("[its process waiting (lifeline running) -> JobProcess.begin; < 0: the job waited]",
+    ("[its process waiting for its job -> JobProcess.begin; < 0: the job waited]",
      lambda t: _gap(t["own_ready"], t["begin_at"])),
     ("[next process: JobProcess.start called -> its main entered (the fork server's fork)]",
      lambda t: _gap(t["next_start_at"], t["next_main"])),
-    ("[next process: main entered -> lifeline running (setsid, output pipe, thread)]",
+    ("[next process: main entered -> waiting for its job (setsid, output pipe, logging)]",
      lambda t: _gap(t["next_main"], t["next_ready"])),
-    ("[next process: lifeline running -> the next job's JobProcess.begin; < 0: that job waited]",
+    ("[next process: waiting -> the next job's JobProcess.begin; < 0: that job waited]",
      lambda t: _gap(t["next_ready"], t["next_begin_at"])),
-    ("JobProcess.begin called -> the job's lifeline has it (pipe, unpickle)",
+    ("JobProcess.begin called -> the process has read its job (pipe, unpickle)",
      lambda t: _gap(t["begin_at"], t["c_handed"])),
-    ("job: lifeline has it -> _run entered (main thread woken)", lambda t: _gap(t["c_handed"], t["c_run"])),
+    ("job: read -> _run entered (lease checked, lifeline thread started)", lambda t: _gap(t["c_handed"], t["c_run"])),
     ("job: _run entered -> runner's first line (set_status Building)", lambda t: _gap(t["c_run"], t["r_start"])),
     ("job: the runner itself", lambda t: _gap(t["r_start"], t["r_end"])),
     ("job: _run entered -> _run returned (whole run)", lambda t: _gap(t["c_run"], t["c_ran"])),

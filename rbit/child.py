@@ -2,7 +2,8 @@
 
 The process is started *warm*, before its job is known (:class:`rbit.jobs.JobProcess`): it makes
 itself a session and process-group leader, takes its output pipe as standard output and error,
-starts its lifeline and waits. When the job comes it asks PyBit's history whether to run it
+and waits for its job; with the job its lifeline starts, a thread that ends the whole job with
+the worker or its lease. Then it asks PyBit's history whether to run it
 (:mod:`rbit.history`), then either calls the runner (``python!``, and any runner with no program
 to become) or *becomes* the runner's program (``shell!``): it executes the program in its own
 place, so no Python process stands between the program and the worker. The process group, the
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -63,15 +63,16 @@ def main(conn, output, status_pipe, log_level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _redirect_output(output)
-    handed = queue.SimpleQueue()
-    threading.Thread(target=_lifeline, args=(conn, handed.put), daemon=True).start()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(JOB_LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(min(log_level, logging.INFO))  # the job's log keeps its records at INFO even with -q
     channel = _Channel(conn)
-    job = handed.get()
+    job, deadline = _wait_for_job(conn)
+    if deadline is not None and lease_clock() >= deadline:
+        os.killpg(0, signal.SIGKILL)  # the lease ran out while it waited: a peer may run this job soon
+    threading.Thread(target=_lifeline, args=(conn, deadline), daemon=True).start()
     if isinstance(job, Exception):  # the job could not be read (its runner's module fails to import, say)
         channel.send("result", Result(Ended.CRASHED, None, f"the job could not be read: {job}"))
         return
@@ -167,20 +168,34 @@ def _flush() -> None:
             pass
 
 
-def _lifeline(conn, hand_over) -> None:
-    """Pass the job on to *hand_over*; if the worker goes away, or its lease runs out, take the
-    whole job with it.
+def _wait_for_job(conn) -> tuple:
+    """The job, or why it could not be read, and the lease's deadline then (None: no lease).
 
     The worker's messages: ``("lease", deadline)`` (a :func:`rbit.lease.clock` value) and
     ``("job", runner, message, pybit, worker_name)``, once. Until its job comes the process has
     nothing to stop, so it waits for the pipe alone, never waking for the lease (an idle worker's
-    waiting processes cost no CPU); from then on a lease that has run out ends it.
+    waiting processes cost no CPU); if the worker goes away meanwhile, so does the process.
     """
     deadline = None
-    handed = False
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            os.killpg(0, signal.SIGKILL)
+        except Exception as exc:  # noqa: BLE001 -- a job that cannot be unpickled here fails, not the process
+            return exc, deadline
+        if isinstance(message, tuple) and len(message) == 2 and message[0] == "lease":
+            deadline = message[1]
+        elif isinstance(message, tuple) and len(message) == 5 and message[0] == "job":
+            return message[1:], deadline
+
+
+def _lifeline(conn, deadline) -> None:
+    """While the job runs: if the worker goes away, or its lease (until *deadline*, renewed down
+    the pipe) runs out, take the whole job with it."""
     try:
         while True:
-            timeout = None if deadline is None or not handed else deadline - lease_clock()
+            timeout = None if deadline is None else deadline - lease_clock()
             if timeout is not None and timeout <= 0:
                 break  # the worker did not renew its lease: a peer may run this job soon
             if not conn.poll(None if timeout is None else min(timeout, LIFELINE_TICK)):
@@ -189,14 +204,10 @@ def _lifeline(conn, hand_over) -> None:
                 message = conn.recv()
             except (EOFError, OSError):
                 raise
-            except Exception as exc:  # noqa: BLE001 -- a job that cannot be unpickled here fails, not the thread
-                hand_over(exc)
+            except Exception:  # noqa: BLE001 -- a message this side cannot read changes nothing
                 continue
             if isinstance(message, tuple) and len(message) == 2 and message[0] == "lease":
                 deadline = message[1]
-            elif isinstance(message, tuple) and len(message) == 5 and message[0] == "job":
-                handed = True
-                hand_over(message[1:])
     except (EOFError, OSError):  # the worker is gone (or the pipe was closed to become the program)
         pass
     if not _becoming.is_set():
