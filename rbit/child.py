@@ -204,8 +204,8 @@ def _lifeline(conn, deadline) -> None:
                 message = conn.recv()
             except (EOFError, OSError):
                 raise
-            except Exception:  # noqa: BLE001 -- a message this side cannot read changes nothing
-                continue
+            except Exception as exc:  # noqa: BLE001 -- a message this side cannot read changes nothing
+                message = exc
             if isinstance(message, tuple) and len(message) == 2 and message[0] == "lease":
                 deadline = message[1]
     except (EOFError, OSError):  # the worker is gone (or the pipe was closed to become the program)
