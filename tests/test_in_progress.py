@@ -1,6 +1,7 @@
 """The in-progress copy on the real broker, at its job's end: purged without a wait, never taking
-the slot's next copy with it, done again when the connection is lost first, and never left behind
-by a clean stop (README: "What happens to a job when something fails").
+the slot's next copy with it, done again when the connection is lost first, sent again first when
+a refused publish replaces the channel, and never left behind by a clean stop (README: "What
+happens to a job when something fails").
 
 Each test drives a :class:`rbit.worker.Worker` in this process on a real
 :class:`rbit.broker.Broker`, in a vhost of its own, as tests/test_round_trips.py does, so that it
@@ -14,9 +15,11 @@ import amqp
 import pytest
 
 from rbit import queues
+from rbit.delivery import Outgoing
 from rbit.pybit import decode_build_request
 from rbit.worker import JOBS
 
+from .pybit_models import request_body
 from .test_metrics import close_connections
 from .test_round_trips import make_worker, prefetch, publish  # noqa: F401  (a fixture)
 from .test_worker_loop import context, turn_until  # noqa: F401  (a fixture)
@@ -193,3 +196,37 @@ def test_a_clean_stop_waits_for_the_purge_and_leaves_no_in_progress_copy(
     assert lost_purges == [in_progress]
     assert vhost.depth(in_progress) == 0
     assert ran(tmp_path) == [1]
+
+
+def test_a_refused_publish_sends_the_unsure_purge_again_first_on_the_new_channel(
+        tmp_path, unique, prefetch, context, channels):  # noqa: F811
+    """A job's copy is purged without waiting, and the slot's next copy is refused (basic.nack),
+    though the broker took it: the publish goes again on a new channel (README: Clusters), and the
+    purge, still unsure, goes first on that channel, without waiting, so that it still comes before
+    the copy published after it. The slot's queue then holds that copy once, and the purge is known
+    done by the new channel's confirm."""
+    vhost, queue_type = prefetch
+    worker = make_worker(tmp_path, unique, vhost, queue_type, context)
+    broker = worker.broker
+    in_progress = queues.in_progress_name(f"w{unique}", 0)
+    try:
+        broker.publish(Outgoing(request_body(1)), in_progress)  # the copy of a job that then ends
+        broker.purge_nowait(in_progress)
+        assert broker.unsure_purges == {in_progress}
+
+        refusing = broker._publisher
+        publish_ = refusing.basic_publish
+
+        def taken_then_refused(*args, **kwargs):
+            publish_(*args, **kwargs)
+            raise amqp.exceptions.MessageNacked()
+
+        refusing.basic_publish = taken_then_refused
+        broker.publish(Outgoing(request_body(2)), in_progress)  # the slot's next copy
+        assert broker._publisher is not refusing
+        assert not broker.unsure_purges
+        assert copies(vhost, in_progress) == [2]
+        on_the_new_channel = [event[::2] for event in channels if event[1] is broker._publisher]
+        assert on_the_new_channel == [("purge", True), ("copy",)]
+    finally:
+        stop(worker)
