@@ -22,7 +22,7 @@ from rbit.worker import JOBS
 from .pybit_models import request_body
 from .test_metrics import close_connections
 from .test_round_trips import make_worker, prefetch, publish  # noqa: F401  (a fixture)
-from .test_worker_loop import context, turn_until  # noqa: F401  (a fixture)
+from .test_worker_loop import context, let_go, turn_until  # noqa: F401  (a fixture)
 
 
 def copies(vhost, queue):
@@ -46,14 +46,6 @@ def reconnected(worker):
     """The worker has connected again once, and joined (it consumes too, if a slot is free)."""
     return (worker.metrics.reconnects._value.get() == 1 and worker.liveness.joined
             and (worker.broker.consuming(JOBS) or worker.jobs.free_slot() is None))
-
-
-def stop(worker):
-    for job in worker.running():
-        job.process.kill()
-        job.process.close()
-    worker.slots.clear()
-    worker._shutdown()
 
 
 @pytest.fixture
@@ -130,7 +122,7 @@ def test_the_purge_at_a_jobs_end_never_takes_the_slots_next_copy(
         assert vhost.wait_depth(in_progress, 0)
         events = list(channels)
     finally:
-        stop(worker)
+        let_go(worker)
     assert ran(tmp_path) == jobs
     assert all(worker.reporter.statuses(job_id) == ["Building", "Done"] for job_id in jobs)
     # Each purge went without waiting, on the channel of the copy after it.
@@ -161,7 +153,7 @@ def test_a_purge_lost_with_the_connection_is_done_again_on_reconnecting_and_the_
         turn_until(worker, lambda: reconnected(worker), timeout=20)
         assert copies(vhost, in_progress) == [] and not worker.broker.unsure_purges
     finally:
-        stop(worker)
+        let_go(worker)
 
     again = make_worker(tmp_path, unique, vhost, queue_type, context)  # the same name: a later start
     try:
@@ -170,7 +162,7 @@ def test_a_purge_lost_with_the_connection_is_done_again_on_reconnecting_and_the_
             again.loop()
         assert again.reporter.reports == [] and not again.slots
     finally:
-        stop(again)
+        let_go(again)
     assert ran(tmp_path) == [1]
     assert worker.reporter.statuses(1) == ["Building", "Done"]
 
@@ -192,7 +184,7 @@ def test_a_clean_stop_waits_for_the_purge_and_leaves_no_in_progress_copy(
         turn_until(worker, worker._done, timeout=20)
         assert not worker.broker.unsure_purges
     finally:
-        stop(worker)
+        let_go(worker)
     assert lost_purges == [in_progress]
     assert vhost.depth(in_progress) == 0
     assert ran(tmp_path) == [1]
@@ -229,4 +221,4 @@ def test_a_refused_publish_sends_the_unsure_purge_again_first_on_the_new_channel
         on_the_new_channel = [event[::2] for event in channels if event[1] is broker._publisher]
         assert on_the_new_channel == [("purge", True), ("copy",)]
     finally:
-        stop(worker)
+        let_go(worker)

@@ -21,7 +21,7 @@ from .broker import rabbitmqctl
 from .harness import write_config
 from .pybit_models import queue_name, request_body, routing_key
 from .test_quorum import make_vhost as make_quorum_vhost
-from .test_worker_loop import RUNNERS, RecordingReporter, context, turn_until  # noqa: F401  (a fixture)
+from .test_worker_loop import RUNNERS, RecordingReporter, context, let_go, turn_until  # noqa: F401  (a fixture)
 
 #: Served queues, as in bench/bench.py: the case where one wait per queue cost the most.
 SUITES = ("a", "b", "c", "d", "e")
@@ -141,11 +141,7 @@ def test_job_after_job_the_channel_keeps_a_callback_only_for_each_live_consumer(
         during_the_jobs = dict(waits.counts)
         unsure_at_the_end = worker.broker.unsure_purges
     finally:
-        for job in worker.running():
-            job.process.kill()
-            job.process.close()
-        worker.slots.clear()
-        worker._shutdown()
+        let_go(worker)
     cancels = {tuple(spec.Basic.CancelOk): len(SUITES) * JOBS_RUN} if queue_type == "quorum" else {}
     assert during_the_jobs == {CONFIRM: JOBS_RUN, tuple(spec.Basic.ConsumeOk): JOBS_RUN, **cancels}
     # The stop waits for the last job's purge, unless a later publish (an announcement) showed it done.

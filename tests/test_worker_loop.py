@@ -178,11 +178,16 @@ class Harness:
 
     def close(self):
         for worker in self.workers:
-            for job in worker.running():
-                job.process.kill()
-                job.process.close()
-            worker.slots.clear()
-            worker._shutdown()
+            let_go(worker)
+
+
+def let_go(worker):
+    """Kill every job *worker* still runs and shut it down, as a test that is over does."""
+    for job in worker.running():
+        job.process.kill()
+        job.process.close()
+    worker.slots.clear()
+    worker._shutdown()
 
 
 @pytest.fixture
