@@ -23,8 +23,8 @@ as the systemd unit starts it (the ``rbit`` console script beside this Python,
 4. baselines (the floor): a bare kombu consume-and-ack loop (prefetch 1) over
    N pre-loaded requests of the same kind, and ``subprocess.run(['/bin/true'])``
    N times; then the floors rbit's promises set (bench/floors.py): the
-   promises' broker steps alone (confirmed copy, nowait cancel, ack, purge,
-   consume again) on a vhost of their own, no process; and a fresh process per
+   promises' broker steps alone (confirmed copy, nowait cancel, ack, nowait
+   purge, consume again) on a vhost of their own, no process; and a fresh process per
    job from rbit's fork server alone (``rbit.jobs.JobProcess``), no broker,
    sequential and overlapped, for a no-op ``python!`` and a ``shell!/bin/true``
    job; and the two together in one bare loop (no rbit loop), measured, on a
@@ -1120,8 +1120,8 @@ def floor_details(floors):
     if floors.get("broker_floor_rate") is None:
         return []
     lines = [(f"floors: the promises' broker steps over {floors['broker_floor_n']} messages, "
-              f"{floors['broker_floor_queues']} served queues (confirmed copy, nowait cancel, ack, purge, consume); "
-              f"a fresh process per job: fastest of {floors['process_floor_rounds']} rounds, "
+              f"{floors['broker_floor_queues']} served queues (confirmed copy, nowait cancel, ack, nowait purge, "
+              f"consume); a fresh process per job: fastest of {floors['process_floor_rounds']} rounds, "
               f"{floors['process_floor_n']} jobs each way; over all rounds python! "
               f"{floors['process_python_sequential_all_rate']:.0f} /s sequential, "
               f"{floors['process_python_overlapped_all_rate']:.0f} /s overlapped, shell!/bin/true "

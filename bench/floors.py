@@ -5,9 +5,11 @@ Every job costs two things rbit has promised, whatever its code does around them
 * **the broker steps** (:func:`broker_floor`): per message, a copy published to
   the in-progress queue with a publisher confirm (a wait), ``basic.cancel`` of
   the consumers without waiting (the last slot fills), the original's
-  ``basic.ack``, a purge of the in-progress queue (a wait) and ``basic.consume``
-  again (one wait, for the last queue). Written with kombu and py-amqp only, not
-  rbit's broker code, so that it is a floor independent of rbit's code;
+  ``basic.ack``, a purge of the in-progress queue without waiting, on the
+  copies' channel (the next copy's confirm shows it done), and
+  ``basic.consume`` again (one wait, for the last queue). Written with kombu
+  and py-amqp only, not rbit's broker code, so that it is a floor independent
+  of rbit's code;
 * **a fresh process per job** (:func:`process_floor`): a process forked from
   rbit's fork server (:func:`rbit.jobs.fork_server`), in its own session and
   process group, holding the lifeline and the lease, given its job down its pipe
@@ -29,6 +31,7 @@ starts and the bench's own threads stay apart.
 import argparse
 import contextlib
 import json
+import select
 import sys
 import time
 import types
@@ -125,15 +128,16 @@ def broker_floor(url, bodies, served=5, timeout=60.0):
     ``basic.cancel`` and ``basic.consume`` is per queue); the messages wait in
     the first. For each message, in rbit's order: the copy published on a
     second channel with a publisher confirm, ``basic.cancel`` of every consumer
-    (nowait), ``basic.ack``, ``queue.purge`` of the in-progress queue (waits for
-    ``purge_ok``), and ``basic.consume`` of every queue again (nowait but the
-    last). The rate is the messages over the time from the first delivery to the
-    last ``consume_ok``. Returns a dict of figures.
+    (nowait), ``basic.ack``, ``queue.purge`` of the in-progress queue (nowait,
+    on the copies' channel, so that the broker does it before the next copy),
+    and ``basic.consume`` of every queue again (nowait but the last). The rate
+    is the messages over the time from the first delivery to the last
+    ``consume_ok``. Returns a dict of figures.
     """
     queues, in_progress = _preload(url, bodies, served, timeout)
     count = len(bodies)
     with Connection(url, transport_options={"confirm_publish": True}) as conn:
-        channel, publisher, consumer, pending = _consuming(conn, queues)
+        _, publisher, consumer, pending = _consuming(conn, queues)
         first = last = None
         deadline = time.monotonic() + timeout
         for _ in range(count):
@@ -145,7 +149,7 @@ def broker_floor(url, bodies, served=5, timeout=60.0):
             publisher.basic_publish(copy, exchange="", routing_key=in_progress)  # waits for the confirm
             _cancel_nowait(consumer)
             message.ack()
-            channel.queue_purge(in_progress)  # waits for purge_ok
+            publisher.queue_purge(in_progress, nowait=True)  # before the next copy, on its channel
             consumer.consume()  # nowait but the last queue's; a delivery during that wait goes to pending
             last = time.perf_counter()
         _cancel_nowait(consumer)
@@ -165,11 +169,18 @@ def _job_message():
 
 
 def _run_to_exit(process):
-    """Wait for the job's process to exit, as the worker hears of it from the fork server; then release it."""
-    while not process.exited():  # exited() also kills what is left of the job's group, as the worker's
-        process.process.join(None)
+    """Wait for the job's end as the worker does: its result and its output's end (a python! job), or
+    the exit the fork server reports; then release it. 0 for a job that sent its result."""
+    while True:
+        process.receive()
+        process.read_output()
+        if process.exited():  # it also kills what is left of the job's group, as the worker's
+            break
+        watched = [process.server.sock] + [pipe for pipe, done in ((process.conn, process.eof),
+                                                                   (process.output, process.output_eof)) if not done]
+        select.select(watched, [], [], 1.0)
     process.close()
-    return process.exitcode
+    return 0 if process.finished else process.exitcode
 
 
 def process_loop(forks, runner, message, count, overlapped, lease):
@@ -265,7 +276,7 @@ def _combined_loop(conn, loop, runner, count, deadline):
         current.begin(runner, message)
         loop.waiting = loop.started()  # as Jobs.start calls warm_up right after begin
         failed += _run_to_exit(current) != 0
-        loop.channel.queue_purge(loop.in_progress)  # waits for purge_ok
+        loop.publisher.queue_purge(loop.in_progress, nowait=True)  # before the next copy, on its channel
         loop.consumer.consume()  # nowait but the last queue's
         last = time.perf_counter()
     return count / (last - first), failed
@@ -282,9 +293,10 @@ def combined_floor(url, count, served=5, rounds=3, timeout=120.0):
     request, decoded into a rbit Message) handed with ``JobProcess.begin`` to
     the process started beforehand from rbit's fork server, the next process
     started right after (as ``Jobs.start`` calls ``warm_up``); the job's
-    process waited for (the fork server reports its exit) and closed; ``queue.purge`` of the
-    in-progress queue (waits for ``purge_ok``) and ``basic.consume`` of every
-    queue again (nowait but the last). No job log, no status report, no PyBit.
+    process waited for as the worker waits (its result and its output's end, or
+    the exit the fork server reports) and closed; ``queue.purge`` of the
+    in-progress queue (nowait, on the copies' channel) and ``basic.consume`` of
+    every queue again (nowait but the last). No job log, no status report, no PyBit.
 
     For a no-op python! and a shell!/bin/true job, in *rounds* rounds of
     ``count // rounds`` messages each, the two kinds taking turns, after

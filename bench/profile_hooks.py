@@ -6,7 +6,8 @@ imported by the fork server (and so present in every job process).
 
 * In the worker (:func:`install_worker_hooks`): spans of the broker calls
   (cancel, the in-progress copy's publish with its confirm, ack, consume,
-  purge, drain), of taking a message (decode, ``Jobs.start`` with the job's
+  the purge sent without waiting at a job's end and the waiting one, drain),
+  of taking a message (decode, ``Jobs.start`` with the job's
   log, ``Ready.take`` and ``JobProcess.begin``), of ``Jobs.warm_up`` and the
   steps below it (``Ready.fill``, ``Ready._start``, ``JobProcess.start``,
   ``Guard.watch``: the slot's next waiting process, forked from ``Jobs.start``
@@ -57,16 +58,6 @@ SPANS = []
 
 _REPORT_TO = os.environ.get("RBIT_BENCH_REPORT_TO")
 
-#: Experimental fixes to try (comma-separated in ``RBIT_BENCH_FIX``), each emulating a
-#: possible change to rbit/ without editing it (``preload`` and ``defer``, tried
-#: here first, are now part of rbit):
-#:
-#: ``purge-nowait``
-#:     the in-progress queue is purged with ``nowait=True`` (channel order still
-#:     puts the purge before the slot's next copy).
-FIXES = {name for name in os.environ.get("RBIT_BENCH_FIX", "").split(",") if name}
-
-
 # -- The runners of the profiling configuration (so that the fork server imports this module) --
 
 
@@ -114,19 +105,8 @@ def _timed(owner, attribute, name=None, info=None):
     setattr(owner, attribute, wrapper)
 
 
-def install_fixes():
-    """Apply the worker-side experimental fixes named in ``RBIT_BENCH_FIX``."""
-    from rbit import broker
-
-    if "purge-nowait" in FIXES:
-        def purge(self, queue_name):
-            self._channel.queue_purge(queue_name, nowait=True)
-
-        broker.Broker.purge = purge
-
-
 def install_worker_hooks():
-    """Apply the experimental fixes, then wrap the worker's steps; call before the worker is made."""
+    """Wrap the worker's steps; call before the worker is made."""
     import amqp.channel
 
     from rbit import (
@@ -144,8 +124,6 @@ def install_worker_hooks():
         worker,
     )
 
-    install_fixes()
-
     # The fork server imports this module whatever the runners (a shell!-only configuration names
     # none of ours), so that every job process and the guard send their stamps.
     fork_server = jobs.fork_server
@@ -156,11 +134,13 @@ def install_worker_hooks():
 
     jobs.fork_server = fork_server_hooked
 
-    # The broker: each call is one round trip (drain and heartbeat_check none, unless frames wait).
+    # The broker: each call is one round trip, but drain and heartbeat_check (none, unless frames
+    # wait), a cancel before an ack and the purge at a job's end (both sent without waiting).
     _timed(broker.Broker, "cancel", "broker.cancel")
     _timed(broker.Broker, "publish", "broker.publish+confirm")
     _timed(broker.Broker, "consume", "broker.consume")
-    _timed(broker.Broker, "purge", "broker.purge")
+    _timed(broker.Broker, "purge_nowait", "broker.purge")
+    _timed(broker.Broker, "purge", "broker.purge+purge_ok")
     _timed(broker.Broker, "drain", "broker.drain")
     _timed(broker.Broker, "heartbeat_check", "broker.heartbeat_check")
     _timed(amqp.channel.Channel, "basic_ack", "broker.ack")

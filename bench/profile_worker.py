@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/profile_worker.py [--latency N] [--batch N] [--fix NAME]
+    python bench/profile_worker.py [--latency N] [--batch N]
 
 Runs the same set-up as bench/bench.py (own vhost, concurrency 1, a real
 worker subprocess), but the worker is started through ``serve`` below, which
@@ -181,8 +181,6 @@ def beam_pid(port=5672):
 class ProfileBench(Bench):
     """bench.Bench with the hooked worker and runners, and per-batch CPU accounting."""
 
-    fixes = ""
-
     QUEUES: ClassVar[dict] = {kind: (key, line.replace("python!runners:", "python!profile_hooks:"))
               for kind, (key, line) in Bench.QUEUES.items()}
 
@@ -194,7 +192,7 @@ class ProfileBench(Bench):
             # server never runs the worker's __main__ again in any case).
             command=[sys.executable, "-c", "import sys, profile_worker; sys.exit(profile_worker.serve(*sys.argv[1:]))",
                      str(config), str(self.trace)],
-            env={"RBIT_BENCH_REPORT_TO": self.stamps.address, "RBIT_BENCH_FIX": self.fixes},
+            env={"RBIT_BENCH_REPORT_TO": self.stamps.address},
         )
 
     def guard_pid(self):
@@ -500,7 +498,7 @@ STEPS = [
     ("    of which status reports (logging only, no [pybit])", lambda t: t["report"]),
     ("    of which JobLog.close (last line, metadata)", lambda t: t["log_close"]),
     ("  Jobs.finish", lambda t: t["finish"]),
-    ("    of which queue.purge of the in-progress copy (round trip)", lambda t: t["purge"]),
+    ("    of which queue.purge of the in-progress copy (sent without waiting)", lambda t: t["purge"]),
     ("  _resume_consuming, up to its consume_ok", lambda t: t["resume"]),
     ("    of which Jobs.warm_up (Ready.fill: the next process already waits)", lambda t: t["tail_warm_up"]),
     ("    of which basic.consume (round trip)", lambda t: t["consume"]),
@@ -589,10 +587,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency", type=int, default=100, help="idle-worker jobs (default 100)")
     parser.add_argument("--batch", type=int, default=300, help="jobs per pre-loaded batch (default 300)")
-    parser.add_argument("--fix", default="", help="experimental fixes to emulate: purge-nowait "
-                                                  "(see bench/profile_hooks.py)")
     args = parser.parse_args(argv)
-    ProfileBench.fixes = args.fix
     log = lambda text: print(text, file=sys.stderr, flush=True)
 
     groups, timelines, cpu, rates, counts = {}, {}, {}, {}, []

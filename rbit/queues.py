@@ -236,9 +236,19 @@ def hold(broker: Broker, message: Delivery, queue: str, worker_name: str, slot: 
     broker.publish(message.copy({HEADER_QUEUE: queue}), in_progress_name(worker_name, slot))
 
 
-def release(broker: Broker, worker_name: str, slot: int) -> None:
-    """Remove the in-progress copy of *slot*: its job has had its end."""
-    broker.purge(in_progress_name(worker_name, slot))
+def release(broker: Broker, worker_name: str, slot: int, wait: bool = True) -> None:
+    """Remove the in-progress copy of *slot*: its job has had its end.
+
+    With *wait*, the copy is gone once this returns. Without, the purge goes
+    out and the slot may take its next job at once: the broker does the purge
+    before that job's copy arrives, and the purge stays unsure until the
+    broker is seen to do it (see :meth:`rbit.broker.Broker.purge_nowait`).
+    """
+    name = in_progress_name(worker_name, slot)
+    if wait:
+        broker.purge(name)
+    else:
+        broker.purge_nowait(name)
 
 
 def delay(broker: Broker, message: Delivery, queue: str, seconds: float) -> None:
@@ -279,8 +289,12 @@ def recover(broker: Broker, worker_name: str, concurrency: int, rejected: str) -
     """Put every in-progress copy of *worker_name* back on its queue; return how many.
 
     Used when a worker starts (its previous run may have died mid-job) and by
-    ``rbit recover`` for a worker that will not come back.
+    ``rbit recover`` for a worker that will not come back. The copies are read
+    on another channel than the purges go on: a purge this connection sent
+    without waiting is waited for first, so that the copy of a job that has
+    had its end is never put back.
     """
+    broker.confirm_purges()
     count = 0
     for slot in slots(broker, worker_name, concurrency):
         name = in_progress_name(worker_name, slot)

@@ -254,7 +254,13 @@ class Jobs:
                 if m is not None]
 
     def finish(self, broker) -> None:
-        """Give each ended job's message its one end, then free the slot."""
+        """Give each ended job's message its one end, then free the slot.
+
+        The slot's in-progress copy is purged without waiting: the slot's next
+        copy goes on the same channel, after the purge (see
+        :meth:`rbit.broker.Broker.purge_nowait`), and the purge stays unsure,
+        for the worker to wait for where it must, until the broker is seen to do it.
+        """
         while self.finishing:
             job = self.finishing[0]
             if job.decision.fate is Fate.LOST:
@@ -266,7 +272,7 @@ class Jobs:
                 queues.delay(broker, job.delivery, job.queue, self.settings.blocked_delay)
             elif job.decision.fate is Fate.PUT_BACK:
                 queues.put_back(broker, job.delivery, job.queue, self.settings.name)
-            queues.release(broker, self.settings.name, job.slot)
+            queues.release(broker, self.settings.name, job.slot, wait=False)
             self.finishing.pop(0)
             del self.slots[job.slot]
 

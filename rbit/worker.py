@@ -21,8 +21,14 @@ How a message travels:
    the same channel (see :meth:`rbit.broker.Broker.cancel`).
 4. The job ends; :func:`rbit.outcome.decide` says what to report and what the
    message becomes (acknowledged, delayed, put back, dropped); then the slot's
-   in-progress copy is removed. If the broker is away then, this waits for
-   the reconnection.
+   in-progress copy is purged, without waiting, on the channel that the
+   slot's next copy will go on: the broker does the purge before that copy
+   arrives, so the slot is free at once. Until the broker is seen to have
+   done it, the purge is unsure; should the connection be lost meanwhile, it
+   is done again, waiting, once connected again and before anything is
+   consumed, and a clean stop waits for it too, so that no later start puts
+   back the job that ended (see :meth:`rbit.broker.Broker.purge_nowait`). If
+   the broker is away when the job ends, this waits for the reconnection.
 5. A worker that died mid-job finds its in-progress copies when it starts
    again and puts them back on their queues; if it does not come back within
    ``reclaim_after``, a live peer does it (:mod:`rbit.liveness`), and
@@ -90,10 +96,6 @@ class Worker:
         #: it waits for its reply) is held and taken after, never in the middle.
         self._taking = False
         self._held = []
-        #: Slots whose in-progress copy may be on the broker although their job never
-        #: started (the connection broke between the copy and the acknowledgement):
-        #: the original comes back, so the copy is removed on reconnecting.
-        self._unsure: set[int] = set()
         self.served = Served(config, clock)
         self._recovered = False
         self.stopping = False
@@ -158,6 +160,8 @@ class Worker:
             self.broker.drain()
             self.broker.heartbeat_check()
             self.jobs.finish(self.broker)
+            if self.stopping and not self.slots:
+                self.broker.confirm_purges()  # a clean stop leaves no in-progress copy behind
             self._serve_returned()
             self._hold_deliveries(self.liveness.tick)
             self._resume_consuming()
@@ -189,9 +193,10 @@ class Worker:
         self.wakeup.watch(self.broker.fileno(), "broker")
         self.board.broker_address = self.broker.address
         self.jobs.finish(self.broker)
-        for slot in sorted(self._unsure):
-            queues.release(self.broker, self.settings.name, slot)
-            self._unsure.discard(slot)
+        # Every in-progress copy that must go is known gone before anything is consumed:
+        # each purge that a lost connection left unsure is done again, waiting. No slot has
+        # taken a job on this connection yet, so none of them holds a running job's copy.
+        self.broker.confirm_purges()
         # Once: what an earlier run of this worker left unfinished is put back under its lock.
         self._hold_deliveries(lambda broker: self.liveness.join(broker, first=not self._recovered))
         self._recovered = True
@@ -222,8 +227,9 @@ class Worker:
             time.sleep(RECONNECT_PAUSE)
 
     def _give_up_broker(self) -> bool:
-        """Waiting for the broker stops at a second signal, or at a stop with nothing to hand back."""
-        return self.hurry or (self.stopping and not self.slots)
+        """Waiting for the broker stops at a second signal, or at a stop with nothing to hand back
+        and no in-progress copy to remove."""
+        return self.hurry or (self.stopping and not self.slots and not self.broker.unsure_purges)
 
     def _idle(self) -> None:
         """Keep the jobs serviced while the loop waits for the broker."""
@@ -305,13 +311,18 @@ class Worker:
         if len(self.slots) + 1 >= self.settings.concurrency:
             # No hoarding: the consumers go before the ack below lets the broker send more.
             self.broker.cancel(JOBS, before_ack=True)
-        self._unsure.add(slot)
         self.served.taken_from(queue)
-        # No loss: this waits for the broker's confirm of the copy, and only then is
-        # the original acknowledged; a worker that dies in between finds the copy.
-        queues.hold(self.broker, delivery, queue, self.settings.name, slot)
-        delivery.ack()
-        self._unsure.discard(slot)
+        try:
+            # No loss: this waits for the broker's confirm of the copy, and only then is
+            # the original acknowledged; a worker that dies in between finds the copy.
+            queues.hold(self.broker, delivery, queue, self.settings.name, slot)
+            delivery.ack()
+        except BrokerError:
+            # The copy may be on the broker although the job never starts (the connection
+            # broke between the copy and the acknowledgement), and the original comes back:
+            # the copy is removed once connected again, before the slot takes a job.
+            self.broker.purge_later(queues.in_progress_name(self.settings.name, slot))
+            raise
         self.jobs.start(slot, queue, message, delivery)
 
     # -- Cancelling and stopping ---------------------------------------------------
@@ -367,8 +378,8 @@ class Worker:
     def _done(self) -> bool:
         if not self.stopping:
             return False
-        if not self.slots:
-            return True
+        if not self.slots and not self.broker.unsure_purges:
+            return True  # every message has had its end, and every copy is known gone
         # At a second signal with the broker away, ended jobs keep their
         # in-progress copies: the next start puts them back.
         return self.hurry and not self.running() and not self.broker.connected
@@ -385,11 +396,14 @@ class Worker:
         return min([timeout, *(max(0.0, moment - now) for moment in moments)])
 
     def _shutdown(self) -> None:
-        if self.slots and self.broker.connected:
+        if self.broker.connected:
             try:
-                self.jobs.finish(self.broker)
+                if self.slots:
+                    self.jobs.finish(self.broker)
+                self.broker.confirm_purges()  # ended jobs' copies are gone before the connection is
             except BrokerError as exc:
-                log.warning("could not put back every message (%s); the next start recovers them", exc)
+                log.warning("could not put back every message or remove every copy (%s); "
+                            "the next start recovers them", exc)
         if self.broker.connected:
             try:
                 self.liveness.leave(self.broker)

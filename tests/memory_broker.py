@@ -17,11 +17,16 @@ worker depends on it:
 - an exclusive queue belongs to the connection that declared it
   (:class:`~rbit.errors.QueueLocked` for any other) and goes with it;
 - unknown queues are :class:`~rbit.errors.QueueMissing`; str bodies are
-  stored as UTF-8 with ``content_encoding`` set, as py-amqp sends them.
+  stored as UTF-8 with ``content_encoding`` set, as py-amqp sends them;
+- a purge sent without waiting is done at once, and, as for
+  :class:`rbit.broker.Broker`, stays in ``unsure_purges`` until a later
+  publish is confirmed or a waiting purge answers (or, owed, after the
+  connection ends).
 
 What a test adds: :meth:`MemoryBroker.fail` drops a connection (every later
 call raises :class:`~rbit.errors.ConnectionLost` until ``connect()``),
-:meth:`MemoryBroker.drop_after` drops it just after a given call,
+:meth:`MemoryBroker.drop_after` drops it just after a given call (for
+``purge_nowait``, with the purge on its way: the server never does it),
 :meth:`MemoryBroker.refuse` makes connection attempts fail, and
 :meth:`MemoryServer.expire` dead-letters a queue's messages as their
 ``x-message-ttl`` would. Nothing here waits for time to pass.
@@ -271,6 +276,9 @@ class MemoryBroker:
         self._refusals = 0
         self._refuse_while: Callable[[], bool] | None = None
         self._drop_after: tuple | None = None
+        #: As rbit.broker.Broker's: sent and not yet shown done; owed, to be done again waiting.
+        self._purges_sent: set[str] = set()
+        self._purges_owed: set[str] = set()
         #: How many times connect() succeeded.
         self.connections = 0
         self._read, self._write = os.pipe()
@@ -320,6 +328,10 @@ class MemoryBroker:
     @property
     def address(self) -> str:
         return f"memory:{self.name}"
+
+    @property
+    def unsure_purges(self) -> frozenset[str]:
+        return frozenset(self._purges_sent | self._purges_owed)
 
     def connect(self, should_stop=lambda: False, idle=lambda: None, max_pause: float = 30.0) -> None:
         self.close()
@@ -389,6 +401,7 @@ class MemoryBroker:
         self._check()
         self.server._publish(message, exchange, routing_key, mandatory)
         self._done("publish", message, routing_key, exchange, mandatory)
+        self._purges_sent.clear()  # the confirm came: every purge sent before it is done
 
     def purge(self, queue_name: str) -> None:
         self._check()
@@ -396,6 +409,22 @@ class MemoryBroker:
         self._check_owner(queue)
         queue.ready.clear()
         self._done("purge", queue_name)
+        self._purges_sent.clear()
+        self._purges_owed.discard(queue_name)
+
+    def purge_nowait(self, queue_name: str) -> None:
+        self._purges_sent.add(queue_name)
+        self._check()
+        queue = self.server._queue(queue_name)
+        self._check_owner(queue)
+        self._done("purge_nowait", queue_name)
+        if not self._failed:  # unless the connection dropped with it on its way
+            queue.ready.clear()
+
+    def purge_later(self, queue_name: str) -> None:
+        self._purges_owed.add(queue_name)
+
+    confirm_purges = Broker.confirm_purges  # in terms of purge and unsure_purges, as the real one
 
     def get(self, queue_name: str) -> Delivery | None:
         self._check()
@@ -453,6 +482,8 @@ class MemoryBroker:
         if self._open and not self._failed:
             self._drop()
         self._open = self._failed = False
+        self._purges_owed |= self._purges_sent
+        self._purges_sent.clear()
         self._empty_pipe()
 
     # -- The connection's own work --------------------------------------------------

@@ -33,7 +33,8 @@ RUNNERS = "tests.test_worker_loop"
 #: The build queue every test serves, and PyBit's routing key for it (request_body's defaults).
 QUEUE, KEY = "cnx_any_latex_pdf", "cnx.any.latex.pdf"
 
-#: Longest a runner waits for its release file, so that a failed test never leaves a job behind.
+#: Longest a runner waits for its release file, so that a failed test never leaves a job behind
+#: (``release_timeout`` in the runner's section, for a test that keeps a job running longer).
 RELEASE_TIMEOUT = 5.0
 
 
@@ -65,7 +66,7 @@ def behave(message, set_status, settings):
             raise rbit.Blocked("missing build dependencies")
     if action == "wait":
         release = f"{settings['release']}.{job_id}"
-        deadline = time.monotonic() + RELEASE_TIMEOUT
+        deadline = time.monotonic() + float(settings.get("release_timeout", RELEASE_TIMEOUT))
         while not os.path.exists(release) and time.monotonic() < deadline:
             time.sleep(0.005)
 
@@ -172,11 +173,16 @@ class Harness:
 
     def close(self):
         for worker in self.workers:
-            for job in worker.running():
-                job.process.kill()
-                job.process.close()
-            worker.slots.clear()
-            worker._shutdown()
+            let_go(worker)
+
+
+def let_go(worker):
+    """Kill every job *worker* still runs and shut it down, as a test that is over does."""
+    for job in worker.running():
+        job.process.kill()
+        job.process.close()
+    worker.slots.clear()
+    worker._shutdown()
 
 
 @pytest.fixture
@@ -422,6 +428,48 @@ def test_a_job_that_ends_while_the_broker_is_away_finishes_its_message_after_rec
     assert reports(worker).statuses(41) == ["Building", "Done"]
     assert harness.runs() == [(41, 0)]
     assert nothing_left(server, worker)
+
+
+def test_a_purge_lost_with_the_connection_is_done_again_before_anything_is_consumed(harness, server):
+    """The connection drops with an ended job's purge on its way: the slot was free at once, and
+    the purge is unsure; once connected again the worker purges again, waiting, before it consumes:
+    the copy is gone, and a later start, which puts back whatever copy it finds, does not run the
+    job again."""
+    worker = harness.worker()
+    worker.broker.drop_after("purge_nowait", answered=True)
+    while_away = []
+
+    def connecting_again():
+        while_away.append((server.depth(in_progress(worker)), worker.broker.unsure_purges))
+        return True
+
+    worker.broker.refuse(until=connecting_again)
+    harness.publish(43)
+    turn_until(worker, lambda: worker.broker.connections == 2)
+    assert while_away == [(1, {in_progress(worker)})]
+    assert not worker.broker.unsure_purges and nothing_left(server, worker)
+
+    harness.stop(worker)
+    again = harness.worker("w1")
+    assert server.depth(QUEUE) == 0 and server.unacked() == []
+    assert harness.runs() == [(43, 0)] and reports(again).reports == []
+
+
+def test_a_stop_waits_for_the_broker_to_purge_an_ended_jobs_copy(harness, server):
+    """First SIGTERM, and the connection drops with the running job's purge on its way as the job
+    ends: the worker does not stop while the purge is unsure; it waits for the broker, purges
+    again, waiting, and stops with nothing left in progress."""
+    worker = harness.worker()
+    harness.publish(44, "wait")
+    turn_until(worker, lambda: reports(worker).statuses(44) == ["Building"])
+    worker.broker.drop_after("purge_nowait", answered=True)
+    worker.broker.refuse(times=3)
+    worker.request_stop()
+    harness.release(44)
+    turn_until(worker, worker._done)
+    assert worker.broker.connections == 2
+    assert reports(worker).statuses(44) == ["Building", "Done"]
+    assert not worker.broker.unsure_purges and nothing_left(server, worker)
 
 
 def test_a_second_signal_with_the_broker_away_kills_the_job_and_leaves_its_copy_for_the_next_start(

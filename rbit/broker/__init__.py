@@ -55,7 +55,15 @@ class Broker:
         self._channel = None
         #: Publishes go on a channel of their own, which a refused publish replaces
         #: (see :meth:`publish`) without touching the consumers or unsettled messages.
+        #: Purges go there too, so that the broker does each before anything published after it.
         self._publisher = None
+        #: Queues purged without waiting on the publisher channel (see :meth:`purge_nowait`)
+        #: whose purge no later reply on that channel has yet shown done.
+        self._purges_sent: set[str] = set()
+        #: Queues whose purge is owed and not known done, to be done (again) waiting, by
+        #: :meth:`confirm_purges`: those sent on a connection since lost, and those asked
+        #: for by :meth:`purge_later`. Kept across connections.
+        self._purges_owed: set[str] = set()
         self._consumers = {}
         #: The prefetch count last asked for (see :meth:`qos`).
         self._prefetch = None
@@ -67,6 +75,11 @@ class Broker:
     @property
     def connected(self) -> bool:
         return self._channel is not None
+
+    @property
+    def unsure_purges(self) -> frozenset[str]:
+        """The queues whose purge is owed and not yet known done (see :meth:`purge_nowait`)."""
+        return frozenset(self._purges_sent | self._purges_owed)
 
     @property
     def address(self) -> str:
@@ -252,6 +265,8 @@ class Broker:
         connected again. The message may then be there twice (a broker can
         refuse a message it took), which each of rbit's uses allows for. With
         *mandatory*, :class:`~rbit.errors.Unroutable` if the broker returns it.
+        The confirm also shows done the purges sent before it on the channel
+        (see :meth:`purge_nowait`).
         """
         returned = []
         tries = 1 + len(PUBLISH_RETRY_WAITS)
@@ -259,39 +274,88 @@ class Broker:
             if wait is not None:  # the one before was refused
                 time.sleep(wait)
                 self._connection.heartbeat_check()
-            if self._publisher is None:
-                self._publisher = self._connection.channel()
+            publisher = self._publishing()
             if mandatory:
-                self._publisher.events["basic_return"].add(lambda *args: returned.append(args))
+                publisher.events["basic_return"].add(lambda *args: returned.append(args))
             try:
-                self._publisher.basic_publish(_amqp_message(message), exchange=exchange,
-                                              routing_key=routing_key, mandatory=mandatory)
+                publisher.basic_publish(_amqp_message(message), exchange=exchange,
+                                        routing_key=routing_key, mandatory=mandatory)
                 break
             except amqp.exceptions.MessageNacked:
                 log.warning(LOG_PUBLISH_REFUSED, exchange or routing_key)
-                channel, self._publisher = self._publisher, None
-                _close_quietly(channel)
+                self._publisher = None
+                _close_quietly(publisher)
         else:
             raise ConnectionLost(f"the broker refused {tries} times to take a message for {exchange or routing_key!r}")
+        # The broker's confirm came on the channel the purges sent before it went on: done.
+        self._purges_sent.clear()
         if returned:
             raise Unroutable(f"no queue is bound to {exchange!r} with the key {routing_key!r}")
 
+    def _publishing(self):
+        """The publisher channel, opened anew after a refused publish closed the one before.
+
+        The purges sent on that one and not yet shown done are sent again on
+        the new one before anything else, so that each still comes before
+        whatever is published after it (see :meth:`purge_nowait`).
+        """
+        if self._publisher is None:
+            self._publisher = self._connection.channel()
+            for queue_name in sorted(self._purges_sent):
+                self._publisher.queue_purge(queue_name, nowait=True)
+        return self._publisher
+
     @_translated
-    def purge(self, queue_name: str) -> None:
-        """Empty *queue_name*, waiting for the broker's ``purge_ok``.
+    def purge_nowait(self, queue_name: str) -> None:
+        """Empty *queue_name* without waiting: ``queue.purge`` with ``nowait`` on the publisher channel.
 
         rbit purges only an in-progress queue, once its job has had its end
-        (:func:`rbit.queues.release`), and the wait keeps two promises. No
-        double run: the slot is freed only once the copy is gone; should the
-        connection drop first, the purge fails and is done again once
-        connected again, where one sent without waiting could be lost, leaving
-        a copy that a later start puts back. No loss: the slot's next copy goes
-        on the publisher channel, and the broker orders methods within a
-        channel, not across channels; while another slot is free the
-        consumers keep running, so that copy may follow at once, and a purge
-        still pending here could remove it.
+        (:func:`rbit.queues.release`), and two promises hang on it. No loss:
+        RabbitMQ handles a channel's methods in order, each purge fully before
+        the next method, and the slot's next copy (:func:`rbit.queues.hold`)
+        is published on this same channel, so this purge can never remove it;
+        the slot can take its next job at once. No double run: until the
+        broker is known to have done it, the purge is *unsure*
+        (:attr:`unsure_purges`); any later reply on this channel shows it done
+        (the confirm of the next publish, whatever it is for, or a waiting
+        purge's ``purge_ok``). Should the connection be lost first, it may
+        never have been done, and :meth:`confirm_purges` does it again, waiting,
+        once connected again and before anything is consumed; a clean stop does
+        too. A publish the broker refuses replaces the channel (see
+        :meth:`publish`): the new one gets the purges again first.
         """
-        self._channel.queue_purge(queue_name)
+        self._purges_sent.add(queue_name)  # before it is sent: if sending fails, it stays unsure
+        self._publishing().queue_purge(queue_name, nowait=True)
+
+    @_translated
+    def purge(self, queue_name: str) -> None:
+        """Empty *queue_name*, waiting for the broker's ``purge_ok``, on the publisher channel.
+
+        The reply also shows done every purge sent before it on that channel.
+        """
+        self._publishing().queue_purge(queue_name)
+        self._purges_sent.clear()
+        self._purges_owed.discard(queue_name)
+
+    def purge_later(self, queue_name: str) -> None:
+        """Owe a purge of *queue_name*, sending nothing now: :meth:`confirm_purges` does it.
+
+        For a copy that may have reached the broker on a connection that just
+        failed, though its job never started (see :mod:`rbit.worker`): the
+        caller connects again, and nothing is put in *queue_name* before then.
+        """
+        self._purges_owed.add(queue_name)
+
+    def confirm_purges(self) -> None:
+        """Make sure the broker has done every purge not yet known done: each is done again, waiting.
+
+        Doing one again is safe: a queue stays in :attr:`unsure_purges` only
+        while nothing that must stay has been published to it (the confirm of
+        such a copy would have shown the purge done). The first ``purge_ok``
+        shows done every purge sent before it on this connection.
+        """
+        while self.unsure_purges:
+            self.purge(min(self.unsure_purges))
 
     @_translated
     def get(self, queue_name: str) -> Delivery | None:
@@ -372,7 +436,13 @@ class Broker:
         self._connection.heartbeat_check()
 
     def close(self) -> None:
-        """Drop the connection, quietly: it may be dead already."""
+        """Drop the connection, quietly: it may be dead already.
+
+        A purge sent on it and not yet shown done may or may not have been
+        done: it is owed, for :meth:`confirm_purges` on the next connection.
+        """
+        self._purges_owed |= self._purges_sent
+        self._purges_sent.clear()
         self._consumers.clear()
         self._prefetch = None
         connection, self._connection, self._channel, self._publisher = self._connection, None, None, None
