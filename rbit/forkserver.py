@@ -67,8 +67,9 @@ class Forked:
         self._exitcode: int | None = None
 
     @property
-    def pid(self) -> int:
-        """The child's pid; waits for the server's answer if it has not come yet."""
+    def pid(self) -> int | None:
+        """The child's pid; waits for the server's answer if it has not come yet (None: the server
+        died before it answered)."""
         if self._pid is None:
             self.server.read(until=lambda: self._pid is not None, timeout=None)
         return self._pid
@@ -86,6 +87,8 @@ class Forked:
             self.server.read(until=lambda: self._exitcode is not None, timeout=timeout)
 
     def kill(self) -> None:
+        if self.pid is None:
+            return
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -181,9 +184,7 @@ class ForkServer:
         on its own pipe and ends with it)."""
         log.error("the fork server is gone; its children's exit statuses are lost")
         for child in [*self._starting.values(), *self._running.values()]:
-            if child._pid is None:
-                child._pid = -1
-            child._exitcode = LOST
+            child._exitcode = LOST  # one whose pid never came keeps None: there is nothing to signal
         self.on_exit()
         self._starting.clear()
         self._running.clear()

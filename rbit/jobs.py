@@ -197,7 +197,7 @@ class JobProcess:
             pass
 
     @property
-    def pid(self) -> int:
+    def pid(self) -> int | None:
         return self.process.pid
 
     def receive(self) -> list[tuple]:
@@ -243,6 +243,8 @@ class JobProcess:
             self.kill()
 
     def signal_group(self, signum: int) -> None:
+        if self.pid is None:  # the fork server died before it said which process this is
+            return
         try:
             os.killpg(self.process.pid, signum)
         except ProcessLookupError:

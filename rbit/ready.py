@@ -60,7 +60,10 @@ class Ready:
         return process
 
     def watch(self, process: jobs.JobProcess) -> None:
-        """*process* is about to be handed its job: the guard watches its group from now on."""
+        """*process* is about to be handed its job: the guard watches its group from now on
+        (OSError if the fork server died before it said which process this is)."""
+        if process.pid is None:
+            raise OSError("the fork server that started it is gone")
         self.guard.watch(process.pid)
 
     def discard(self, process: jobs.JobProcess) -> None:
@@ -71,7 +74,7 @@ class Ready:
 
     def done(self, process: jobs.JobProcess) -> None:
         """*process*'s group is gone (its job ended): the guard forgets it."""
-        if self.guard is not None:
+        if self.guard is not None and process.pid is not None:
             self.guard.forget(process.pid)
 
     def renew(self, deadline: float | None) -> None:

@@ -119,8 +119,8 @@ class Jobs:
         """Hand *job* to a waiting process; OSError if none takes it."""
         for _ in range(2):
             process = self.ready.take(self.forks)
-            self.ready.watch(process)
             try:
+                self.ready.watch(process)
                 process.begin(runner, job.message, self.config.pybit, self.settings.name)
             except OSError as exc:  # it died waiting: one more try
                 log.warning("a waiting job process was gone (%s); starting another", exc)
