@@ -13,6 +13,7 @@ output pipe and the status pipe are the program's then; its lifeline is the guar
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
@@ -72,7 +73,8 @@ def main(conn, output, status_pipe, log_level: int) -> None:
     job, deadline = _wait_for_job(conn)
     if deadline is not None and lease_clock() >= deadline:
         os.killpg(0, signal.SIGKILL)  # the lease ran out while it waited: a peer may run this job soon
-    threading.Thread(target=_lifeline, args=(conn, deadline), daemon=True).start()
+    # Not threading.Thread: its start() waits until the new thread runs, a wake-up before the runner's.
+    _thread.start_new_thread(_lifeline, (conn, deadline))
     if isinstance(job, Exception):  # the job could not be read (its runner's module fails to import, say)
         channel.send("result", Result(Ended.CRASHED, None, f"the job could not be read: {job}"))
         return
