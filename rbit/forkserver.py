@@ -28,6 +28,7 @@ group asks the worker to finish its jobs, whose exits the server must still repo
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
@@ -215,6 +216,9 @@ def main(fd: int, preload: str) -> None:
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 -- the job that needs it fails, and says why
             print(f"rbit: the fork server cannot import {name}: {exc}", file=sys.stderr, flush=True)
+    # What is imported now is shared by every child until one writes to it: the cyclic garbage
+    # collector of a child would write to every object it looks at, so it looks at none of these.
+    gc.freeze()
     control = socket.socket(fileno=fd)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
