@@ -205,7 +205,7 @@ def test_the_whole_cluster_restarted_node_by_node_under_load_every_job_ends_once
     the build queue or the in-progress queues."""
     rig = crig
     queue = rig.queue()
-    jobs = 40
+    jobs = 80  # 80 s of work on two slots: more than a rolling restart takes on a slow machine
     worker = rig.start(rig.config({queue: ("slow", {"seconds": "2"})}, rbit={"concurrency": "2"}))
     for n in range(1, jobs + 1):
         rig.publish(n, queue)

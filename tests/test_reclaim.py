@@ -584,8 +584,10 @@ def test_status_shows_each_worker_with_its_last_sign_of_life_and_its_jobs(rig):
 
 
 def test_broker_restart_shorter_than_reclaim_after_changes_nothing(node, node_rig):
-    """README "the broker restarts": a broker restart of 5 s under reclaim_after 10, with a live
-    peer: no fence, no reclaim; the job goes on, runs once and is reported once."""
+    """README "the broker restarts": a broker restart of a few seconds under reclaim_after 10, with a
+    live peer: no fence, no reclaim; the job goes on, runs once and is reported once. The restart
+    must stay well within the 8 s after which the worker fences itself; stopping and starting the
+    node takes up to 5 s on a loaded machine, so the node stays down 1.5 s between them."""
     rig = node_rig
     queue = rig.queue()
     a, a_name = start_worker(rig, "a", {queue: ("slow", {"seconds": "20"})})
@@ -595,7 +597,7 @@ def test_broker_restart_shorter_than_reclaim_after_changes_nothing(node, node_ri
     time.sleep(2)
     started = time.monotonic()
     node.stop_app()
-    time.sleep(3.5)
+    time.sleep(1.5)
     node.start_app()
     down = time.monotonic() - started
     assert down < 6.5, f"the restart took {down:.1f} s"
