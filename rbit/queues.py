@@ -231,9 +231,10 @@ def recovered_from(message: Delivery) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def hold(broker: Broker, message: Delivery, queue: str, worker_name: str, slot: int) -> None:
-    """Copy *message* (from *queue*) to the worker's in-progress queue for *slot*, confirmed."""
-    broker.publish(message.copy({HEADER_QUEUE: queue}), in_progress_name(worker_name, slot))
+def hold(broker: Broker, message: Delivery, queue: str, worker_name: str, slot: int, meanwhile=None) -> None:
+    """Copy *message* (from *queue*) to the worker's in-progress queue for *slot*, confirmed;
+    *meanwhile* is called while the broker confirms it (see :meth:`rbit.broker.Broker.publish`)."""
+    broker.publish(message.copy({HEADER_QUEUE: queue}), in_progress_name(worker_name, slot), meanwhile=meanwhile)
 
 
 def release(broker: Broker, worker_name: str, slot: int, wait: bool = True) -> None:

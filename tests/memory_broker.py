@@ -397,9 +397,12 @@ class MemoryBroker:
     def consuming(self, key: str) -> bool:
         return key in self._consumers
 
-    def publish(self, message: Outgoing, routing_key: str, exchange: str = "", mandatory: bool = False) -> None:
+    def publish(self, message: Outgoing, routing_key: str, exchange: str = "", mandatory: bool = False,
+                meanwhile=None) -> None:
         self._check()
         self.server._publish(message, exchange, routing_key, mandatory)
+        if meanwhile is not None:  # sent, its confirm not yet read
+            meanwhile()
         self._done("publish", message, routing_key, exchange, mandatory)
         self._purges_sent.clear()  # the confirm came: every purge sent before it is done
 

@@ -9,6 +9,7 @@ can look at the in-progress queue between two turns of the loop, and drop a purg
 sends without waiting, as a connection lost with the purge on its way would.
 """
 
+import threading
 import time
 
 import amqp
@@ -222,3 +223,37 @@ def test_a_refused_publish_sends_the_unsure_purge_again_first_on_the_new_channel
         assert on_the_new_channel == [("purge", True), ("copy",)]
     finally:
         let_go(worker)
+
+
+def test_the_copys_confirm_read_while_the_worker_does_something_else_is_not_missed(
+        tmp_path, unique, prefetch, forks):  # noqa: F811
+    """While the broker confirms a job's copy the worker offers the job to its process and, on its
+    last free slot, cancels its consumers (with a prefetch per consumer, waiting for each
+    ``cancel_ok``). The copy is on the broker before that starts, and a confirm that comes during
+    it, read by another wait, still ends the publish: it is neither missed nor taken for the next
+    publish's."""
+    vhost, queue_type = prefetch
+    worker = make_worker(tmp_path, unique, vhost, queue_type, forks)
+    broker = worker.broker
+    in_progress = queues.in_progress_name(f"w{unique}", 0)
+    seen = []
+
+    def meanwhile():
+        deadline = time.monotonic() + 5
+        while vhost.depth(in_progress) != len(seen) + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.1)  # the confirm is on its way back, or here
+        seen.append(broker.queue_info(in_progress))  # a wait of its own, which reads the confirm
+
+    def publishes():
+        broker.publish(Outgoing(request_body(1)), in_progress, meanwhile=meanwhile)
+        broker.publish(Outgoing(request_body(2)), in_progress, meanwhile=meanwhile)
+        broker.publish(Outgoing(request_body(3)), in_progress)
+
+    publishing = threading.Thread(target=publishes, daemon=True)  # a missed confirm would wait forever
+    publishing.start()
+    publishing.join(30)
+    assert not publishing.is_alive(), "a publish still waits for a confirm that was read meanwhile"
+    let_go(worker)
+    assert seen == [(1, 0), (2, 0)]
+    assert copies(vhost, in_progress) == [1, 2, 3]

@@ -322,8 +322,10 @@ class ReentrantBroker:
         self.consumers = {}
         self.during_publish = None
 
-    def publish(self, message, routing_key, exchange="", mandatory=False):
+    def publish(self, message, routing_key, exchange="", mandatory=False, meanwhile=None):
         self.published.append(routing_key)
+        if meanwhile is not None:
+            meanwhile()
         during, self.during_publish = self.during_publish, None
         if during is not None:
             during()
@@ -365,6 +367,7 @@ def test_a_message_delivered_while_one_is_being_taken_waits_and_is_handed_back(t
         worker.jobs.slots[slot] = SimpleNamespace(job_id=message.job_id)
 
     worker.jobs.start = start
+    worker.jobs.offer = lambda slot, queue, message: None
 
     def delivery(job_id):
         return Delivery(request_body(job_id), {}, {}, False, lambda ack, job_id=job_id: settled.append((job_id, ack)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 
 import amqp
 from kombu import Consumer
@@ -20,8 +21,8 @@ from ..delivery import Delivery, Outgoing
 from ..errors import BrokerError, ConnectionLost, QueueMissing, QueueUnavailable, Unroutable
 from ..queues import QueueSpec
 from .library import (
-    _amqp_message, _cancel_unanswered, _close_quietly, _delivery, _forget_consumer, _kombu_queue, _queue_of,
-    _refuses_global_qos, _settle, _short, _translated, _where, connection_for,
+    _amqp_message, _cancel_unanswered, _close_quietly, _delivery, _forget_consumer, _kombu_queue,
+    _publish_confirmed, _queue_of, _refuses_global_qos, _settle, _short, _translated, _where, connection_for,
 )
 
 __all__ = ["Batch", "Broker", "Delivery", "Outgoing", "StopWaiting", "connection_for"]
@@ -255,8 +256,10 @@ class Broker:
         return key in self._consumers
 
     @_translated
-    def publish(self, message: Outgoing, routing_key: str, exchange: str = "", mandatory: bool = False) -> None:
-        """Publish *message* and wait for the broker's confirm.
+    def publish(self, message: Outgoing, routing_key: str, exchange: str = "", mandatory: bool = False,
+                meanwhile: Callable[[], None] | None = None) -> None:
+        """Publish *message* and wait for the broker's confirm; *meanwhile*, if given, is called
+        once the message is sent, while the broker confirms it (its first try only).
 
         A refused confirm (basic.nack: the broker did not take the message) is
         never success: the message is published again on a fresh channel, up
@@ -272,14 +275,14 @@ class Broker:
         tries = 1 + len(PUBLISH_RETRY_WAITS)
         for wait in (None, *PUBLISH_RETRY_WAITS):
             if wait is not None:  # the one before was refused
+                meanwhile = None
                 time.sleep(wait)
                 self._connection.heartbeat_check()
             publisher = self._publishing()
             if mandatory:
                 publisher.events["basic_return"].add(lambda *args: returned.append(args))
             try:
-                publisher.basic_publish(_amqp_message(message), exchange=exchange,
-                                        routing_key=routing_key, mandatory=mandatory)
+                _publish_confirmed(publisher, _amqp_message(message), exchange, routing_key, mandatory, meanwhile)
                 break
             except amqp.exceptions.MessageNacked:
                 log.warning(LOG_PUBLISH_REFUSED, exchange or routing_key)

@@ -121,6 +121,41 @@ def _amqp_message(outgoing: Outgoing) -> amqp.Message:
     return amqp.Message(outgoing.body, application_headers=dict(outgoing.headers), **properties)
 
 
+def _publish_confirmed(channel, message: amqp.Message, exchange: str, routing_key: str, mandatory: bool,
+                       meanwhile=None) -> None:
+    """``basic.publish`` on *channel* (in confirm mode), then wait for the broker's ``basic.ack``;
+    :class:`amqp.exceptions.MessageNacked` on ``basic.nack``. *meanwhile* is called between the two.
+
+    py-amqp's ``basic_publish_confirm`` waits for the reply as a one-shot, which a reply read
+    before the wait (by a wait of *meanwhile*'s, on another channel) would miss; listeners set
+    before the publish catch it here wherever it is read, and only one publish waits for its
+    confirm on the channel at a time, so the next reply is this one's. It is waited for even
+    if *meanwhile* raises: left unread, it would be taken for the next publish's.
+    """
+    if meanwhile is None:
+        channel.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+        return
+    replies = []
+    acked, nacked = (lambda *_: replies.append(True)), (lambda *_: replies.append(False))
+    channel.events["basic_ack"].add(acked)
+    channel.events["basic_nack"].add(nacked)
+    try:
+        if not channel._confirm_selected:  # py-amqp selects confirm mode at a channel's first publish
+            channel._confirm_selected = True
+            channel.confirm_select()
+        channel._basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+        try:
+            meanwhile()
+        finally:
+            if not replies:  # not read meanwhile: wait for it, as py-amqp does
+                channel.wait([amqp.spec.Basic.Ack, amqp.spec.Basic.Nack])
+    finally:
+        channel.events["basic_ack"].discard(acked)
+        channel.events["basic_nack"].discard(nacked)
+    if not replies[0]:
+        raise amqp.exceptions.MessageNacked()
+
+
 def _where(connection):
     """Host and port of *connection* (an IPv6 address in brackets), never its credentials."""
     host = connection.hostname
