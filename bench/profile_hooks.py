@@ -7,8 +7,9 @@ imported by the fork server (and so present in every job process).
 * In the worker (:func:`install_worker_hooks`): spans of the broker calls
   (cancel, the in-progress copy's publish with its confirm, ack, consume,
   the purge sent without waiting at a job's end and the waiting one, drain),
-  of taking a message (decode, ``Jobs.start`` with the job's
-  log, ``Ready.take`` and ``JobProcess.begin``), of ``Jobs.warm_up`` and the
+  of taking a message (decode, ``JobProcess.offer`` while the copy is
+  confirmed, ``Jobs.start`` with the job's log and ``JobProcess.go``,
+  ``Ready.take``), of ``Jobs.warm_up`` and the
   steps below it (``Ready.fill``, ``Ready._start``, ``JobProcess.start``,
   ``Guard.watch``: the slot's next waiting process, forked from ``Jobs.start``
   once the job was handed over, while it runs; the same ``Jobs.warm_up`` at the
@@ -24,7 +25,7 @@ imported by the fork server (and so present in every job process).
   server for a process and does not wait for its pid; reading
   ``JobProcess.pid`` then would): such spans name the process by its fork
   server request and its pid as the fork server's answer gives it, filled in
-  by :func:`dump` (``JobProcess.begin`` knows the pid: ``Ready.watch`` read it
+  by :func:`dump` (``JobProcess.offer`` knows the pid: ``Ready.watch`` read it
   just before).
 * In the fork server and the job processes: the worker's hooks add this
   module to the fork server's preloaded modules (it is also the runner module
@@ -38,7 +39,7 @@ imported by the fork server (and so present in every job process).
   (the format of bench/runners.py) to that address: ``w_main`` (the process
   started, waiting for no job yet), ``w_ready`` (set up: it waits for
   its job) and ``w_guard`` with the process's pid as ID; ``c_handed`` (the
-  process has read its job), ``c_run`` and ``c_ran`` (``_run`` entered and
+  process has read its job and the word go), ``c_run`` and ``c_ran`` (``_run`` entered and
   returned), ``c_become`` (``_become`` entered: the process is about to become
   its program) and ``c_exit`` (``main`` returns) with the job id. Each datagram
   is sent as it happens, nothing is buffered: the fork server's child ends with
@@ -151,9 +152,11 @@ def install_worker_hooks():
     _timed(running.Jobs, "start", "jobs.start", info=lambda _, self, slot, queue, message, delivery: message.job_id)
     _timed(running.Jobs, "_open_log", "jobs._open_log", info=lambda _, self, job: job.job_id)
     _timed(running.Jobs, "_begin", "jobs._begin", info=lambda _, self, job, runner: job.job_id)
+    _timed(running.Jobs, "offer", "jobs.offer", info=lambda _, self, slot, queue, message: message.job_id)
     _timed(ready.Ready, "take", "ready.take")
-    _timed(jobs.JobProcess, "begin", "jobprocess.begin",
+    _timed(jobs.JobProcess, "offer", "jobprocess.offer",
            info=lambda _, self, runner, message, *args, **kwargs: {"job": message.job_id, **_forked(self)})
+    _timed(jobs.JobProcess, "go", "jobprocess.go", info=lambda _, self: self.job_id)
     # The job's news and its end.
     _timed(running.Jobs, "service", "jobs.service")
     _timed(running.Jobs, "_on_event", "jobs._on_event",

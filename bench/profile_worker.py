@@ -7,7 +7,8 @@ Usage::
 Runs the same set-up as bench/bench.py (own vhost, concurrency 1, a real
 worker subprocess), but the worker is started through ``serve`` below, which
 wraps its steps with bench/profile_hooks.py before serving; the job processes
-(each started before its job, and handed it by ``JobProcess.begin``) and the
+(each started before its job, offered it by ``JobProcess.offer`` while the broker
+confirms the message's copy, and told to run it by ``JobProcess.go``) and the
 guard send their own timestamps. All clocks are ``time.time()`` on this
 machine. Then it prints, for idle-worker jobs (published one at a time) and for
 pre-loaded no-op python and ``shell!/bin/true`` batches (five served queues,
@@ -19,7 +20,7 @@ worker noticing the exit (rbit's fork server reaps the process and reports it on
 its socket), and the worker's tail (``_end``, the purge,
 ``_resume_consuming`` with its ``Jobs.warm_up``, which finds the next process
 waiting, and the consume). In brackets, what overlaps: the next process's
-start-up and its slack before the next job's ``JobProcess.begin``, and whether
+start-up and its slack before the next job's ``JobProcess.offer``, and whether
 the job got to its end while the worker was still in ``Jobs.start``. Then, per
 group, how many jobs found no process waiting or found theirs not yet ready,
 where the next processes were forked, the gap between jobs of a batch, and the
@@ -310,13 +311,13 @@ def job_timelines(spans, stamps, published):
     # not wait for the pid), and its pid, which the processes' stamps give.
     firsts = {}  # (what, job id): the first such span
     starts = {}  # request: the JobProcess.start span that asked for the process
-    handed = {}  # request: the JobProcess.begin span that gave the process its job
+    handed = {}  # request: the JobProcess.offer span that gave the process its job
     on_messages = []
     for span in spans:
         name, info = span[0], span[3]
         if name in ("jobs.start", "jobs._end"):
             firsts.setdefault((name, info), span)
-        elif name == "jobprocess.begin" and info:
+        elif name == "jobprocess.offer" and info:
             firsts.setdefault((name, info["job"]), span)
             handed.setdefault(info.get("request"), span)
         elif name == "jobs._on_event" and info:
@@ -344,16 +345,18 @@ def job_timelines(spans, stamps, published):
 
     timelines = {}
     for (name, job_id), start_span in list(firsts.items()):
-        if name != "jobs.start" or ("jobs._end", job_id) not in firsts or ("jobprocess.begin", job_id) not in firsts:
+        if name != "jobs.start" or ("jobs._end", job_id) not in firsts or ("jobprocess.offer", job_id) not in firsts:
             continue
         on_message = on_messages[bisect.bisect_right(on_message_begins, start_span[1]) - 1]
         taking, starting = window(on_message), window(start_span)
-        begin = firsts[("jobprocess.begin", job_id)]
+        begin = firsts[("jobprocess.offer", job_id)]
         own_start, own_main, own_ready = process(begin[3], begin[1])
-        # Jobs.start: _begin hands the job to a waiting process (starting one first only if none
-        # waits), then Jobs.warm_up forks the slot's next process while the job runs.
+        # Jobs.start: _begin tells the process offered the job to go (offering it to one started
+        # now only if that one is gone), then Jobs.warm_up forks the slot's next process while the job runs.
         handing = next((s for s in starting if s[0] == "jobs._begin"), None)
-        cold = [s for s in window(handing) if s[0] == "jobprocess.start"] if handing else []
+        offering = next((s for s in taking if s[0] == "jobs.offer"), None)
+        cold = [s for s in window(offering) + window(handing) if s[0] == "jobprocess.start"] \
+            if offering and handing else []
         warm = next((s for s in starting if s[0] == "jobs.warm_up" and handing and s[1] >= handing[2]), None)
         next_start = next((s for s in window(warm) if s[0] == "jobprocess.start"), None) if warm else None
         next_begin = handed.get(next_start[3]["request"]) if next_start else None
@@ -387,10 +390,11 @@ def job_timelines(spans, stamps, published):
             "open_log": _duration(starting, "jobs._open_log"),
             "_begin": _duration(starting, "jobs._begin"),
             "begin": begin[2] - begin[1],
+            "go": _duration(starting, "jobprocess.go"),
+            "go_at": next((s[1] for s in starting if s[0] == "jobprocess.go"), None),
             "cold_start": sum(s[2] - s[1] for s in cold) if cold else None,
             "start_end": start_span[2],
             "begin_at": begin[1],
-            "begin_end": begin[2],
             "on_message_end": on_message[2],
             "own_ready": own_ready,
             "own_main": own_main,
@@ -453,27 +457,29 @@ STEPS = [
     ("  decode the request", lambda t: t["decode"]),
     ("  basic.cancel of the consumers (round trip)", lambda t: t["cancel"]),
     ("  hold: in-progress copy, basic.publish + confirm (round trip, disk)", lambda t: t["hold"]),
+    ("    of which JobProcess.offer (the job pickled down the pipe, while the broker confirms)",
+     lambda t: t["begin"]),
+    ("    of which JobProcess.start (no process was waiting)", lambda t: t["cold_start"]),
     ("  basic.ack of the original", lambda t: t["ack"]),
     ("  Jobs.start: JobLog open (file, first line, board)", lambda t: t["open_log"]),
-    ("  Jobs.start: _begin (a waiting process takes the job)", lambda t: t["_begin"]),
-    ("    of which JobProcess.begin (job pickled down the pipe)", lambda t: t["begin"]),
-    ("    of which JobProcess.start (no process was waiting)", lambda t: t["cold_start"]),
+    ("  Jobs.start: _begin (the process offered the job is told to go)", lambda t: t["_begin"]),
+    ("    of which JobProcess.go", lambda t: t["go"]),
     ("  Jobs.start: pipes watched, first output read",
      lambda t: _less(t["jobs.start"], t["open_log"], t["_begin"], t["warm_up"])),
     ("  Jobs.start: warm_up, the slot's next process (the job runs meanwhile)", lambda t: t["warm_up"]),
     ("    of which JobProcess.start (pipes, the fork server asked; its pid not waited for)",
      lambda t: t["next_start"]),
     ("    of which guard.watch", lambda t: t["watch"]),
-    ("[its process waiting for its job -> JobProcess.begin; < 0: the job waited]",
+    ("[its process waiting for its job -> JobProcess.offer; < 0: the job waited]",
      lambda t: _gap(t["own_ready"], t["begin_at"])),
     ("[next process: JobProcess.start called -> its main entered (the fork server's fork)]",
      lambda t: _gap(t["next_start_at"], t["next_main"])),
     ("[next process: main entered -> waiting for its job (setsid, output pipe, logging)]",
      lambda t: _gap(t["next_main"], t["next_ready"])),
-    ("[next process: waiting -> the next job's JobProcess.begin; < 0: that job waited]",
+    ("[next process: waiting -> the next job's JobProcess.offer; < 0: that job waited]",
      lambda t: _gap(t["next_ready"], t["next_begin_at"])),
-    ("JobProcess.begin called -> the process has read its job (pipe, unpickle)",
-     lambda t: _gap(t["begin_at"], t["c_handed"])),
+    ("JobProcess.go called -> the process has its job and the word go (pipe)",
+     lambda t: _gap(t["go_at"], t["c_handed"])),
     ("job: read -> _run entered (lease checked, lifeline thread started)", lambda t: _gap(t["c_handed"], t["c_run"])),
     ("job: _run entered -> runner's first line (set_status Building)", lambda t: _gap(t["c_run"], t["r_start"])),
     ("job: the runner itself", lambda t: _gap(t["r_start"], t["r_end"])),
@@ -549,7 +555,7 @@ def print_gaps(groups, timelines):
         late = sum(1 for t in known if t["own_ready"] is not None and t["own_ready"] > t["begin_at"])
         forked = sum(1 for t in known if t["next_start"] is not None)
         tail = [t["tail_forks"] for t in known if t["tail_forks"] is not None]
-        print(f"{group}: {len(known)} jobs timed; {cold} found no waiting process (started in _begin), "
+        print(f"{group}: {len(known)} jobs timed; {cold} found no waiting process (started in Jobs.offer or _begin), "
               f"{late} found theirs not yet waiting (the job waited in the pipe); {forked} forked the slot's "
               f"next process in Jobs.start; the tail's Jobs.warm_up started {sum(tail)} in {len(tail)} tails "
               f"(it starts one only in place of one that died waiting)")

@@ -2,8 +2,9 @@
 
 The process is started *warm*, before its job is known (:class:`rbit.jobs.JobProcess`): it makes
 itself a session and process-group leader, takes its output pipe as standard output and error,
-and waits for its job; with the job its lifeline starts, a thread that ends the whole job with
-the worker or its lease. Then it asks PyBit's history whether to run it
+and waits for its job, which the worker offers while the broker confirms the job's copy, and for
+the word to run it; then its lifeline starts, a thread that ends the whole job with the worker
+or its lease. Then it asks PyBit's history whether to run it
 (:mod:`rbit.history`), then either calls the runner (``python!``, and any runner with no program
 to become) or *becomes* the runner's program (``shell!``): it executes the program in its own
 place, so no Python process stands between the program and the worker. The process group, the
@@ -173,23 +174,28 @@ def _flush() -> None:
 def _wait_for_job(conn) -> tuple:
     """The job, or why it could not be read, and the lease's deadline then (None: no lease).
 
-    The worker's messages: ``("lease", deadline)`` (a :func:`rbit.lease.clock` value) and
-    ``("job", runner, message, pybit, worker_name)``, once. Until its job comes the process has
-    nothing to stop, so it waits for the pipe alone, never waking for the lease (an idle worker's
-    waiting processes cost no CPU); if the worker goes away meanwhile, so does the process.
+    The worker's messages: ``("lease", deadline)`` (a :func:`rbit.lease.clock` value),
+    ``("job", runner, message, pybit, worker_name)``, once, and ``("go",)``, once the worker
+    holds the job's message: the job is read while the broker confirms its copy, and returned
+    at the word go. Until then the process has nothing to stop, so it waits for the pipe
+    alone, never waking for the lease (an idle worker's waiting processes cost no CPU); if the
+    worker goes away meanwhile, so does the process.
     """
-    deadline = None
+    deadline = job = None
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
             os.killpg(0, signal.SIGKILL)
         except Exception as exc:  # noqa: BLE001 -- a job that cannot be unpickled here fails, not the process
-            return exc, deadline
+            job = exc
+            continue
         if isinstance(message, tuple) and len(message) == 2 and message[0] == "lease":
             deadline = message[1]
         elif isinstance(message, tuple) and len(message) == 5 and message[0] == "job":
-            return message[1:], deadline
+            job = message[1:]
+        elif message == ("go",) and job is not None:
+            return job, deadline
 
 
 def _lifeline(conn, deadline) -> None:

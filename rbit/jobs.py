@@ -18,8 +18,10 @@ happens inside is :mod:`rbit.child`'s; a process that becomes its program
 (``shell!``) leaves both watches to the guard (:mod:`rbit.guard`).
 
 The worker's messages to the job process: ``("lease", deadline)``, a
-:func:`rbit.lease.clock` value (the same clock in every process of a host),
-and ``("job", runner, message, pybit, worker_name)``, once.
+:func:`rbit.lease.clock` value (the same clock in every process of a host);
+``("job", runner, message, pybit, worker_name)``, once; then ``("go",)``, once.
+The job is offered before the worker holds its message, so that the process
+reads it while the broker confirms the copy; it starts only at the word go.
 
 A second pipe takes the job's output: its write end becomes the job process's
 standard output and error (and so those of every program it starts), and its
@@ -152,10 +154,19 @@ class JobProcess:
         """True while the started process waits for its job (it has not died meanwhile)."""
         return self.job_id is None and not self.eof and self.process.exitcode is None
 
-    def begin(self, runner, message, pybit=None, worker_name: str | None = None) -> None:
-        """Give the process its job; :class:`OSError` if the process is gone."""
+    def offer(self, runner, message, pybit=None, worker_name: str | None = None) -> None:
+        """Give the process its job, to run at :meth:`go`; :class:`OSError` if the process is gone."""
         self.job_id = message.job_id
         self.conn.send(("job", runner, message, pybit, worker_name))
+
+    def go(self) -> None:
+        """Run the job offered; :class:`OSError` if the process is gone."""
+        self.conn.send(("go",))
+
+    def begin(self, runner, message, pybit=None, worker_name: str | None = None) -> None:
+        """Give the process its job and run it at once; :class:`OSError` if the process is gone."""
+        self.offer(runner, message, pybit, worker_name)
+        self.go()
 
     def read_output(self, limit: int = 4 * OUTPUT_CHUNK) -> list[bytes]:
         """What the job wrote since the last call, at most about *limit* bytes, without blocking."""

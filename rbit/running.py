@@ -85,6 +85,8 @@ class Jobs:
         self._watched_forks = None
         self.ready = Ready(self.settings.concurrency)
         self.slots: dict[int, RunningJob] = {}
+        #: The process each slot's next job was offered to (see :meth:`offer`), or why none took it.
+        self.offered: dict[int, jobs.JobProcess | OSError] = {}
         #: Jobs that ended, in order, whose messages wait for their end on the broker.
         self.finishing: list[RunningJob] = []
 
@@ -115,22 +117,55 @@ class Jobs:
         """Let the waiting job processes and the guard go: the worker stops."""
         self.ready.close()
 
-    def _begin(self, job: RunningJob, runner) -> None:
-        """Hand *job* to a waiting process; OSError if none takes it."""
+    def offer(self, slot: int, queue: str, message: Message) -> None:
+        """Hand *message*'s job to a waiting process for *slot*, to run at :meth:`start`: the
+        process reads it while the broker confirms the message's copy. Any error waits for start."""
+        try:
+            self.offered[slot] = self._give(message, self.config.runner_for(queue).runner)
+        except OSError as exc:
+            self.offered[slot] = exc
+
+    def withdraw(self, slot: int) -> None:
+        """The job offered for *slot* will not run (its message could not be held): its process goes."""
+        offered = self.offered.pop(slot, None)
+        if isinstance(offered, jobs.JobProcess):
+            self.ready.discard(offered)
+
+    def _give(self, message: Message, runner) -> jobs.JobProcess:
+        """A waiting process offered *message*'s job; OSError if none takes it."""
         for _ in range(2):
             process = self.ready.take(self.forks)
             try:
                 self.ready.watch(process)
-                process.begin(runner, job.message, self.config.pybit, self.settings.name)
+                process.offer(runner, message, self.config.pybit, self.settings.name)
             except OSError as exc:  # it died waiting: one more try
                 log.warning("a waiting job process was gone (%s); starting another", exc)
                 self.ready.discard(process)
                 continue
-            job.process = process
-            return
+            return process
         raise OSError("no job process took the job")
 
+    def _begin(self, job: RunningJob, runner) -> None:
+        """Run *job* in the process it was offered to (or in another if that one is gone)."""
+        offered = self.offered.pop(job.slot, None)
+        if isinstance(offered, jobs.JobProcess):
+            try:
+                offered.go()
+                job.process = offered
+                return
+            except OSError as exc:
+                log.warning("the job process offered job %s was gone (%s); starting another", job.job_id, exc)
+                self.ready.discard(offered)
+        process = self._give(job.message, runner)
+        try:
+            process.go()
+        except OSError:
+            self.ready.discard(process)
+            raise
+        job.process = process
+
     def start(self, slot: int, queue: str, message: Message, delivery) -> None:
+        """Run the job offered for *slot* (:meth:`offer`): its message is held now."""
         section = self.config.runner_for(queue)
         job = RunningJob(slot, queue, message, delivery, None, self.clock(), section.timeout)
         self.slots[slot] = job

@@ -308,20 +308,29 @@ class Worker:
             log.warning("job %s (%s): already running here; dropping the duplicate", message.job_id, queue)
             delivery.ack()
             return
-        if len(self.slots) + 1 >= self.settings.concurrency:
-            # No hoarding: the consumers go before the ack below lets the broker send more.
-            self.broker.cancel(JOBS, before_ack=True)
+        last_slot = len(self.slots) + 1 >= self.settings.concurrency
         self.served.taken_from(queue)
+
+        def while_the_copy_is_confirmed():
+            if last_slot:
+                # No hoarding: the consumers go before the ack below lets the broker send more.
+                self.broker.cancel(JOBS, before_ack=True)
+            self.jobs.offer(slot, queue, message)  # its process reads the job now, runs it at jobs.start
+
         try:
             # No loss: this waits for the broker's confirm of the copy, and only then is
             # the original acknowledged; a worker that dies in between finds the copy.
-            queues.hold(self.broker, delivery, queue, self.settings.name, slot)
+            queues.hold(self.broker, delivery, queue, self.settings.name, slot, meanwhile=while_the_copy_is_confirmed)
             delivery.ack()
         except BrokerError:
             # The copy may be on the broker although the job never starts (the connection
             # broke between the copy and the acknowledgement), and the original comes back:
             # the copy is removed once connected again, before the slot takes a job.
+            self.jobs.withdraw(slot)
             self.broker.purge_later(queues.in_progress_name(self.settings.name, slot))
+            raise
+        except BaseException:
+            self.jobs.withdraw(slot)
             raise
         self.jobs.start(slot, queue, message, delivery)
 

@@ -75,6 +75,27 @@ def test_a_python_job_ends_with_its_result_and_its_output_pipe_not_its_reaping(s
     process.close()
 
 
+def test_an_offered_job_runs_only_at_the_word_go_and_never_if_its_worker_withdraws_it(server, tmp_path):
+    """A job is offered while the broker confirms its message's copy: its process reads it and waits,
+    runs it at the word go, and never runs one withdrawn (its process killed, as when the copy
+    cannot be held)."""
+    record = tmp_path / "record"
+    runner = runners.load(f"python!{RUNNERS}:ok", {"record": str(record)})
+    withdrawn, offered = jobs.JobProcess(server), jobs.JobProcess(server)
+    for process in (withdrawn, offered):
+        process.start(lease=lease_clock() + 60)
+    withdrawn.offer(runner, message(3))
+    offered.offer(runner, message(4))
+    assert wait_until(lambda: os.getsid(offered.pid) == offered.pid, 5)
+    assert not wait_until(lambda: events(record), 0.5), "a job ran before the word go"
+    withdrawn.kill()
+    withdrawn.close()
+    offered.go()
+    assert wait_until(lambda: (offered.receive(), offered.read_output(), offered.exited())[-1], 10)
+    assert [(event, job_id) for event, job_id, *_ in events(record)] == [("start", 4), ("end", 4)]
+    offered.close()
+
+
 def test_a_killed_child_is_reported_with_the_signal(server):
     process = jobs.JobProcess(server)
     process.start()
