@@ -19,7 +19,10 @@ as the systemd unit starts it (the ``rbit`` console script beside this Python,
 3. pickup latency: one request at a time, the publisher's ``time.time()`` just
    before ``basic_publish`` against the runner's ``time.time()`` at its start
    (bench/runners.py sends it back by UDP); the next request is published only
-   once the job has ended and the worker consumes again (idle worker);
+   once the job has ended and the worker consumes again (idle worker); then
+   the same for the pickup's floor (bench/floors.py ``pickup``): rbit's steps
+   for one message and its waiting process in a bare loop, on a vhost of its
+   own, with the copy's confirm timed alone;
 4. baselines (the floor): a bare kombu consume-and-ack loop (prefetch 1) over
    N pre-loaded requests of the same kind, and ``subprocess.run(['/bin/true'])``
    N times; then the floors rbit's promises set (bench/floors.py): the
@@ -69,7 +72,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import amqp
-from floors import PROCESS_RUNNERS, broker_floor
+from floors import PROCESS_RUNNERS, broker_floor, served_queues
 from kombu import Connection, Consumer, Queue
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,12 +95,14 @@ TEMPLATE_ID = 987654321
 #: The throughput targets: no-op python! jobs/s, and shell!/bin/true's share of the bare subprocess.run loop.
 NOOP_TARGET = 150
 SHELL_SHARE = 0.3
+#: The pickup targets, p50 and p99, in ms.
+PICKUP_P50, PICKUP_P99 = 5, 20
 
 #: The table's rows, by result key: (label, unit, whether higher is better, floor key, test, target as printed).
 #: The targets are issue 12's; the verdict is on the rbit columns.
 FIGURES = {
-    "latency_p50_ms": ("pickup p50", "ms", False, None, lambda v: v <= 5, "<= 5 ms"),
-    "latency_p99_ms": ("pickup p99", "ms", False, None, lambda v: v <= 20, "<= 20 ms"),
+    "latency_p50_ms": ("pickup p50", "ms", False, "pickup_floor_p50_ms", lambda v: v <= PICKUP_P50, f"<= {PICKUP_P50} ms"),
+    "latency_p99_ms": ("pickup p99", "ms", False, "pickup_floor_p99_ms", lambda v: v <= PICKUP_P99, f"<= {PICKUP_P99} ms"),
     "noop_rate": ("no-op jobs/s", "/s", True, "bare_kombu_rate", lambda v: v >= NOOP_TARGET, f">= {NOOP_TARGET} /s"),
     "shell_rate": ("/bin/true jobs/s", "/s", True, "bare_subprocess_rate", None, "(see next)"),
     "shell_ratio": ("/bin/true / floor", "", True, None, lambda v: v >= SHELL_SHARE, f">= {SHELL_SHARE}"),
@@ -111,7 +116,9 @@ FLOOR_FACTS = ("broker_floor_queues", "broker_floor_n", "process_floor_n", "proc
                "process_python_sequential_all_rate", "process_python_overlapped_all_rate",
                "process_shell_sequential_all_rate", "process_shell_overlapped_all_rate",
                "combined_floor_n", "combined_floor_rounds", "combined_floor_queues",
-               "combined_python_all_rate", "combined_shell_all_rate")
+               "combined_python_all_rate", "combined_shell_all_rate",
+               "pickup_floor_n", "pickup_floor_queues", "pickup_floor_mean_ms", "pickup_floor_confirm_p50_ms",
+               "pickup_floor_confirm_p99_ms")
 
 #: Phase sizes: full run and --quick.
 SIZES = {
@@ -128,6 +135,9 @@ SIZES = {
 #: The floor of the promises' broker steps and a fresh process per job measured in one loop, as its rows say.
 TOGETHER = "the promises' broker steps and a fresh process per job, together (no rbit loop)"
 
+#: The pickup's floor, as its rows say.
+PICKUP = "pickup: the promises' steps for one message and its warm process (no rbit loop), idle"
+
 #: The floors measured in the run, by result key: (label, what it is). bench/floors.py measures the
 #: promises' two, apart and together; the bare loops are the older floors.
 FLOORS = {
@@ -140,7 +150,14 @@ FLOORS = {
     "combined_python_rate": (f"{TOGETHER}, no-op python!", "jobs/s"),
     "combined_shell_rate": (f"{TOGETHER}, shell!/bin/true", "jobs/s"),
     "bare_subprocess_rate": ("bare subprocess.run(['/bin/true'])", "runs/s"),
+    "pickup_floor_p50_ms": (f"{PICKUP}, p50", "ms"),
+    "pickup_floor_p99_ms": (f"{PICKUP}, p99", "ms"),
 }
+
+
+def floor_text(value, unit):
+    """A floor's figure as printed: rates whole, times to a tenth of a millisecond."""
+    return f"{value:.1f} {unit}" if unit == "ms" else f"{value:.0f} {unit}"
 
 
 # -- /proc -------------------------------------------------------------------
@@ -791,6 +808,70 @@ class Bench:
         self.results["combined_floor_queues"] = figures["queues"]
         self.notes += [f"combined floor: {text}" for text in figures["failed"]]
 
+    def phase_pickup_floor(self):
+        """The pickup's floor (bench/floors.py ``pickup``): rbit's steps for one message and its waiting
+        process in a bare loop of their own, idle between messages, timed as the worker's pickup is.
+
+        In a process of its own, on a vhost of its own, consuming as many queues as the worker
+        serves; the requests are published as :meth:`run_one` publishes them, one at a time, the next
+        once the loop consumes again.
+        """
+        if self.baselines:
+            self.results.update({key: value for key, value in self.baselines.items() if key.startswith("pickup_floor")})
+            return
+        count, served = self.sizes["latency_n"], len(self.QUEUES)
+        queues = served_queues(served)
+        routing_key = "bench.any.floor.x"
+        samples = []
+        with self.floor_vhost() as url:
+            loop = subprocess.Popen(
+                [sys.executable, str(BENCH / "floors.py"), "pickup", str(count), "--url", url,
+                 "--served", str(served), "--report-to", self.stamps.address],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(BENCH),
+            )
+            broker = None
+            try:
+                if loop.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"bench/floors.py pickup failed: {loop.communicate(timeout=30)[1][-2000:]}")
+                broker = BenchBroker(f"{self.vhost}-floor", None)
+                broker.declare_build_queue(queues[0], routing_key)  # as floors.py declared it, bound as PyBit's
+                for _ in range(count):
+                    job_id = next(self._job_ids)
+                    published = time.time()
+                    broker.publish_confirmed(self.body(job_id), routing_key)
+                    started = self.stamps.wait("start", job_id)
+                    self.stamps.wait("end", job_id)
+                    deadline = time.monotonic() + 10
+                    while broker.queue_info(queues[-1])[1] < 1:  # consuming again: idle, as run_one waits
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("bench/floors.py pickup does not consume again")
+                        time.sleep(0.002)
+                    samples.append((started - published) * 1000)
+                out, err = loop.communicate(timeout=60)
+            except BaseException:
+                loop.kill()
+                loop.wait()
+                raise
+            finally:
+                if broker is not None:
+                    broker.close()
+        if loop.returncode != 0:
+            raise RuntimeError(f"bench/floors.py pickup failed: {err.strip()[-2000:]}")
+        figures = json.loads(out)
+        latency = summarise_latency(samples)
+        confirms = figures["confirm_ms"]
+        self.results.update({
+            "pickup_floor_p50_ms": latency["latency_p50_ms"],
+            "pickup_floor_p99_ms": latency["latency_p99_ms"],
+            "pickup_floor_mean_ms": latency["latency_mean_ms"],
+            "pickup_floor_n": latency["latency_n"],
+            "pickup_floor_queues": figures["queues"],
+            "pickup_floor_confirm_p50_ms": percentile(confirms, 0.50),
+            "pickup_floor_confirm_p99_ms": percentile(confirms, 0.99),
+        })
+        if figures["failed"]:
+            self.notes.append(f"pickup floor: {figures['failed']} of {count} job processes exited non-zero")
+
     def phase_noop(self):
         count = self.sizes["batch_n"]
         result = self.batch("noop", count, timeout=self.sizes["batch_box"])
@@ -905,6 +986,7 @@ class Bench:
             ("warm-up", self.phase_warmup),
             ("idle memory and CPU", self.phase_idle),
             ("pickup latency", self.phase_latency),
+            ("pickup floor (the promises' steps for one message, no rbit loop)", self.phase_pickup_floor),
             ("bare kombu baseline", self.phase_bare_kombu),
             ("bare subprocess baseline", self.phase_bare_subprocess),
             ("broker floor (the promises' broker steps, no process)", self.phase_broker_floor),
@@ -986,7 +1068,7 @@ def print_table(columns, floors, notes, round_trips=None):
         rows.append([label, *cells, floor, target, "/".join(v for v in verdicts if v)])
     for key, (label, unit) in FLOORS.items():
         if floors.get(key) is not None:
-            rows.append([f"floor: {label}", *["-"] * len(names), f"{floors[key]:.1f} {unit}", "-", ""])
+            rows.append([f"floor: {label}", *["-"] * len(names), floor_text(floors[key], unit), "-", ""])
     print()
     print_rows(header, rows)
     print()
@@ -1115,6 +1197,25 @@ def bound_lines(r, floors):
     return lines
 
 
+def pickup_bound_line(r, floors):
+    """The pickup p50 of rbit's results *r* against the measured pickup floor, and its target against
+    that floor; None without the floor."""
+    floor, value = floors.get("pickup_floor_p50_ms"), r.get("latency_p50_ms")
+    if floor is None or value is None:
+        return None
+    text = (f"pickup p50: {value:.1f} ms (target <= {PICKUP_P50} ms). Measured floor, the promises' steps for one "
+            f"message and its warm process in a bare loop (no rbit loop): {floor:.1f} ms (p99 "
+            f"{floors['pickup_floor_p99_ms']:.1f} ms, mean {floors['pickup_floor_mean_ms']:.1f} ms); rbit takes "
+            f"{value - floor:+.1f} ms more. Of the floor, the in-progress copy's confirm alone takes "
+            f"{floors['pickup_floor_confirm_p50_ms']:.1f} ms (p50). ")
+    if floor > PICKUP_P50:
+        text += (f"Target below the measured floor that stops it ({PICKUP_P50} ms < {floor:.1f} ms): the promises' "
+                 "steps, with nothing else around them, take longer.")
+    else:
+        text += f"Target above the measured floor ({PICKUP_P50} ms >= {floor:.1f} ms): the promises leave room for it."
+    return text
+
+
 def floor_details(floors):
     """How the promises' floors were measured, in one line each."""
     if floors.get("broker_floor_rate") is None:
@@ -1126,6 +1227,10 @@ def floor_details(floors):
               f"{floors['process_python_sequential_all_rate']:.0f} /s sequential, "
               f"{floors['process_python_overlapped_all_rate']:.0f} /s overlapped, shell!/bin/true "
               f"{floors['process_shell_sequential_all_rate']:.0f} / {floors['process_shell_overlapped_all_rate']:.0f} /s")]
+    if floors.get("pickup_floor_n") is not None:
+        lines.append(f"floors: {PICKUP}: {floors['pickup_floor_n']} messages published one at a time, "
+                     f"{floors['pickup_floor_queues']} served queues; the copy's confirm p50 / p99 "
+                     f"{floors['pickup_floor_confirm_p50_ms']:.2f} / {floors['pickup_floor_confirm_p99_ms']:.2f} ms")
     if floors.get("combined_floor_n") is not None:
         lines.append(f"floors: {TOGETHER}: fastest of {floors['combined_floor_rounds']} rounds, "
                      f"{floors['combined_floor_n']} jobs of each kind, {floors['combined_floor_queues']} served "
@@ -1172,6 +1277,11 @@ def md_pickup(r, key):
     return f"{value:.1f} ms" if n >= 100 else f"{value:.1f} ms (max of {n})"
 
 
+def md_floor(floors, key):
+    value = floors.get(key)
+    return "-" if value is None else f"{value:.1f} ms"
+
+
 def md_rate(r, kind):
     rate, n = r.get(f"{kind}_rate"), r.get(f"{kind}_n")
     if rate is None:
@@ -1201,9 +1311,9 @@ def markdown_rows(columns, floors):
 
     return [
         ("pickup latency p50, publish to runner start, idle worker", cells(lambda r: md_pickup(r, "latency_p50_ms")),
-         "-", FIGURES["latency_p50_ms"][5], verdict(columns, "latency_p50_ms")),
+         md_floor(floors, "pickup_floor_p50_ms"), FIGURES["latency_p50_ms"][5], verdict(columns, "latency_p50_ms")),
         ("pickup latency p99", cells(lambda r: md_pickup(r, "latency_p99_ms")),
-         "-", FIGURES["latency_p99_ms"][5], verdict(columns, "latency_p99_ms")),
+         md_floor(floors, "pickup_floor_p99_ms"), FIGURES["latency_p99_ms"][5], verdict(columns, "latency_p99_ms")),
         ("no-op `python!` jobs/s (floor: bare kombu consume-and-ack, prefetch 1)", cells(lambda r: md_rate(r, "noop")),
          f"{floors['bare_kombu_rate']:.0f} /s", FIGURES["noop_rate"][5], verdict(columns, "noop_rate")),
         ("`shell!/bin/true` jobs/s (floor: bare `subprocess.run` loop)", cells(lambda r: md_rate(r, "shell")),
@@ -1244,7 +1354,7 @@ def print_markdown(columns, floors, joblog, load_start, command):
         rows += joblog_rows(joblog, len(columns))
     for key, (label, unit) in FLOORS.items():
         if floors.get(key) is not None:
-            rows.append((f"floor: {label}", ["-"] * len(columns), f"{floors[key]:.0f} {unit}", "-", "-"))
+            rows.append((f"floor: {label}", ["-"] * len(columns), floor_text(floors[key], unit), "-", "-"))
     header = ["figure", *columns, "floor", "target", "met/missed"]
     print()
     print("| " + " | ".join(header) + " |")
@@ -1253,9 +1363,11 @@ def print_markdown(columns, floors, joblog, load_start, command):
         print("| " + " | ".join([label, *values, floor, target, mark]) + " |")
     rbit = next((results for name, results in columns.items() if name.startswith("rbit")), None)
     lines = bound_lines(rbit, floors) if rbit else []
+    pickup = pickup_bound_line(rbit, floors) if rbit else None
+    lines = ([pickup] if pickup else []) + lines
     if lines:
         print()
-        print("What bounds each throughput figure (rbit `rbit CONFIG`, floors of the same run):")
+        print("What bounds the pickup and each throughput figure (rbit `rbit CONFIG`, floors of the same run):")
         print()
         for line in lines:
             print(f"- {line.replace('python!', '`python!`').replace('shell!/bin/true', '`shell!/bin/true`')}")
@@ -1363,7 +1475,8 @@ def main(argv=None):
     for line in floor_details(floors):
         print(line)
     rbit_name = next(name for name in columns if name.startswith("rbit"))
-    for line in bound_lines(columns[rbit_name], floors):
+    pickup = pickup_bound_line(columns[rbit_name], floors)
+    for line in ([pickup] if pickup else []) + bound_lines(columns[rbit_name], floors):
         print(f"[{rbit_name}] {line}")
     for line in details:
         print(line)

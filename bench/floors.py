@@ -17,15 +17,26 @@ Every job costs two things rbit has promised, whatever its code does around them
   strictly one after the other, and with the next process started while the
   current one runs, as ``rbit.running.Jobs.warm_up`` does;
 * **the two together** (:func:`combined_floor`): one bare loop doing both per
-  message, as a worker of concurrency 1 must (the job handed to its process
-  between the ack and the purge, the next process started while it runs), with
-  no rbit worker loop, job log, status report or PyBit. The measured floor a
-  target is judged against.
+  message, as a worker of concurrency 1 must (the job offered to its process
+  while the broker confirms the copy, told to go after the ack, the next
+  process started while it runs), with no rbit worker loop, job log, status
+  report or PyBit. The measured floor a throughput target is judged against;
+* **the pickup** (:func:`pickup_floor`): the same loop, idle between
+  messages, for messages published one at a time by the benchmark, whose
+  runner stamps its start as the worker's does: the floor the pickup latency
+  is judged against, with the copy's confirm alone timed too.
 
-``python bench/floors.py process COUNT`` prints the process floor as JSON, and
-``python bench/floors.py combined COUNT --url URL`` the combined one; the
-benchmark runs them so, each in a process of its own, so that the fork server it
-starts and the bench's own threads stay apart.
+Every loop takes a message in rbit's order: the copy sent to the in-progress
+queue, the consumers cancelled (nowait) and the job offered to its waiting
+process while the broker confirms the copy, then the confirm waited for, the
+original acknowledged, and the process told to go.
+
+``python bench/floors.py process COUNT`` prints the process floor as JSON,
+``python bench/floors.py combined COUNT --url URL`` the combined one, and
+``python bench/floors.py pickup COUNT --url URL --report-to HOST:PORT`` takes
+COUNT messages the benchmark publishes; the benchmark runs them so, each in a
+process of its own, so that the fork server it starts and the bench's own
+threads stay apart.
 """
 
 import argparse
@@ -73,12 +84,17 @@ def _cancel_nowait(consumer):
     getattr(consumer, "_active_queue_no_ack", {}).clear()  # kombu 5.5 and later
 
 
+def served_queues(served):
+    """The names of the *served* queues a floor's loop consumes; messages wait in the first."""
+    return [f"floor.served.{index}" for index in range(served)]
+
+
 def _preload(url, bodies, served, timeout):
     """Declare *served* queues and the in-progress queue, empty them, and load *bodies* into the first.
 
     Returns the served queues' names and the in-progress queue's, once the first holds every body.
     """
-    queues = [f"floor.served.{index}" for index in range(served)]
+    queues = served_queues(served)
     in_progress = "floor.in-progress"
     count = len(bodies)
     with Connection(url) as loader:
@@ -98,16 +114,35 @@ def _preload(url, bodies, served, timeout):
 
 
 def _consuming(conn, queues):
-    """The consumer channel (prefetch 1, ``basic.qos`` global, as rbit's), a publisher channel, and a
-    consumer of every queue in *queues*, consuming; its deliveries are appended to the list returned last."""
+    """The consumer channel (prefetch 1, ``basic.qos`` global, as rbit's), a publisher channel in
+    confirm mode, and a consumer of every queue in *queues*, consuming; its deliveries are appended
+    to the list returned last."""
     channel = conn.channel()
     publisher = conn.channel()
+    publisher.confirm_select()
     channel.basic_qos(prefetch_size=0, prefetch_count=1, a_global=True)
     pending = []
     consumer = Consumer(channel, queues=[Queue(name, no_declare=True) for name in queues],
                         on_message=pending.append, auto_declare=False, tag_prefix="floor.")
     consumer.consume()
     return channel, publisher, consumer, pending
+
+
+def _send_copy(publisher, delivery, queue, in_progress):
+    """Publish the in-progress copy of *delivery* (from *queue*); its confirm is waited for by
+    :func:`_confirmed`, after what is done meanwhile."""
+    copy = amqp.Message(delivery.body, delivery_mode=2, content_type="application/json",
+                        application_headers={COPY_HEADER: queue})
+    publisher.basic_publish(copy, exchange="", routing_key=in_progress)
+
+
+def _confirmed(publisher):
+    """Wait for the broker's confirm of the copy sent last on *publisher*."""
+    def refused(method, *args):
+        if method == amqp.spec.Basic.Nack:
+            raise RuntimeError("floor: the broker refused a copy (basic.nack)")
+
+    publisher.wait([amqp.spec.Basic.Ack, amqp.spec.Basic.Nack], callback=refused)
 
 
 def _next_delivery(conn, pending, deadline, what):
@@ -127,8 +162,8 @@ def broker_floor(url, bodies, served=5, timeout=60.0):
     *served* queues (the worker under test serves that many, and each
     ``basic.cancel`` and ``basic.consume`` is per queue); the messages wait in
     the first. For each message, in rbit's order: the copy published on a
-    second channel with a publisher confirm, ``basic.cancel`` of every consumer
-    (nowait), ``basic.ack``, ``queue.purge`` of the in-progress queue (nowait,
+    second channel, ``basic.cancel`` of every consumer (nowait) while the
+    broker confirms it, the confirm, ``basic.ack``, ``queue.purge`` of the in-progress queue (nowait,
     on the copies' channel, so that the broker does it before the next copy),
     and ``basic.consume`` of every queue again (nowait but the last). The rate
     is the messages over the time from the first delivery to the last
@@ -136,7 +171,7 @@ def broker_floor(url, bodies, served=5, timeout=60.0):
     """
     queues, in_progress = _preload(url, bodies, served, timeout)
     count = len(bodies)
-    with Connection(url, transport_options={"confirm_publish": True}) as conn:
+    with Connection(url) as conn:
         _, publisher, consumer, pending = _consuming(conn, queues)
         first = last = None
         deadline = time.monotonic() + timeout
@@ -144,10 +179,9 @@ def broker_floor(url, bodies, served=5, timeout=60.0):
             message = _next_delivery(conn, pending, deadline, "broker floor")
             if first is None:
                 first = time.perf_counter()
-            copy = amqp.Message(message.body, delivery_mode=2, content_type="application/json",
-                                application_headers={COPY_HEADER: queues[0]})
-            publisher.basic_publish(copy, exchange="", routing_key=in_progress)  # waits for the confirm
+            _send_copy(publisher, message, queues[0], in_progress)
             _cancel_nowait(consumer)
+            _confirmed(publisher)
             message.ack()
             publisher.queue_purge(in_progress, nowait=True)  # before the next copy, on its channel
             consumer.consume()  # nowait but the last queue's; a delivery during that wait goes to pending
@@ -249,6 +283,39 @@ def process_floor(count, rounds=3):
 # -- The two together: the broker steps and a fresh process per job -------------------
 
 
+def _take(loop, delivery, runner):
+    """Take *delivery* as rbit does, up to its job running; the process running it.
+
+    The request decoded into a rbit Message; the copy sent; while the broker
+    confirms it, the consumers cancelled (nowait) and the job offered to the
+    process started beforehand; the confirm; the ack; the word go; the next
+    process started (as ``Jobs.start`` calls ``warm_up``).
+    """
+    from rbit.message import Message
+    from rbit.pybit import decode_build_request
+
+    body = delivery.body.decode() if isinstance(delivery.body, bytes) else delivery.body
+    message = Message(body=body, request=decode_build_request(body), queue=loop.queues[0])
+    sent = time.perf_counter()
+    _send_copy(loop.publisher, delivery, loop.queues[0], loop.in_progress)
+    _cancel_nowait(loop.consumer)
+    current, loop.waiting = loop.waiting, None
+    current.offer(runner, message)
+    _confirmed(loop.publisher)
+    loop.confirms.append(time.perf_counter() - sent)
+    delivery.ack()
+    current.go()
+    loop.waiting = loop.started()
+    return current
+
+
+def _release(loop):
+    """The job has ended: ``queue.purge`` of the in-progress queue (nowait, on the copies' channel,
+    before the next copy) and ``basic.consume`` of every queue again (nowait but the last)."""
+    loop.publisher.queue_purge(loop.in_progress, nowait=True)
+    loop.consumer.consume()
+
+
 def _combined_loop(conn, loop, runner, count, deadline):
     """Jobs/s of *count* messages, each taken with the broker steps and run in a fresh process.
 
@@ -256,30 +323,32 @@ def _combined_loop(conn, loop, runner, count, deadline):
     the process started for the next job, replaced in it. Returns the rate and
     how many processes exited non-zero.
     """
-    from rbit.message import Message
-    from rbit.pybit import decode_build_request
-
     failed = 0
     first = last = None
     for _ in range(count):
         delivery = _next_delivery(conn, loop.pending, deadline, "combined floor")
         if first is None:
             first = time.perf_counter()
-        copy = amqp.Message(delivery.body, delivery_mode=2, content_type="application/json",
-                            application_headers={COPY_HEADER: loop.queues[0]})
-        loop.publisher.basic_publish(copy, exchange="", routing_key=loop.in_progress)  # waits for the confirm
-        _cancel_nowait(loop.consumer)
-        delivery.ack()
-        body = delivery.body.decode() if isinstance(delivery.body, bytes) else delivery.body
-        message = Message(body=body, request=decode_build_request(body), queue=loop.queues[0])
-        current, loop.waiting = loop.waiting, None
-        current.begin(runner, message)
-        loop.waiting = loop.started()  # as Jobs.start calls warm_up right after begin
-        failed += _run_to_exit(current) != 0
-        loop.publisher.queue_purge(loop.in_progress, nowait=True)  # before the next copy, on its channel
-        loop.consumer.consume()  # nowait but the last queue's
+        failed += _run_to_exit(_take(loop, delivery, runner)) != 0
+        _release(loop)
         last = time.perf_counter()
     return count / (last - first), failed
+
+
+def _loop(conn, queues, in_progress, started):
+    """The bare loop's state: the channels, the consumer and its deliveries, the queues, the
+    process waiting for the next job, and the copies' confirm times."""
+    channel, publisher, consumer, pending = _consuming(conn, queues)
+    return types.SimpleNamespace(channel=channel, publisher=publisher, consumer=consumer, pending=pending,
+                                 queues=queues, in_progress=in_progress, started=started, waiting=started(),
+                                 confirms=[])
+
+
+def _let_go(loop):
+    _cancel_nowait(loop.consumer)
+    if loop.waiting is not None:  # the one started for a next job that does not come
+        loop.waiting.kill()
+        _run_to_exit(loop.waiting)
 
 
 def combined_floor(url, count, served=5, rounds=3, timeout=120.0):
@@ -287,12 +356,11 @@ def combined_floor(url, count, served=5, rounds=3, timeout=120.0):
 
     One bare loop does, per message, what rbit's promises ask of a worker of
     concurrency 1: on a channel of prefetch 1 (``basic.qos`` global) consuming
-    *served* queues (the messages wait in the first), the copy published to the
-    in-progress queue with a publisher confirm, ``basic.cancel`` of every
-    consumer (nowait), the original's ``basic.ack``; the job (the delivered
-    request, decoded into a rbit Message) handed with ``JobProcess.begin`` to
-    the process started beforehand from rbit's fork server, the next process
-    started right after (as ``Jobs.start`` calls ``warm_up``); the job's
+    *served* queues (the messages wait in the first), the message taken as
+    rbit takes it (:func:`_take`: the copy published to the in-progress queue,
+    the consumers cancelled and the job offered to the process started
+    beforehand from rbit's fork server while the broker confirms the copy,
+    the original's ``basic.ack``, the word go, the next process started); the job's
     process waited for as the worker waits (its result and its output's end, or
     the exit the fork server reports) and closed; ``queue.purge`` of the
     in-progress queue (nowait, on the copies' channel) and ``basic.consume`` of
@@ -327,10 +395,8 @@ def combined_floor(url, count, served=5, rounds=3, timeout=120.0):
 
     figures = {"n": per_round * rounds, "rounds": rounds, "queues": served, "failed": []}
     rates = {kind: [] for kind in runners}
-    with Connection(url, transport_options={"confirm_publish": True}) as conn:
-        channel, publisher, consumer, pending = _consuming(conn, queues)
-        loop = types.SimpleNamespace(channel=channel, publisher=publisher, consumer=consumer, pending=pending,
-                                     queues=queues, in_progress=in_progress, started=started, waiting=started())
+    with Connection(url) as conn:
+        loop = _loop(conn, queues, in_progress, started)
         deadline = time.monotonic() + timeout
         try:
             for kind, runner in runners.items():
@@ -342,30 +408,74 @@ def combined_floor(url, count, served=5, rounds=3, timeout=120.0):
                     if failed:
                         figures["failed"].append(f"{kind}: {failed} of {per_round} exited non-zero")
         finally:
-            _cancel_nowait(consumer)
-            if loop.waiting is not None:  # the one started for a next job that does not come
-                loop.waiting.kill()
-                _run_to_exit(loop.waiting)
+            _let_go(loop)
     for kind, found in rates.items():
         figures[kind] = {"rate": max(found), "all": len(found) / sum(1 / rate for rate in found)}
     return figures
 
 
+def pickup_floor(url, count, report_to, served=5, timeout=120.0):
+    """The bare loop of :func:`combined_floor`, idle between messages: *count* messages that the
+    benchmark publishes one at a time to the first of *served* queues, each run by
+    ``python!runners:stamp``, which sends its start to *report_to* (``HOST:PORT``) as the
+    worker's runner does; the pickup is the benchmark's to time.
+
+    Prints ``ready`` on standard output once it consumes (the benchmark publishes then), and
+    returns the confirm times of the copies (ms), the copy alone being most of a pickup.
+    """
+    sys.path[:0] = [str(ROOT), str(BENCH)]
+    from rbit import jobs
+    from rbit.lease import clock
+    from rbit.runners import load
+
+    runner = load("python!runners:stamp", {"report_to": report_to})
+    forks = jobs.fork_server(jobs.runner_modules([types.SimpleNamespace(runner=runner)]))
+    lease = clock() + 3600.0
+    queues, in_progress = _preload(url, [], served, timeout)
+
+    def started():
+        process = jobs.JobProcess(forks)
+        process.start(lease=lease)
+        return process
+
+    failed = 0
+    with Connection(url) as conn:
+        loop = _loop(conn, queues, in_progress, started)
+        print("ready", file=sys.__stdout__, flush=True)
+        deadline = time.monotonic() + timeout
+        try:
+            for _ in range(count):
+                delivery = _next_delivery(conn, loop.pending, deadline, "pickup floor")
+                failed += _run_to_exit(_take(loop, delivery, runner)) != 0
+                _release(loop)
+        finally:
+            _let_go(loop)
+    confirms = sorted(1000 * seconds for seconds in loop.confirms)
+    return {"n": count, "queues": served, "failed": failed, "confirm_ms": confirms}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["process", "combined"])
-    parser.add_argument("count", type=int, help="jobs of each kind (and each way, for process), in 3 rounds")
-    parser.add_argument("--url", help="combined: the AMQP URL of a vhost of its own, e.g. "
+    parser.add_argument("what", choices=["process", "combined", "pickup"])
+    parser.add_argument("count", type=int, help="jobs of each kind (and each way, for process), in 3 rounds; "
+                                                "pickup: messages to take")
+    parser.add_argument("--url", help="combined, pickup: the AMQP URL of a vhost of its own, e.g. "
                                       "amqp://guest:guest@127.0.0.1:5672/NAME")
-    parser.add_argument("--served", type=int, default=5, help="combined: how many queues to consume (default 5)")
+    parser.add_argument("--served", type=int, default=5, help="combined, pickup: how many queues to consume "
+                                                               "(default 5)")
+    parser.add_argument("--report-to", help="pickup: HOST:PORT that the runner sends its stamps to")
     args = parser.parse_args(argv)
-    if args.what == "combined" and not args.url:
-        parser.error("combined needs --url")
+    if args.what in ("combined", "pickup") and not args.url:
+        parser.error(f"{args.what} needs --url")
+    if args.what == "pickup" and not args.report_to:
+        parser.error("pickup needs --report-to")
     with contextlib.redirect_stdout(sys.stderr):
         if args.what == "process":
             figures = process_floor(args.count)
-        else:
+        elif args.what == "combined":
             figures = combined_floor(args.url, args.count, served=args.served)
+        else:
+            figures = pickup_floor(args.url, args.count, args.report_to, served=args.served)
     print(json.dumps(figures))
     return 0
 
