@@ -835,14 +835,15 @@ class Bench:
                     raise RuntimeError(f"bench/floors.py pickup failed: {loop.communicate(timeout=30)[1][-2000:]}")
                 broker = BenchBroker(f"{self.vhost}-floor", None)
                 broker.declare_build_queue(queues[0], routing_key)  # as floors.py declared it, bound as PyBit's
-                for _ in range(count):
+                for index in range(count):
                     job_id = next(self._job_ids)
                     published = time.time()
                     broker.publish_confirmed(self.body(job_id), routing_key)
                     started = self.stamps.wait("start", job_id)
                     self.stamps.wait("end", job_id)
                     deadline = time.monotonic() + 10
-                    while broker.queue_info(queues[-1])[1] < 1:  # consuming again: idle, as run_one waits
+                    # Consuming again: idle, as run_one waits (after its last message the loop ends).
+                    while index < count - 1 and broker.queue_info(queues[-1])[1] < 1:
                         if time.monotonic() > deadline:
                             raise RuntimeError("bench/floors.py pickup does not consume again")
                         time.sleep(0.002)
