@@ -10,12 +10,14 @@ How a message travels:
    cancelled before the last free slot's message is acknowledged, as below.
 2. It is decoded safely; a bad one is moved to the rejected queue.
 3. A copy goes, with a publisher confirm, to this worker's durable in-progress
-   queue for the job's slot; then the original is acknowledged and the job
-   starts in its own process. Acknowledging at once means the broker's
+   queue for the job's slot; while the broker confirms it, the job is offered
+   to the process waiting for the slot's next job, which reads it; then the
+   original is acknowledged and the process told to run the job (it never
+   runs one before). Acknowledging at once means the broker's
    ``consumer_timeout`` never sees a long build, and a connection that drops
    mid-job cannot make the broker hand the job to someone else. If every slot
-   is now busy, the consumers are cancelled *before* the acknowledgement, so
-   the broker sends nothing more until a slot is free. With the shared
+   is now busy, the consumers are cancelled *before* the acknowledgement (while
+   the copy is confirmed), so the broker sends nothing more until a slot is free. With the shared
    prefetch the cancel needs no reply: the message taken is the only one the
    broker may send until its acknowledgement, which the cancel precedes on
    the same channel (see :meth:`rbit.broker.Broker.cancel`).
