@@ -207,7 +207,7 @@ def test_a_refused_publish_sends_the_unsure_purge_again_first_on_the_new_channel
         broker.purge_nowait(in_progress)
         assert broker.unsure_purges == {in_progress}
 
-        refusing = broker._publisher
+        refusing = broker._publisher.channel
         publish_ = refusing.basic_publish
 
         def taken_then_refused(*args, **kwargs):
@@ -216,10 +216,10 @@ def test_a_refused_publish_sends_the_unsure_purge_again_first_on_the_new_channel
 
         refusing.basic_publish = taken_then_refused
         broker.publish(Outgoing(request_body(2)), in_progress)  # the slot's next copy
-        assert broker._publisher is not refusing
+        assert broker._publisher.channel is not refusing
         assert not broker.unsure_purges
         assert copies(vhost, in_progress) == [2]
-        on_the_new_channel = [event[::2] for event in channels if event[1] is broker._publisher]
+        on_the_new_channel = [event[::2] for event in channels if event[1] is broker._publisher.channel]
         assert on_the_new_channel == [("purge", True), ("copy",)]
     finally:
         let_go(worker)

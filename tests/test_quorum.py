@@ -20,9 +20,8 @@ import uuid
 import amqp
 import pytest
 
-from rbit import broker as broker_module
 from rbit import queues, statuses
-from rbit.broker import Broker, Outgoing
+from rbit.broker import Broker, Outgoing, publisher
 from rbit.config import Address, AmqpSettings
 from rbit.errors import ConnectionLost
 
@@ -296,7 +295,7 @@ def test_a_publish_refused_every_time_fails_as_a_lost_connection(vhost, unique, 
     """Refused confirms: a publish the broker keeps refusing ends, after a bounded
     number of tries, in ConnectionLost (the worker then connects again and does the step again),
     never in success; nothing was added to the queue."""
-    monkeypatch.setattr(broker_module, "PUBLISH_RETRY_WAITS", (0.0, 0.1, 0.1))
+    monkeypatch.setattr(publisher, "PUBLISH_RETRY_WAITS", (0.0, 0.1, 0.1))
     name = f"full-{unique}"
     full_queue(vhost, name)
     broker = connected_broker(vhost)

@@ -4,26 +4,27 @@ Nothing outside this package imports kombu or amqp. Messages come out as
 :class:`Delivery` objects and go in as :class:`Outgoing` ones; every library
 error leaves as an :class:`~rbit.errors.BrokerError` (a :class:`ConnectionLost`
 when connecting again cures it). Which queues rbit uses, and why, is
-:mod:`rbit.queues`'s business; :mod:`.library` holds the translations.
+:mod:`rbit.queues`'s business; :mod:`.library` holds the translations, and
+:mod:`.publisher` the channel that publishes and purges.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Callable
 
 import amqp
 from kombu import Consumer
 
 from ..delivery import Delivery, Outgoing
-from ..errors import BrokerError, ConnectionLost, QueueMissing, QueueUnavailable, Unroutable
+from ..errors import BrokerError, ConnectionLost, QueueMissing, QueueUnavailable
 from ..queues import QueueSpec
 from .library import (
-    _amqp_message, _cancel_unanswered, _close_quietly, _delivery, _forget_consumer, _kombu_queue,
-    _publish_confirmed, _queue_of, _refuses_global_qos, _settle, _short, _translated, _where, connection_for,
+    Batch, _cancel_unanswered, _close_quietly, _delivery, _forget_consumer, _kombu_queue, _queue_of,
+    _refuses_global_qos, _settle, _short, _translated, _where, connection_for,
 )
+from .publisher import Publisher
 
 __all__ = ["Batch", "Broker", "Delivery", "Outgoing", "StopWaiting", "connection_for"]
 
@@ -32,14 +33,7 @@ log = logging.getLogger(__name__)
 #: Reconnection backoff: first wait, step and cap, in seconds.
 RECONNECT_START, RECONNECT_STEP, RECONNECT_MAX = 1.0, 2.0, 30.0
 
-#: Seconds to wait before each new try of a publish the broker refused (basic.nack), on a
-#: fresh channel: the first goes at once, as a quorum queue whose leader has just died
-#: keeps refusing an old channel's publishes for a while but takes a new one's once it
-#: has a new leader. After the last, the publish fails as a lost connection.
-PUBLISH_RETRY_WAITS = (0.0, 0.5, 1.0, 2.0, 4.0)
-
 LOG_CONNECT_FAILED = "cannot reach the broker (%s); next attempt in %.0f s"
-LOG_PUBLISH_REFUSED = "the broker refused a message for %s (basic.nack); it is published again on a new channel"
 LOG_PER_CONSUMER = ("the broker refuses a prefetch shared by all consumers (%s); each consumer now "
                     "gets its own prefetch of 1, and a message that comes beside the one taken is handed back")
 
@@ -56,15 +50,9 @@ class Broker:
         self._channel = None
         #: Publishes go on a channel of their own, which a refused publish replaces
         #: (see :meth:`publish`) without touching the consumers or unsettled messages.
-        #: Purges go there too, so that the broker does each before anything published after it.
-        self._publisher = None
-        #: Queues purged without waiting on the publisher channel (see :meth:`purge_nowait`)
-        #: whose purge no later reply on that channel has yet shown done.
-        self._purges_sent: set[str] = set()
-        #: Queues whose purge is owed and not known done, to be done (again) waiting, by
-        #: :meth:`confirm_purges`: those sent on a connection since lost, and those asked
-        #: for by :meth:`purge_later`. Kept across connections.
-        self._purges_owed: set[str] = set()
+        #: Purges go there too, so that the broker does each before anything published after it;
+        #: the publisher keeps those not yet known done, across connections.
+        self._publisher = Publisher()
         self._consumers = {}
         #: The prefetch count last asked for (see :meth:`qos`).
         self._prefetch = None
@@ -80,7 +68,7 @@ class Broker:
     @property
     def unsure_purges(self) -> frozenset[str]:
         """The queues whose purge is owed and not yet known done (see :meth:`purge_nowait`)."""
-        return frozenset(self._purges_sent | self._purges_owed)
+        return self._publisher.unsure_purges
 
     @property
     def address(self) -> str:
@@ -140,7 +128,7 @@ class Broker:
     def _opened(self, connection):
         self._connection = connection
         self._channel = connection.channel()
-        self._publisher = connection.channel()
+        self._publisher.open(connection)
         log.info("connected to the broker at %s", _where(connection))
 
     def fileno(self) -> int:
@@ -261,74 +249,17 @@ class Broker:
         """Publish *message* and wait for the broker's confirm; *meanwhile*, if given, is called
         once the message is sent, while the broker confirms it (its first try only).
 
-        A refused confirm (basic.nack: the broker did not take the message) is
-        never success: the message is published again on a fresh channel, up
-        to ``len(PUBLISH_RETRY_WAITS)`` more times, and then the publish fails with
-        :class:`~rbit.errors.ConnectionLost`, for the caller to do again once
-        connected again. The message may then be there twice (a broker can
-        refuse a message it took), which each of rbit's uses allows for. With
-        *mandatory*, :class:`~rbit.errors.Unroutable` if the broker returns it.
-        The confirm also shows done the purges sent before it on the channel
-        (see :meth:`purge_nowait`).
+        A refused confirm is tried again on a fresh channel, and in the end fails as a lost
+        connection; with *mandatory*, :class:`~rbit.errors.Unroutable` if the broker returns
+        the message (see :meth:`.Publisher.publish`).
         """
-        returned = []
-        tries = 1 + len(PUBLISH_RETRY_WAITS)
-        for wait in (None, *PUBLISH_RETRY_WAITS):
-            if wait is not None:  # the one before was refused
-                meanwhile = None
-                time.sleep(wait)
-                self._connection.heartbeat_check()
-            publisher = self._publishing()
-            if mandatory:
-                publisher.events["basic_return"].add(lambda *args: returned.append(args))
-            try:
-                _publish_confirmed(publisher, _amqp_message(message), exchange, routing_key, mandatory, meanwhile)
-                break
-            except amqp.exceptions.MessageNacked:
-                log.warning(LOG_PUBLISH_REFUSED, exchange or routing_key)
-                self._publisher = None
-                _close_quietly(publisher)
-        else:
-            raise ConnectionLost(f"the broker refused {tries} times to take a message for {exchange or routing_key!r}")
-        # The broker's confirm came on the channel the purges sent before it went on: done.
-        self._purges_sent.clear()
-        if returned:
-            raise Unroutable(f"no queue is bound to {exchange!r} with the key {routing_key!r}")
-
-    def _publishing(self):
-        """The publisher channel, opened anew after a refused publish closed the one before.
-
-        The purges sent on that one and not yet shown done are sent again on
-        the new one before anything else, so that each still comes before
-        whatever is published after it (see :meth:`purge_nowait`).
-        """
-        if self._publisher is None:
-            self._publisher = self._connection.channel()
-            for queue_name in sorted(self._purges_sent):
-                self._publisher.queue_purge(queue_name, nowait=True)
-        return self._publisher
+        self._publisher.publish(message, routing_key, exchange, mandatory, meanwhile)
 
     @_translated
     def purge_nowait(self, queue_name: str) -> None:
-        """Empty *queue_name* without waiting: ``queue.purge`` with ``nowait`` on the publisher channel.
-
-        rbit purges only an in-progress queue, once its job has had its end
-        (:func:`rbit.queues.release`), and two promises hang on it. No loss:
-        RabbitMQ handles a channel's methods in order, each purge fully before
-        the next method, and the slot's next copy (:func:`rbit.queues.hold`)
-        is published on this same channel, so this purge can never remove it;
-        the slot can take its next job at once. No double run: until the
-        broker is known to have done it, the purge is *unsure*
-        (:attr:`unsure_purges`); any later reply on this channel shows it done
-        (the confirm of the next publish, whatever it is for, or a waiting
-        purge's ``purge_ok``). Should the connection be lost first, it may
-        never have been done, and :meth:`confirm_purges` does it again, waiting,
-        once connected again and before anything is consumed; a clean stop does
-        too. A publish the broker refuses replaces the channel (see
-        :meth:`publish`): the new one gets the purges again first.
-        """
-        self._purges_sent.add(queue_name)  # before it is sent: if sending fails, it stays unsure
-        self._publishing().queue_purge(queue_name, nowait=True)
+        """Empty *queue_name* without waiting, on the publisher channel: unsure until the broker is
+        known to have done it (see :meth:`.Publisher.purge_nowait`, for why it is safe)."""
+        self._publisher.purge_nowait(queue_name)
 
     @_translated
     def purge(self, queue_name: str) -> None:
@@ -336,18 +267,11 @@ class Broker:
 
         The reply also shows done every purge sent before it on that channel.
         """
-        self._publishing().queue_purge(queue_name)
-        self._purges_sent.clear()
-        self._purges_owed.discard(queue_name)
+        self._publisher.purge(queue_name)
 
     def purge_later(self, queue_name: str) -> None:
-        """Owe a purge of *queue_name*, sending nothing now: :meth:`confirm_purges` does it.
-
-        For a copy that may have reached the broker on a connection that just
-        failed, though its job never started (see :mod:`rbit.worker`): the
-        caller connects again, and nothing is put in *queue_name* before then.
-        """
-        self._purges_owed.add(queue_name)
+        """Owe a purge of *queue_name*, sending nothing now: :meth:`confirm_purges` does it."""
+        self._publisher.purge_later(queue_name)
 
     def confirm_purges(self) -> None:
         """Make sure the broker has done every purge not yet known done: each is done again, waiting.
@@ -444,33 +368,15 @@ class Broker:
         A purge sent on it and not yet shown done may or may not have been
         done: it is owed, for :meth:`confirm_purges` on the next connection.
         """
-        self._purges_owed |= self._purges_sent
-        self._purges_sent.clear()
+        self._publisher.close()
         self._consumers.clear()
         self._prefetch = None
-        connection, self._connection, self._channel, self._publisher = self._connection, None, None, None
+        connection, self._connection, self._channel = self._connection, None, None
         if connection is not None:
             try:
                 connection.release()
             except Exception as exc:
                 log.debug("closing the broker connection: %s", exc)
-
-
-class Batch:
-    """Messages taken by :meth:`Broker.take`; closing it returns the unacknowledged ones."""
-
-    def __init__(self, messages, channel):
-        self.messages = messages
-        self._channel = channel
-
-    def close(self):
-        _close_quietly(self._channel)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class StopWaiting(BrokerError):

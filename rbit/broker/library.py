@@ -1,7 +1,7 @@
 """The library side of the broker boundary: kombu connections and queues, amqp messages and errors.
 
 Everything here turns kombu's and amqp's objects into rbit's (:class:`~rbit.delivery.Delivery`,
-:class:`~rbit.queues.QueueSpec`, :class:`~rbit.errors.BrokerError`) or back.
+:class:`Batch`, :class:`~rbit.queues.QueueSpec`, :class:`~rbit.errors.BrokerError`) or back.
 """
 
 from __future__ import annotations
@@ -224,6 +224,23 @@ def _forget_tag(channel, tag) -> None:
     channel.callbacks.pop(tag, None)
     channel.cancel_callbacks.pop(tag, None)
     channel.no_ack_consumers.discard(tag)
+
+
+class Batch:
+    """Messages taken by :meth:`~rbit.broker.Broker.take`; closing it returns the unacknowledged ones."""
+
+    def __init__(self, messages, channel):
+        self.messages = messages
+        self._channel = channel
+
+    def close(self):
+        _close_quietly(self._channel)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _close_quietly(channel):
