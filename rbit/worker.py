@@ -51,20 +51,18 @@ from . import jobs, queues, systemd
 from .broker import StopWaiting
 from .errors import BadMessage, BrokerError, ConnectionLost, NameInUse, QueueLocked, QueueMissing
 from .liveness import Liveness
-from .message import Message
 from .metrics import HealthServer, Metrics
 from .outcome import Stop
-from .pybit import decode_build_request, decode_cancel_request
+from .pybit import decode_cancel_request
 from .reporting import StatusReporter
 from .running import Jobs, RunningJob
 from .serving import Served
+from .taking import JOBS, Taker
 from .wakeup import Wakeup
 from .web import Board
 
 log = logging.getLogger(__name__)
 
-#: Consumer key of the build queues (all cancelled and resumed together).
-JOBS = "jobs"
 #: Consumer key of the worker's own cancel queue.
 CANCELS = "cancels"
 
@@ -93,12 +91,9 @@ class Worker:
         self.jobs.forks = forks
         self.liveness = Liveness(self.settings, self.jobs, idle=self._idle, should_stop=self._give_up_broker,
                                  queue_type=config.amqp.queue_type)
-        #: True while a message is being taken or consumers started: a delivery that
-        #: the broker sends meanwhile (a broker call dispatches what arrives while
-        #: it waits for its reply) is held and taken after, never in the middle.
-        self._taking = False
-        self._held = []
         self.served = Served(config, clock)
+        self.taker = Taker(self.settings, broker, self.jobs, self.liveness, self.served, self.metrics,
+                           stopping=lambda: self.stopping)
         self._recovered = False
         self.stopping = False
         self.stop_deadline = None
@@ -165,7 +160,7 @@ class Worker:
             if self.stopping and not self.slots:
                 self.broker.confirm_purges()  # a clean stop leaves no in-progress copy behind
             self._serve_returned()
-            self._hold_deliveries(self.liveness.tick)
+            self.taker.hold_deliveries(self.liveness.tick)
             self._resume_consuming()
         except ConnectionLost as exc:
             self._reconnect(exc)
@@ -180,7 +175,7 @@ class Worker:
                                 max_pause=self.liveness.max_pause)
         except StopWaiting:
             return False
-        self._held = []  # deliveries of a connection that is gone: the broker has them back
+        self.taker.forget_held()
         try:
             self.served.declare(self.broker)
         except QueueLocked as exc:
@@ -200,7 +195,7 @@ class Worker:
         # taken a job on this connection yet, so none of them holds a running job's copy.
         self.broker.confirm_purges()
         # Once: what an earlier run of this worker left unfinished is put back under its lock.
-        self._hold_deliveries(lambda broker: self.liveness.join(broker, first=not self._recovered))
+        self.taker.hold_deliveries(lambda broker: self.liveness.join(broker, first=not self._recovered))
         self._recovered = True
         self._resume_consuming()
         log.info("serving %s as %s (concurrency %d)", ", ".join(s.queue for s in self.config.runners),
@@ -247,94 +242,12 @@ class Worker:
         if (self.stopping or self.jobs.finishing or self.broker.consuming(JOBS) or self.jobs.free_slot() is None
                 or not self.liveness.joined):
             return
-        # One wait, for the last queue's consume_ok: a refusal of any queue is
-        # raised here. The broker may deliver on the first queues meanwhile; such
-        # a message is held and taken once every consumer is in place, so that
-        # cancelling them then finds them all.
-        self._taking = True
-        try:
-            self.broker.consume(JOBS, self.served.specs(), self._on_message)
-        finally:
-            self._taking = False
-        self._take_held()
+        self.taker.consume()
 
     def _serve_returned(self) -> None:
         """Consume again the served queues whose node was down, once they are back."""
         if self.served.retry(self.broker):
             self.broker.cancel(JOBS)  # resumed at once, with them
-
-    def _on_message(self, queue: str, delivery) -> None:
-        """A build request arrived on *queue*: take it, unless one is being taken (then later)."""
-        self._held.append((queue, delivery))
-        if not self._taking:
-            self._take_held()
-
-    def _hold_deliveries(self, action: Callable) -> None:
-        """Call ``action(broker)``, taking a message that arrives meanwhile only once it is done."""
-        self._taking = True
-        try:
-            action(self.broker)
-        finally:
-            self._taking = False
-        self._take_held()
-
-    def _take_held(self) -> None:
-        while self._held and not self._taking:
-            queue, delivery = self._held.pop(0)
-            self._taking = True
-            try:
-                self._take(queue, delivery)
-            finally:
-                self._taking = False
-
-    def _take(self, queue: str, delivery) -> None:
-        """Start the build request *delivery* from *queue*, or move it to the rejected queue."""
-        slot = self.jobs.free_slot()
-        if self.stopping or slot is None or not self.liveness.joined:
-            # With a prefetch per consumer, a message that came beside the one
-            # that filled the last slot (consumers are cancelled before then);
-            # never hold a message that is not running.
-            self.broker.cancel(JOBS)
-            delivery.requeue()
-            return
-        try:
-            request = decode_build_request(delivery.body)
-        except BadMessage as exc:
-            queues.reject(self.broker, delivery, queue, exc.reason, self.settings.rejected_queue)
-            self.metrics.rejected.labels(queue=queue).inc()
-            return
-        message = Message(body=delivery.text, request=request, queue=queue,
-                          redelivered=delivery.redelivered or bool(queues.recovered_from(delivery)),
-                          headers=dict(delivery.headers), recovered_from=queues.recovered_from(delivery))
-        if self.jobs.holds(message.job_id):
-            log.warning("job %s (%s): already running here; dropping the duplicate", message.job_id, queue)
-            delivery.ack()
-            return
-        last_slot = len(self.slots) + 1 >= self.settings.concurrency
-        self.served.taken_from(queue)
-
-        def while_the_copy_is_confirmed():
-            if last_slot:
-                # No hoarding: the consumers go before the ack below lets the broker send more.
-                self.broker.cancel(JOBS, before_ack=True)
-            self.jobs.offer(slot, queue, message)  # its process reads the job now, runs it at jobs.start
-
-        try:
-            # No loss: this waits for the broker's confirm of the copy, and only then is
-            # the original acknowledged; a worker that dies in between finds the copy.
-            queues.hold(self.broker, delivery, queue, self.settings.name, slot, meanwhile=while_the_copy_is_confirmed)
-            delivery.ack()
-        except BrokerError:
-            # The copy may be on the broker although the job never starts (the connection
-            # broke between the copy and the acknowledgement), and the original comes back:
-            # the copy is removed once connected again, before the slot takes a job.
-            self.jobs.withdraw(slot)
-            self.broker.purge_later(queues.in_progress_name(self.settings.name, slot))
-            raise
-        except BaseException:
-            self.jobs.withdraw(slot)
-            raise
-        self.jobs.start(slot, queue, message, delivery)
 
     # -- Cancelling and stopping ---------------------------------------------------
 

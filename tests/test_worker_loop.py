@@ -375,7 +375,7 @@ def test_a_duplicate_of_a_running_job_is_dropped(harness, server, caplog):
     harness.publish(30, "wait")
     turn_until(worker, lambda: reports(worker).statuses(30) == ["Building"])
     harness.publish(30, "wait")
-    with caplog.at_level(logging.WARNING, logger="rbit.worker"):
+    with caplog.at_level(logging.WARNING, logger="rbit.taking"):
         turn_until(worker, lambda: server.depth(QUEUE) == 0 and not server.unacked())
     assert "job 30 (cnx_any_latex_pdf): already running here; dropping the duplicate" in caplog.text
     assert server.depth(in_progress(worker, 1)) == 0

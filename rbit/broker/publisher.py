@@ -156,7 +156,7 @@ class Publisher:
         """Owe a purge of *queue_name*, sending nothing now: :meth:`~rbit.broker.Broker.confirm_purges` does it.
 
         For a copy that may have reached the broker on a connection that just
-        failed, though its job never started (see :mod:`rbit.worker`): the
+        failed, though its job never started (see :mod:`rbit.taking`): the
         caller connects again, and nothing is put in *queue_name* before then.
         """
         self._purges_owed.add(queue_name)
