@@ -27,6 +27,9 @@ LOG_JOB_END = "job %s: %s %s from %s ended %s in %.1f s%s"
 LOG_JOB_DROPPED = "job %s: %s %s from %s not run: %s"
 LOG_JOB_LOST = "job %s: %s %s from %s lost: %s"
 
+#: The outcome in the log's metadata of an attempt withdrawn before it ran (see :meth:`Jobs.withdraw`).
+NOT_RUN = "not run"
+
 #: How the worker writes a record of the job's own into its log (as the job's process would).
 _JOB_LOG_FORMATTER = logging.Formatter(JOB_LOG_FORMAT)
 
@@ -85,10 +88,12 @@ class Jobs:
         self._watched_forks = None
         self.ready = Ready(self.settings.concurrency)
         self.slots: dict[int, RunningJob] = {}
-        #: The process each slot's next job was offered to (see :meth:`offer`), or why none took it.
-        self.offered: dict[int, jobs.JobProcess | OSError] = {}
+        #: Each slot's next job, offered to its process (see :meth:`offer`), and why no process took it.
+        self.offered: dict[int, tuple[RunningJob, OSError | None]] = {}
         #: Jobs that ended, in order, whose messages wait for their end on the broker.
         self.finishing: list[RunningJob] = []
+        #: The logs of jobs that ended, to be closed by close_logs: (log, last line, how the job ended).
+        self._ended_logs: list[tuple[JobLog, str, dict]] = []
 
     def free_slot(self) -> int | None:
         return next((slot for slot in range(self.settings.concurrency) if slot not in self.slots), None)
@@ -118,18 +123,28 @@ class Jobs:
         self.ready.close()
 
     def offer(self, slot: int, queue: str, message: Message) -> None:
-        """Hand *message*'s job to a waiting process for *slot*, to run at :meth:`start`: the
-        process reads it while the broker confirms the message's copy. Any error waits for start."""
+        """Hand *message*'s job to a waiting process for *slot*, to run at :meth:`start`, and open
+        its log: both while the broker confirms the message's copy. Any error waits for start."""
+        section = self.config.runner_for(queue)
+        job = RunningJob(slot, queue, message, None, None, self.clock(), section.timeout)
+        error = None
         try:
-            self.offered[slot] = self._give(message, self.config.runner_for(queue).runner)
+            job.process = self._give(message, section.runner)
         except OSError as exc:
-            self.offered[slot] = exc
+            error = exc
+        job.log = self._open_log(job)
+        self.offered[slot] = (job, error)
 
     def withdraw(self, slot: int) -> None:
-        """The job offered for *slot* will not run (its message could not be held): its process goes."""
+        """The job offered for *slot* will not run (its message could not be held): its process goes,
+        and its log says so."""
         offered = self.offered.pop(slot, None)
-        if isinstance(offered, jobs.JobProcess):
-            self.ready.discard(offered)
+        if offered is None:
+            return
+        job, _ = offered
+        if job.process is not None:
+            self.ready.discard(job.process)
+        job.log.close(f"rbit: job {job.job_id} not run here: its message could not be held", outcome=NOT_RUN)
 
     def _give(self, message: Message, runner) -> jobs.JobProcess:
         """A waiting process offered *message*'s job; OSError if none takes it."""
@@ -147,15 +162,14 @@ class Jobs:
 
     def _begin(self, job: RunningJob, runner) -> None:
         """Run *job* in the process it was offered to (or in another if that one is gone)."""
-        offered = self.offered.pop(job.slot, None)
-        if isinstance(offered, jobs.JobProcess):
+        if job.process is not None:
             try:
-                offered.go()
-                job.process = offered
+                job.process.go()
                 return
             except OSError as exc:
                 log.warning("the job process offered job %s was gone (%s); starting another", job.job_id, exc)
-                self.ready.discard(offered)
+                self.ready.discard(job.process)
+                job.process = None
         process = self._give(job.message, runner)
         try:
             process.go()
@@ -167,17 +181,20 @@ class Jobs:
     def start(self, slot: int, queue: str, message: Message, delivery) -> None:
         """Run the job offered for *slot* (:meth:`offer`): its message is held now."""
         section = self.config.runner_for(queue)
-        job = RunningJob(slot, queue, message, delivery, None, self.clock(), section.timeout)
+        job, _ = self.offered.pop(slot, None) or (
+            RunningJob(slot, queue, message, None, None, self.clock(), section.timeout), None)
+        job.delivery, job.started = delivery, self.clock()
+        if job.log is None:
+            job.log = self._open_log(job)
         self.slots[slot] = job
+        if self.board is not None:
+            self.board.started(job.job_id, self._fields(job), job.log)
         try:
             self._begin(job, section.runner)
         except OSError as exc:
-            job.log = self._open_log(job)
             log.error("job %s (%s): cannot start its process: %s", job.job_id, queue, exc)
             self._end(job, f"cannot start the job's process: {exc}")
             return
-        # The job runs meanwhile: what it writes waits in its pipe, read below, after the log's first line.
-        job.log = self._open_log(job)
         log.info(LOG_JOB_START, *job.describe(), slot)
         process = job.process
         self.wakeup.watch(process.conn.fileno(), ("pipe", slot))  # its exit comes from the fork server
@@ -185,21 +202,29 @@ class Jobs:
         job.output.read(self.clock())
         self.warm_up()  # the slot's next process forks while this job runs, not between two jobs
 
+    @staticmethod
+    def _fields(job: RunningJob) -> dict:
+        _, package, version, queue = job.describe()
+        return {"package": package, "version": version, "queue": queue, "slot": job.slot}
+
     def _open_log(self, job: RunningJob) -> JobLog:
         """The job's log: a new attempt's file, begun with a line of rbit's."""
         echo = None
         if self.settings.log_echo:
             output = logging.getLogger("rbit.output")
             echo = lambda line: output.info("job %s (%s): %s", job.job_id, job.queue, line)  # noqa: E731
-        job_id, package, version, queue = job.describe()
-        fields = {"package": package, "version": version, "queue": queue, "slot": job.slot}
-        opened = JobLog.open(self.log_dir, job_id, self.settings.log_max, {"worker": self.settings.name, **fields},
+        fields = self._fields(job)
+        opened = JobLog.open(self.log_dir, job.job_id, self.settings.log_max, {"worker": self.settings.name, **fields},
                              echo=echo)
-        opened.note(f"rbit: job {job_id}: {package} {version} from {queue}, attempt {opened.attempt}, "
-                    f"worker {self.settings.name}, {time.strftime('%Y-%m-%d %H:%M:%S %z')}")
-        if self.board is not None:
-            self.board.started(job_id, fields, opened)
+        opened.note(f"rbit: job {job.job_id}: {fields['package']} {fields['version']} from {job.queue}, attempt "
+                    f"{opened.attempt}, worker {self.settings.name}, {time.strftime('%Y-%m-%d %H:%M:%S %z')}")
         return opened
+
+    def close_logs(self) -> None:
+        """Close the logs of the jobs that ended since the last call: their last line, their metadata."""
+        while self._ended_logs:
+            joblog, line, end = self._ended_logs.pop(0)
+            joblog.close(line, **end)
 
     def prepare_logs(self) -> None:
         """Make the log directory and remove the logs older than ``log_keep`` (at start, then hourly)."""
@@ -366,9 +391,11 @@ class Jobs:
         else:
             log.info(LOG_JOB_END, *job.describe(), decision.outcome, duration,
                      f": {decision.text}" if decision.text else "")
-        job.log.close(f"rbit: job {job.job_id} ended {decision.outcome} in {duration:.1f} s"
-                      + (f": {decision.text}" if decision.text else ""), outcome=decision.outcome,
-                      duration=round(duration, 3), text=decision.text)
+        # Its last line and metadata wait for close_logs: at the end of the loop's turn, or while the
+        # broker confirms the copy of a job taken before then, when they are off the next job's way.
+        self._ended_logs.append((job.log, f"rbit: job {job.job_id} ended {decision.outcome} in {duration:.1f} s"
+                                 + (f": {decision.text}" if decision.text else ""),
+                                 {"outcome": decision.outcome, "duration": round(duration, 3), "text": decision.text}))
         if self.board is not None:
             self.board.ended(job.job_id, decision.outcome, duration)
         self.finishing.append(job)

@@ -148,6 +148,12 @@ class Worker:
         if self._done():
             return
         self.wakeup.wait(self._timeout(self.clock()))
+        try:
+            self._turn()
+        finally:
+            self.jobs.close_logs()  # of the jobs that ended, unless a job taken since did it (rbit.taking)
+
+    def _turn(self) -> None:
         self.liveness.check()  # before any job's news: a fenced worker reports nothing more
         self.jobs.service()
         if not self.broker.connected:
@@ -334,6 +340,7 @@ class Worker:
             except BrokerError as exc:
                 log.debug("could not leave the registry: %s", exc)
         self.broker.close()
+        self.jobs.close_logs()
         self.jobs.cool_down()
         self.reporter.stop(REPORT_FLUSH_TIMEOUT)
         if self.http is not None:

@@ -20,7 +20,15 @@ from rbit import config as rbit_config
 from rbit import jobs, queues
 from rbit.delivery import Outgoing
 from rbit.errors import ConnectionLost, JobOutcome, NameInUse, QueueLocked, QueueMissing
-from rbit.queues import HEADER_QUEUE, HEADER_REASON, HEADER_RECOVERED, PYBIT_EXCHANGE, QueueSpec
+from rbit.logdir import read_meta
+from rbit.queues import (
+    HEADER_QUEUE,
+    HEADER_REASON,
+    HEADER_RECOVERED,
+    PYBIT_EXCHANGE,
+    QueueSpec,
+)
+from rbit.running import NOT_RUN
 from rbit.worker import CANCELS, JOBS, Worker
 
 from .harness import alive, wait_until, write_config
@@ -502,6 +510,8 @@ def test_a_copy_whose_original_came_back_does_not_outlive_it(harness, server, an
     was acknowledged: the original comes back and runs (here on a second worker), and the first
     worker removes its copy when it reconnects, so that its next start does not run the job again."""
     first, second = harness.worker("w1"), harness.worker("w2")  # w1 consumes first: it gets the job
+    logs = first.jobs.log_dir / "80"
+    earlier = set(logs.glob("*.log"))  # the log directory outlives a test
     first.broker.drop_after("publish", lambda message, routing_key, *_: routing_key == in_progress(first),
                             answered=answered)
     harness.publish(80)
@@ -514,6 +524,10 @@ def test_a_copy_whose_original_came_back_does_not_outlive_it(harness, server, an
     assert server.depth(QUEUE) == 0 and server.unacked() == []
     assert reports(first).reports == [] and reports(second).statuses(80) == ["Building", "Done"]
     assert harness.runs() == [(80, 1)]
+    # The first worker had opened the job's log while the copy was confirmed: it says the job did not run.
+    attempts = [path for path in set(logs.glob("*.log")) - earlier if read_meta(path).get("worker") == "w1"]
+    assert [read_meta(path)["outcome"] for path in attempts] == [NOT_RUN]
+    assert "not run here: its message could not be held" in attempts[0].read_text()
 
 
 # -- Holding only what it runs -----------------------------------------------------------
