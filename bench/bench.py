@@ -1207,7 +1207,7 @@ def pickup_bound_line(r, floors):
     text = (f"pickup p50: {value:.1f} ms (target <= {PICKUP_P50} ms). Measured floor, the promises' steps for one "
             f"message and its warm process in a bare loop (no rbit loop): {floor:.1f} ms (p99 "
             f"{floors['pickup_floor_p99_ms']:.1f} ms, mean {floors['pickup_floor_mean_ms']:.1f} ms); rbit takes "
-            f"{value - floor:+.1f} ms more. Of the floor, the in-progress copy's confirm alone takes "
+            f"{abs(value - floor):.1f} ms {'more' if value >= floor else 'less (the two are measured apart)'}. Of the floor, the in-progress copy's confirm alone takes "
             f"{floors['pickup_floor_confirm_p50_ms']:.1f} ms (p50). ")
     if floor > PICKUP_P50:
         text += (f"Target below the measured floor that stops it ({PICKUP_P50} ms < {floor:.1f} ms): the promises' "
