@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,7 +11,7 @@ from .capture import Output
 from .child import JOB_LOG_FORMAT
 from .errors import UnknownStatus
 from .joblog import JobLog
-from .logdir import default_log_dir, sweep
+from .logkeeping import LogKeeper
 from .message import Message
 from .outcome import Decision, Ended, Fate, Result, Stop, decide
 from .ready import Ready
@@ -32,9 +30,6 @@ NOT_RUN = "not run"
 
 #: How the worker writes a record of the job's own into its log (as the job's process would).
 _JOB_LOG_FORMATTER = logging.Formatter(JOB_LOG_FORMAT)
-
-#: Seconds between two removals of job logs older than ``log_keep``.
-SWEEP_PERIOD = 3600.0
 
 
 @dataclass
@@ -81,8 +76,7 @@ class Jobs:
         self.wakeup = wakeup
         self.clock = clock
         self.board = board
-        self.log_dir = self.settings.log_dir or default_log_dir(os.environ)
-        self.next_sweep = clock() + SWEEP_PERIOD
+        self.logs = LogKeeper(self.settings, clock)
         #: The fork server that starts the job processes (rbit.forkserver), once there is one.
         self.forks = None
         self._watched_forks = None
@@ -92,8 +86,6 @@ class Jobs:
         self.offered: dict[int, tuple[RunningJob, OSError | None]] = {}
         #: Jobs that ended, in order, whose messages wait for their end on the broker.
         self.finishing: list[RunningJob] = []
-        #: The logs of jobs that ended, to be closed by close_logs: (log, last line, how the job ended).
-        self._ended_logs: list[tuple[JobLog, str, dict]] = []
 
     def free_slot(self) -> int | None:
         return next((slot for slot in range(self.settings.concurrency) if slot not in self.slots), None)
@@ -208,47 +200,15 @@ class Jobs:
         return {"package": package, "version": version, "queue": queue, "slot": job.slot}
 
     def _open_log(self, job: RunningJob) -> JobLog:
-        """The job's log: a new attempt's file, begun with a line of rbit's."""
-        echo = None
-        if self.settings.log_echo:
-            output = logging.getLogger("rbit.output")
-            echo = lambda line: output.info("job %s (%s): %s", job.job_id, job.queue, line)  # noqa: E731
-        fields = self._fields(job)
-        opened = JobLog.open(self.log_dir, job.job_id, self.settings.log_max, {"worker": self.settings.name, **fields},
-                             echo=echo)
-        opened.note(f"rbit: job {job.job_id}: {fields['package']} {fields['version']} from {job.queue}, attempt "
-                    f"{opened.attempt}, worker {self.settings.name}, {time.strftime('%Y-%m-%d %H:%M:%S %z')}")
-        return opened
-
-    def close_logs(self) -> None:
-        """Close the logs of the jobs that ended since the last call: their last line, their metadata."""
-        while self._ended_logs:
-            joblog, line, end = self._ended_logs.pop(0)
-            joblog.close(line, **end)
-
-    def prepare_logs(self) -> None:
-        """Make the log directory and remove the logs older than ``log_keep`` (at start, then hourly)."""
-        try:
-            self.log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-        except OSError as exc:
-            log.warning("cannot make the job log directory %s (%s): job output is lost until it can", self.log_dir,
-                        exc.strerror)
-        self.sweep_logs(self.clock())
-
-    def sweep_logs(self, now: float) -> None:
-        self.next_sweep = now + SWEEP_PERIOD
-        removed = sweep(self.log_dir, self.settings.log_keep, {job.job_id for job in self.slots.values()})
-        if removed:
-            log.info("removed %d job log file(s) older than %g days from %s", removed, self.settings.log_keep,
-                     self.log_dir)
+        return self.logs.open(job.job_id, self._fields(job))
 
     def service(self) -> None:
         """Read every job's news, stop jobs past their time, and end the jobs that exited."""
         if self.forks is not None:
             self.forks.read()  # pids and exits: the socket is emptied at each wake-up
         now = self.clock()
-        if now >= self.next_sweep:
-            self.sweep_logs(now)
+        if self.logs.due(now):
+            self.logs.sweep(now, [job.job_id for job in self.slots.values()])
         for job in self.running():
             job.output.read(now)
             self._news(job)
@@ -391,11 +351,11 @@ class Jobs:
         else:
             log.info(LOG_JOB_END, *job.describe(), decision.outcome, duration,
                      f": {decision.text}" if decision.text else "")
-        # Its last line and metadata wait for close_logs: at the end of the loop's turn, or while the
-        # broker confirms the copy of a job taken before then, when they are off the next job's way.
-        self._ended_logs.append((job.log, f"rbit: job {job.job_id} ended {decision.outcome} in {duration:.1f} s"
-                                 + (f": {decision.text}" if decision.text else ""),
-                                 {"outcome": decision.outcome, "duration": round(duration, 3), "text": decision.text}))
+        # Its last line and metadata wait: at the end of the loop's turn, or while the broker
+        # confirms the copy of a job taken before then, they are off the next job's way.
+        self.logs.ended(job.log, f"rbit: job {job.job_id} ended {decision.outcome} in {duration:.1f} s"
+                        + (f": {decision.text}" if decision.text else ""), outcome=decision.outcome,
+                        duration=round(duration, 3), text=decision.text)
         if self.board is not None:
             self.board.ended(job.job_id, decision.outcome, duration)
         self.finishing.append(job)

@@ -109,7 +109,7 @@ class Taker:
                 # No hoarding: the consumers go before the ack below lets the broker send more.
                 self.broker.cancel(JOBS, before_ack=True)
             self.jobs.offer(slot, queue, message)  # its process reads the job now, runs it at jobs.start
-            self.jobs.close_logs()  # those of jobs that ended before: their last lines, off the way of this one
+            self.jobs.logs.close_ended()  # those of jobs that ended before: their last lines, off the way of this one
 
         try:
             # No loss: this waits for the broker's confirm of the copy, and only then is

@@ -86,7 +86,7 @@ class Worker:
         self.metrics.running.set_function(lambda: len(self.running()))
         self.wakeup = Wakeup()
         self.jobs = Jobs(config, self.reporter, self.metrics, self.wakeup, clock)
-        self.jobs.board = self.board = Board(self.settings.name, self.jobs.log_dir)
+        self.jobs.board = self.board = Board(self.settings.name, self.jobs.logs.log_dir)
         self.http = HealthServer(self.settings.http, self.metrics, self.health, self.board) if self.settings.http else None
         self.jobs.forks = forks
         self.liveness = Liveness(self.settings, self.jobs, idle=self._idle, should_stop=self._give_up_broker,
@@ -112,7 +112,7 @@ class Worker:
         """Connect, serve until stopped, and hand back every running job's message."""
         restore = self.wakeup.on_signals(self._on_signal)
         self.reporter.start()
-        self.jobs.prepare_logs()
+        self.jobs.logs.prepare(self.clock())
         if self.http is not None:
             self.http.start()
         own_forks = self.jobs.forks is None
@@ -151,7 +151,7 @@ class Worker:
         try:
             self._turn()
         finally:
-            self.jobs.close_logs()  # of the jobs that ended, unless a job taken since did it (rbit.taking)
+            self.jobs.logs.close_ended()  # of the jobs that ended, unless a job taken since did it (rbit.taking)
 
     def _turn(self) -> None:
         self.liveness.check()  # before any job's news: a fenced worker reports nothing more
@@ -340,7 +340,7 @@ class Worker:
             except BrokerError as exc:
                 log.debug("could not leave the registry: %s", exc)
         self.broker.close()
-        self.jobs.close_logs()
+        self.jobs.logs.close_ended()
         self.jobs.cool_down()
         self.reporter.stop(REPORT_FLUSH_TIMEOUT)
         if self.http is not None:

@@ -510,7 +510,7 @@ def test_a_copy_whose_original_came_back_does_not_outlive_it(harness, server, an
     was acknowledged: the original comes back and runs (here on a second worker), and the first
     worker removes its copy when it reconnects, so that its next start does not run the job again."""
     first, second = harness.worker("w1"), harness.worker("w2")  # w1 consumes first: it gets the job
-    logs = first.jobs.log_dir / "80"
+    logs = first.jobs.logs.log_dir / "80"
     earlier = set(logs.glob("*.log"))  # the log directory outlives a test
     first.broker.drop_after("publish", lambda message, routing_key, *_: routing_key == in_progress(first),
                             answered=answered)
