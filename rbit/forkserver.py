@@ -226,6 +226,15 @@ def main(fd: int, preload: str) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     control.send(RECORD.pack(b"r", 0, 0))
+    try:
+        _serve(control, wake_r, wake_w)
+    except ConnectionError:  # a record for a worker that is gone: so is its server
+        pass
+
+
+def _serve(control, wake_r: int, wake_w: int) -> None:
+    """Fork on each request and report each exit, until the worker goes (ConnectionError if it goes
+    while a record is on its way to it)."""
     while True:
         readable = select.select([control, wake_r], [], [])[0]
         if wake_r in readable:

@@ -142,6 +142,30 @@ def test_a_fork_server_that_died_is_replaced_and_its_children_count_as_lost(serv
     again.close()
 
 
+def test_a_server_whose_worker_went_while_it_reported_an_exit_ends_quietly():
+    """The worker closes its end as a child's exit is being reported: the server ends with status 0,
+    not with a traceback of the record it could not send."""
+    made = jobs.fork_server()
+    process = jobs.JobProcess(made)
+    process.start()
+    pid = process.pid
+    os.kill(made.process.pid, signal.SIGSTOP)  # so that it finds both at once when it goes on
+    try:
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: _state(pid) == "Z", 5), "the child did not die"
+        made.sock.close()
+        made.sock = None
+    finally:
+        os.kill(made.process.pid, signal.SIGCONT)
+    assert made.process.wait(5) == 0
+    process.close()
+
+
+def _state(pid):
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
 def test_the_server_ends_with_its_worker_and_its_children_with_their_pipes(tmp_path):
     """A worker killed with SIGKILL: its fork server sees its socket close and ends; a waiting job
     process sees its pipe close and ends too."""
