@@ -82,8 +82,8 @@ class Jobs:
         self._watched_forks = None
         self.ready = Ready(self.settings.concurrency)
         self.slots: dict[int, RunningJob] = {}
-        #: Each slot's next job, offered to its process (see :meth:`offer`), and why no process took it.
-        self.offered: dict[int, tuple[RunningJob, OSError | None]] = {}
+        #: Each slot's next job, offered to its process (see :meth:`offer`); none if no process took it.
+        self.offered: dict[int, RunningJob] = {}
         #: Jobs that ended, in order, whose messages wait for their end on the broker.
         self.finishing: list[RunningJob] = []
 
@@ -116,24 +116,22 @@ class Jobs:
 
     def offer(self, slot: int, queue: str, message: Message) -> None:
         """Hand *message*'s job to a waiting process for *slot*, to run at :meth:`start`, and open
-        its log: both while the broker confirms the message's copy. Any error waits for start."""
+        its log: both while the broker confirms the message's copy."""
         section = self.config.runner_for(queue)
         job = RunningJob(slot, queue, message, None, None, self.clock(), section.timeout)
-        error = None
         try:
             job.process = self._give(message, section.runner)
-        except OSError as exc:
-            error = exc
+        except OSError:
+            pass  # start tries again, and says why if no process takes the job then either
         job.log = self._open_log(job)
-        self.offered[slot] = (job, error)
+        self.offered[slot] = job
 
     def withdraw(self, slot: int) -> None:
         """The job offered for *slot* will not run (its message could not be held): its process goes,
         and its log says so."""
-        offered = self.offered.pop(slot, None)
-        if offered is None:
+        job = self.offered.pop(slot, None)
+        if job is None:
             return
-        job, _ = offered
         if job.process is not None:
             self.ready.discard(job.process)
         job.log.close(f"rbit: job {job.job_id} not run here: its message could not be held", outcome=NOT_RUN)
@@ -173,8 +171,8 @@ class Jobs:
     def start(self, slot: int, queue: str, message: Message, delivery) -> None:
         """Run the job offered for *slot* (:meth:`offer`): its message is held now."""
         section = self.config.runner_for(queue)
-        job, _ = self.offered.pop(slot, None) or (
-            RunningJob(slot, queue, message, None, None, self.clock(), section.timeout), None)
+        job = self.offered.pop(slot, None) or RunningJob(slot, queue, message, None, None, self.clock(),
+                                                         section.timeout)
         job.delivery, job.started = delivery, self.clock()
         if job.log is None:
             job.log = self._open_log(job)

@@ -17,8 +17,8 @@ How a message travels:
    ``consumer_timeout`` never sees a long build, and a connection that drops
    mid-job cannot make the broker hand the job to someone else. If every slot
    is now busy, the consumers are cancelled *before* the acknowledgement (while
-   the copy is confirmed), so the broker sends nothing more until a slot is free. With the shared
-   prefetch the cancel needs no reply: the message taken is the only one the
+   the copy is confirmed), so the broker sends nothing more until a slot is
+   free. With the shared prefetch the cancel needs no reply: the message taken is the only one the
    broker may send until its acknowledgement, which the cancel precedes on
    the same channel (see :meth:`rbit.broker.Broker.cancel`).
 4. The job ends; :func:`rbit.outcome.decide` says what to report and what the
