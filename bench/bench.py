@@ -370,6 +370,18 @@ class BenchBroker:
         return self.markers[body]
 
 
+def wait_for_consumer(broker, queue, who, timeout=10.0, check=lambda: None):
+    """Wait until *queue* has a consumer (*who* consumes again), calling *check* at each look;
+    TimeoutError after *timeout*."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        check()
+        if broker.queue_info(queue)[1] >= 1:
+            return
+        time.sleep(0.002)
+    raise TimeoutError(f"{who} does not consume its queues")
+
+
 class Stamps:
     """Receives the runners' UDP datagrams (``start|end JOB_ID TIME``) in a thread."""
 
@@ -599,14 +611,8 @@ class Bench:
         The worker starts its consumers one queue at a time, in the order of the
         configuration, so the last queue having its consumer means all have.
         """
-        last = self.queue(list(self.QUEUES)[-1])
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.worker.check_alive()
-            if self.broker.queue_info(last)[1] >= 1:
-                return
-            time.sleep(0.002)
-        raise TimeoutError("the worker does not consume its queues")
+        wait_for_consumer(self.broker, self.queue(list(self.QUEUES)[-1]), "the worker", timeout,
+                          check=self.worker.check_alive)
 
     def run_one(self, kind="lat"):
         """Publish one request; once the worker is idle again, return (job id, publish time, start, end)."""
@@ -841,12 +847,8 @@ class Bench:
                     broker.publish_confirmed(self.body(job_id), routing_key)
                     started = self.stamps.wait("start", job_id)
                     self.stamps.wait("end", job_id)
-                    deadline = time.monotonic() + 10
-                    # Consuming again: idle, as run_one waits (after its last message the loop ends).
-                    while index < count - 1 and broker.queue_info(queues[-1])[1] < 1:
-                        if time.monotonic() > deadline:
-                            raise RuntimeError("bench/floors.py pickup does not consume again")
-                        time.sleep(0.002)
+                    if index < count - 1:  # consuming again: idle, as run_one waits (after its last, it ends)
+                        wait_for_consumer(broker, queues[-1], "bench/floors.py pickup")
                     samples.append((started - published) * 1000)
                 out, err = loop.communicate(timeout=60)
             except BaseException:

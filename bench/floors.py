@@ -217,16 +217,27 @@ def _run_to_exit(process):
     return 0 if process.finished else process.exitcode
 
 
-def process_loop(forks, runner, message, count, overlapped, lease):
-    """Processes/s of *count* jobs: start, begin, wait for the exit, close; the next started
-    after the exit (sequential) or right after the current one's begin (*overlapped*)."""
-    from rbit.jobs import JobProcess
+def _process_starter(runners):
+    """A function that starts a job process, waiting for its job, from rbit's fork server, which
+    preloads the modules of *runners* as the worker's does; each process holds a lease as the
+    worker's do, one that never runs out here."""
+    from rbit import jobs
+    from rbit.lease import clock
+
+    forks = jobs.fork_server(jobs.runner_modules([types.SimpleNamespace(runner=runner) for runner in runners]))
+    lease = clock() + 3600.0
 
     def started():
-        process = JobProcess(forks)
+        process = jobs.JobProcess(forks)
         process.start(lease=lease)
         return process
 
+    return started
+
+
+def process_loop(started, runner, message, count, overlapped):
+    """Processes/s of *count* jobs: start (with *started*), begin, wait for the exit, close; the
+    next started after the exit (sequential) or right after the current one's begin (*overlapped*)."""
     failed = 0
     waiting = started() if overlapped else None
     t0 = time.perf_counter()
@@ -252,24 +263,20 @@ def process_floor(count, rounds=3):
     rate over all rounds is given too). Returns ``{kind: {mode: rate, mode + "_all": rate}}``.
     """
     sys.path[:0] = [str(ROOT), str(BENCH)]
-    from rbit import jobs
-    from rbit.lease import clock
     from rbit.runners import load
 
     runners = {kind: load(line, {}) for kind, line in PROCESS_RUNNERS.items()}
-    sections = [types.SimpleNamespace(runner=runner) for runner in runners.values()]
-    forks = jobs.fork_server(jobs.runner_modules(sections))  # as the worker preloads its runners
+    started = _process_starter(runners.values())
     message = _job_message()
-    lease = clock() + 3600.0  # held by each process as the worker's is; never runs out here
     per_round = max(1, count // rounds)
     figures = {"n": per_round * rounds, "rounds": rounds, "failed": []}
     for kind, runner in runners.items():
         rates = {"sequential": [], "overlapped": []}
         for mode in rates:
-            process_loop(forks, runner, message, WARM_UP, mode == "overlapped", lease)
+            process_loop(started, runner, message, WARM_UP, mode == "overlapped")
         for _ in range(rounds):
             for mode, found in rates.items():
-                rate, failed = process_loop(forks, runner, message, per_round, mode == "overlapped", lease)
+                rate, failed = process_loop(started, runner, message, per_round, mode == "overlapped")
                 found.append(rate)
                 if failed:
                     figures["failed"].append(f"{kind} {mode}: {failed} of {per_round} exited non-zero")
@@ -374,25 +381,15 @@ def combined_floor(url, count, served=5, rounds=3, timeout=120.0):
     Returns ``{kind: {"rate": rate, "all": rate}}`` and the counts.
     """
     sys.path[:0] = [str(ROOT), str(BENCH)]
-    from rbit import jobs
-    from rbit.lease import clock
     from rbit.pybit import encode, make_request
     from rbit.runners import load
 
     runners = {kind: load(line, {}) for kind, line in PROCESS_RUNNERS.items()}
-    sections = [types.SimpleNamespace(runner=runner) for runner in runners.values()]
-    forks = jobs.fork_server(jobs.runner_modules(sections))  # as the worker preloads its runners
-    lease = clock() + 3600.0
+    started = _process_starter(runners.values())
     per_round = max(1, count // rounds)
     total = len(runners) * (WARM_UP + per_round * rounds)
     bodies = [encode(make_request(job_id, "hello", "1.0", "bench", "any", "x", "x")) for job_id in range(1, total + 1)]
     queues, in_progress = _preload(url, bodies, served, timeout)
-
-    def started():
-        process = jobs.JobProcess(forks)
-        process.start(lease=lease)
-        return process
-
     figures = {"n": per_round * rounds, "rounds": rounds, "queues": served, "failed": []}
     rates = {kind: [] for kind in runners}
     with Connection(url) as conn:
@@ -424,20 +421,11 @@ def pickup_floor(url, count, report_to, served=5, timeout=120.0):
     returns the confirm times of the copies (ms), the copy alone being most of a pickup.
     """
     sys.path[:0] = [str(ROOT), str(BENCH)]
-    from rbit import jobs
-    from rbit.lease import clock
     from rbit.runners import load
 
     runner = load("python!runners:stamp", {"report_to": report_to})
-    forks = jobs.fork_server(jobs.runner_modules([types.SimpleNamespace(runner=runner)]))
-    lease = clock() + 3600.0
+    started = _process_starter([runner])
     queues, in_progress = _preload(url, [], served, timeout)
-
-    def started():
-        process = jobs.JobProcess(forks)
-        process.start(lease=lease)
-        return process
-
     failed = 0
     with Connection(url) as conn:
         loop = _loop(conn, queues, in_progress, started)
