@@ -135,6 +135,8 @@ class Jobs:
         if job.process is not None:
             self.ready.discard(job.process)
         job.log.close(f"rbit: job {job.job_id} not run here: its message could not be held", outcome=NOT_RUN)
+        if self.board is not None:
+            self.board.ended(job.job_id, NOT_RUN, 0.0)
 
     def _give(self, message: Message, runner) -> jobs.JobProcess:
         """A waiting process offered *message*'s job; OSError if none takes it."""
@@ -177,8 +179,6 @@ class Jobs:
         if job.log is None:
             job.log = self._open_log(job)
         self.slots[slot] = job
-        if self.board is not None:
-            self.board.started(job.job_id, self._fields(job), job.log)
         try:
             self._begin(job, section.runner)
         except OSError as exc:
@@ -198,7 +198,13 @@ class Jobs:
         return {"package": package, "version": version, "queue": queue, "slot": job.slot}
 
     def _open_log(self, job: RunningJob) -> JobLog:
-        return self.logs.open(job.job_id, self._fields(job))
+        """The job's log, opened; the live page follows it from now on (a reader of the file would
+        otherwise take the job for ended)."""
+        fields = self._fields(job)
+        opened = self.logs.open(job.job_id, fields)
+        if self.board is not None:
+            self.board.started(job.job_id, fields, opened)
+        return opened
 
     def service(self) -> None:
         """Read every job's news, stop jobs past their time, and end the jobs that exited."""
