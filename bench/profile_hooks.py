@@ -151,7 +151,7 @@ def install_worker_hooks():
     # The worker's callback for a delivery, under the name bench/profile_worker.py reads.
     _timed(taking.Taker, "on_message", "worker._on_message")
     _timed(queues, "hold", "queues.hold")
-    _timed(running.Jobs, "start", "jobs.start", info=lambda _, self, slot, queue, message, delivery: message.job_id)
+    _timed(running.Jobs, "start", "jobs.start", info=lambda _, self, slot, delivery: self.slots[slot].job_id)
     _timed(running.Jobs, "_open_log", "jobs._open_log", info=lambda _, self, job: job.job_id)
     _timed(running.Jobs, "_begin", "jobs._begin", info=lambda _, self, job, runner: job.job_id)
     _timed(running.Jobs, "offer", "jobs.offer", info=lambda _, self, slot, queue, message: message.job_id)

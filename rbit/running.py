@@ -170,19 +170,16 @@ class Jobs:
             raise
         job.process = process
 
-    def start(self, slot: int, queue: str, message: Message, delivery) -> None:
-        """Run the job offered for *slot* (:meth:`offer`): its message is held now."""
-        section = self.config.runner_for(queue)
-        job = self.offered.pop(slot, None) or RunningJob(slot, queue, message, None, None, self.clock(),
-                                                         section.timeout)
+    def start(self, slot: int, delivery) -> None:
+        """Run the job offered for *slot* (:meth:`offer`, always called first): its message, *delivery*,
+        is held now."""
+        job = self.offered.pop(slot)
         job.delivery, job.started = delivery, self.clock()
-        if job.log is None:
-            job.log = self._open_log(job)
         self.slots[slot] = job
         try:
-            self._begin(job, section.runner)
+            self._begin(job, self.config.runner_for(job.queue).runner)
         except OSError as exc:
-            log.error("job %s (%s): cannot start its process: %s", job.job_id, queue, exc)
+            log.error("job %s (%s): cannot start its process: %s", job.job_id, job.queue, exc)
             self._end(job, f"cannot start the job's process: {exc}")
             return
         log.info(LOG_JOB_START, *job.describe(), slot)

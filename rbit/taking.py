@@ -126,4 +126,4 @@ class Taker:
         except BaseException:
             self.jobs.withdraw(slot)
             raise
-        self.jobs.start(slot, queue, message, delivery)
+        self.jobs.start(slot, delivery)
