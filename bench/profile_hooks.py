@@ -7,9 +7,10 @@ imported by the fork server (and so present in every job process).
 * In the worker (:func:`install_worker_hooks`): spans of the broker calls
   (cancel, the in-progress copy's publish with its confirm, ack, consume,
   the purge sent without waiting at a job's end and the waiting one, drain),
-  of taking a message (decode, ``JobProcess.offer`` while the copy is
-  confirmed, ``Jobs.start`` with the job's log and ``JobProcess.go``,
-  ``Ready.take``), of ``Jobs.warm_up`` and the
+  of taking a message (decode; while the copy is confirmed, ``JobProcess.offer``,
+  the job's log opened and ``LogKeeper.close_ended`` closing the logs of jobs
+  ended before; ``Jobs.start`` with ``JobProcess.go``; ``Ready.take``), of
+  ``Jobs.warm_up`` and the
   steps below it (``Ready.fill``, ``Ready._start``, ``JobProcess.start``,
   ``Guard.watch``: the slot's next waiting process, forked from ``Jobs.start``
   once the job was handed over, while it runs; the same ``Jobs.warm_up`` at the
@@ -114,9 +115,9 @@ def install_worker_hooks():
         broker,
         capture,
         guard,
-        joblog,
         jobs,
         liveness,
+        logkeeping,
         queues,
         ready,
         reporting,
@@ -171,7 +172,7 @@ def install_worker_hooks():
            info=lambda result, self, now: {"job": self.process.job_id, "drained": result})
     _timed(running.Jobs, "_end", "jobs._end", info=lambda _, self, job, exit_text: job.job_id)
     _timed(jobs.JobProcess, "close", "jobprocess.close", info=lambda _, self: self.job_id)
-    _timed(joblog.JobLog, "close", "joblog.close")
+    _timed(logkeeping.LogKeeper, "close_ended", "logkeeper.close_ended")
     _timed(reporting.StatusReporter, "report", "reporter.report")
     _timed(ready.Ready, "done", "ready.done", info=lambda _, self, process: _forked(process))
     _timed(ready.Ready, "discard", "ready.discard", info=lambda _, self, process: _forked(process))

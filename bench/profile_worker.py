@@ -378,6 +378,9 @@ def job_timelines(spans, stamps, published):
         if tail_warm and consume and tail_warm[1] > consume[1]:
             tail_warm = None  # the next job's, in its Jobs.start
         exited, drained = firsts.get(("exited", job_id)), firsts.get(("drained", job_id))
+        # The job's log is closed by the first LogKeeper.close_ended after its end: at the end of the
+        # loop's turn, or while the broker confirms the copy of a job taken before then.
+        log_closed = first_after(end_span[2], "logkeeper.close_ended")
         t = {
             "published": published.get(job_id),
             "on_message": on_message[1],
@@ -387,7 +390,7 @@ def job_timelines(spans, stamps, published):
             "publish": _duration(taking, "broker.publish+confirm"),
             "ack": _duration(taking, "broker.ack"),
             "jobs.start": start_span[2] - start_span[1],
-            "open_log": _duration(starting, "jobs._open_log"),
+            "open_log": _duration(window(offering), "jobs._open_log") if offering else None,
             "_begin": _duration(starting, "jobs._begin"),
             "begin": begin[2] - begin[1],
             "go": _duration(starting, "jobprocess.go"),
@@ -409,7 +412,7 @@ def job_timelines(spans, stamps, published):
             "close": _duration(ending, "jobprocess.close"),
             "forget": _duration(ending, "guard.forget"),
             "report": _duration(ending, "reporter.report"),
-            "log_close": _duration(ending, "joblog.close"),
+            "log_closed": (log_closed[2] - log_closed[1]) if log_closed else None,
             "finish": (finish[2] - finish[1]) if finish else None,
             "purge": _duration(window(finish), "broker.purge") if finish else None,
             "warm_up": (warm[2] - warm[1]) if warm else None,
@@ -460,12 +463,12 @@ STEPS = [
     ("    of which JobProcess.offer (the job pickled down the pipe, while the broker confirms)",
      lambda t: t["begin"]),
     ("    of which JobProcess.start (no process was waiting)", lambda t: t["cold_start"]),
+    ("    of which the job's log opened (file, first line, board)", lambda t: t["open_log"]),
     ("  basic.ack of the original", lambda t: t["ack"]),
-    ("  Jobs.start: JobLog open (file, first line, board)", lambda t: t["open_log"]),
     ("  Jobs.start: _begin (the process offered the job is told to go)", lambda t: t["_begin"]),
     ("    of which JobProcess.go", lambda t: t["go"]),
     ("  Jobs.start: pipes watched, first output read",
-     lambda t: _less(t["jobs.start"], t["open_log"], t["_begin"], t["warm_up"])),
+     lambda t: _less(t["jobs.start"], t["_begin"], t["warm_up"])),
     ("  Jobs.start: warm_up, the slot's next process (the job runs meanwhile)", lambda t: t["warm_up"]),
     ("    of which JobProcess.start (pipes, the fork server asked; its pid not waited for)",
      lambda t: t["next_start"]),
@@ -502,7 +505,8 @@ STEPS = [
      lambda t: t["close"]),
     ("    of which guard.forget (Ready.done)", lambda t: t["forget"]),
     ("    of which status reports (logging only, no [pybit])", lambda t: t["report"]),
-    ("    of which JobLog.close (last line, metadata)", lambda t: t["log_close"]),
+    ("    [then, off the tail: its log closed (last line, metadata), at the turn's end or in the next hold]",
+     lambda t: t["log_closed"]),
     ("  Jobs.finish", lambda t: t["finish"]),
     ("    of which queue.purge of the in-progress copy (sent without waiting)", lambda t: t["purge"]),
     ("  _resume_consuming, up to its consume_ok", lambda t: t["resume"]),
