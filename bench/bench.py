@@ -1200,6 +1200,13 @@ def bound_lines(r, floors):
     return lines
 
 
+def what_bounds(r, floors):
+    """The lines saying what bounds rbit's results *r*: the pickup's (if its floor was measured),
+    then each throughput figure's."""
+    pickup = pickup_bound_line(r, floors)
+    return ([pickup] if pickup else []) + bound_lines(r, floors)
+
+
 def pickup_bound_line(r, floors):
     """The pickup p50 of rbit's results *r* against the measured pickup floor, and its target against
     that floor; None without the floor."""
@@ -1282,7 +1289,7 @@ def md_pickup(r, key):
 
 def md_floor(floors, key):
     value = floors.get(key)
-    return "-" if value is None else f"{value:.1f} ms"
+    return "-" if value is None else floor_text(value, "ms")
 
 
 def md_rate(r, kind):
@@ -1365,9 +1372,7 @@ def print_markdown(columns, floors, joblog, load_start, command):
     for label, values, floor, target, mark in rows:
         print("| " + " | ".join([label, *values, floor, target, mark]) + " |")
     rbit = next((results for name, results in columns.items() if name.startswith("rbit")), None)
-    lines = bound_lines(rbit, floors) if rbit else []
-    pickup = pickup_bound_line(rbit, floors) if rbit else None
-    lines = ([pickup] if pickup else []) + lines
+    lines = what_bounds(rbit, floors) if rbit else []
     if lines:
         print()
         print("What bounds the pickup and each throughput figure (rbit `rbit CONFIG`, floors of the same run):")
@@ -1478,8 +1483,7 @@ def main(argv=None):
     for line in floor_details(floors):
         print(line)
     rbit_name = next(name for name in columns if name.startswith("rbit"))
-    pickup = pickup_bound_line(columns[rbit_name], floors)
-    for line in ([pickup] if pickup else []) + bound_lines(columns[rbit_name], floors):
+    for line in what_bounds(columns[rbit_name], floors):
         print(f"[{rbit_name}] {line}")
     for line in details:
         print(line)
