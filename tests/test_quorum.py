@@ -359,14 +359,18 @@ def test_a_message_delivered_while_one_is_being_taken_waits_and_is_handed_back(t
     broker = ReentrantBroker()
     worker = Worker(load(path, environ={}), broker)
     worker.liveness.joined = True  # as after joining the other workers on the broker
-    started, settled = [], []
+    started, settled, offered = [], [], {}
 
-    def start(slot, queue, message, delivery):  # instead of a job's process
+    def offer(slot, queue, message):  # instead of a job's process
+        offered[slot] = message
+
+    def start(slot, delivery):
+        message = offered.pop(slot)
         started.append((slot, message.job_id))
         worker.jobs.slots[slot] = SimpleNamespace(job_id=message.job_id)
 
     worker.jobs.start = start
-    worker.jobs.offer = lambda slot, queue, message: None
+    worker.jobs.offer = offer
 
     def delivery(job_id):
         return Delivery(request_body(job_id), {}, {}, False, lambda ack, job_id=job_id: settled.append((job_id, ack)))
